@@ -1,0 +1,34 @@
+-- Polls, per-voter ballots (latest vote wins) and per-option tallies.
+
+CREATE TABLE IF NOT EXISTS polls (
+    id         text PRIMARY KEY CHECK (id ~ '^[A-Za-z0-9_-]{1,64}$'),
+    options    text[] NOT NULL CHECK (cardinality(options) BETWEEN 2 AND 64),
+    open       boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per voter per poll. No foreign key to polls: the aggregator checks polls against its
+-- catalog before writing, and a per-row key check would cost the hot path for nothing.
+CREATE TABLE IF NOT EXISTS ballots (
+    poll_id         text   NOT NULL,
+    voter_id        text   NOT NULL,
+    option          text   NOT NULL,
+    vote_id         uuid   NOT NULL,
+    -- Microseconds since the epoch from ingest's clock; (cast_at, vote_id) orders a voter's votes.
+    cast_at         bigint NOT NULL,
+    region          text   NOT NULL,
+    -- The option this row held before its last change (NULL after the first vote). Written by the
+    -- upsert from the locked row itself, so tally deltas stay exact when writers race on one voter.
+    replaced_option text,
+    PRIMARY KEY (poll_id, voter_id)
+) WITH (fillfactor = 90);
+
+CREATE TABLE IF NOT EXISTS tallies (
+    poll_id text   NOT NULL REFERENCES polls (id),
+    option  text   NOT NULL,
+    count   bigint NOT NULL DEFAULT 0 CHECK (count >= 0),
+    PRIMARY KEY (poll_id, option)
+);
+
+INSERT INTO polls (id, options) VALUES ('default', ARRAY['a', 'b']) ON CONFLICT (id) DO NOTHING;
+INSERT INTO tallies (poll_id, option) VALUES ('default', 'a'), ('default', 'b') ON CONFLICT DO NOTHING;

@@ -1,0 +1,23 @@
+-- Least privilege: one login role per kind of client. Roles are cluster-wide, so create them only
+-- where missing; grants are idempotent.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tally_reader') THEN
+        CREATE ROLE tally_reader LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tally_ingest') THEN
+        CREATE ROLE tally_ingest LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tally_aggregator') THEN
+        CREATE ROLE tally_aggregator LOGIN;
+    END IF;
+END
+$$;
+
+-- Readers read; ingest reads the poll catalog only.
+GRANT SELECT ON polls, tallies, ballots TO tally_reader;
+GRANT SELECT ON polls TO tally_ingest;
+-- The aggregator writes ballots and tallies and reads polls; it never changes polls.
+GRANT SELECT ON polls TO tally_aggregator;
+GRANT SELECT, INSERT, UPDATE ON ballots, tallies TO tally_aggregator;
+-- Replay state and lag come from functions any role may call; nothing more is needed.

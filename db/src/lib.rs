@@ -1,0 +1,67 @@
+//! PostgreSQL for Tally: the schema as versioned migrations, the poll catalog, and connecting.
+#![forbid(unsafe_code)]
+
+mod catalog;
+mod migrate;
+
+pub use catalog::{create_poll, load_polls, set_poll_open};
+pub use migrate::{migrate, MIGRATIONS};
+
+pub use tokio_postgres::Client;
+
+/// Role names the migrations create.
+pub const READER_ROLE: &str = "tally_reader";
+pub const INGEST_ROLE: &str = "tally_ingest";
+pub const AGGREGATOR_ROLE: &str = "tally_aggregator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("poll {0:?} already exists")]
+    PollExists(String),
+    #[error("no such poll {0:?}")]
+    NoSuchPoll(String),
+    #[error("poll {id:?} in the database is invalid: {reason}")]
+    BadPoll { id: String, reason: String },
+}
+
+impl DbError {
+    /// The SQLSTATE, when PostgreSQL answered with an error.
+    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            DbError::Postgres(e) => e.code(),
+            _ => None,
+        }
+    }
+}
+
+/// Connects and drives the connection on the current runtime. `url` may list several hosts
+/// (`host=a,b port=1,2 target_session_attrs=read-write`) to find whichever is the primary.
+pub async fn connect(url: &str) -> Result<Client, DbError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The database Tally keeps its tables in.
+pub const DATABASE: &str = "tally";
+
+/// Creates `name` through the server at `admin_url` unless it exists.
+pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), DbError> {
+    let client = connect(admin_url).await?;
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        // Identifiers cannot be bound as parameters; `name` is one of our constants or a test's.
+        match client.batch_execute(&format!("CREATE DATABASE \"{}\"", name.replace('"', ""))).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

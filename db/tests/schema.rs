@@ -1,0 +1,104 @@
+//! Migrations, the poll catalog and the least-privilege roles, against a real PostgreSQL.
+
+use std::time::Duration;
+
+use harness::PgCluster;
+use model::Poll;
+
+/// Everything a migration could change: tables and columns, roles, grants, data.
+async fn schema_fingerprint(client: &db::Client) -> anyhow::Result<String> {
+    let q = "
+      SELECT string_agg(x, E'\\n' ORDER BY x) FROM (
+        SELECT format('col %s.%s %s %s', table_name, column_name, data_type, column_default) AS x
+          FROM information_schema.columns WHERE table_schema = 'public'
+        UNION ALL SELECT format('role %s %s', rolname, rolcanlogin) FROM pg_roles WHERE rolname LIKE 'tally_%'
+        UNION ALL SELECT format('grant %s %s %s', grantee, table_name, privilege_type)
+          FROM information_schema.role_table_grants WHERE grantee LIKE 'tally_%'
+        UNION ALL SELECT format('poll %s %s %s', id, options, open) FROM polls
+        UNION ALL SELECT format('tally %s %s %s', poll_id, option, count) FROM tallies
+        UNION ALL SELECT format('migration %s %s', version, name) FROM schema_migrations
+      ) t";
+    Ok(client.query_one(q, &[]).await?.get::<_, Option<String>>(0).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?; // applies them once
+    let mut client = pg.client().await?;
+    let before = schema_fingerprint(&client).await?;
+    assert!(before.contains("poll default {a,b} t"), "{before}");
+    assert!(before.contains("migration 2 roles"), "{before}");
+    let applied = db::migrate(&mut client).await?;
+    assert!(applied.is_empty(), "second run applied {applied:?}");
+    assert_eq!(schema_fingerprint(&client).await?, before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_migrators_apply_each_migration_once() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    pg.client().await?.batch_execute("DROP TABLE schema_migrations, ballots, tallies, polls").await?;
+    let runs = (0..4).map(|_| {
+        let url = pg.url();
+        tokio::spawn(async move {
+            let mut c = db::connect(&url).await?;
+            anyhow::Ok(db::migrate(&mut c).await?)
+        })
+    });
+    let mut total = Vec::new();
+    for r in runs {
+        total.extend(r.await??);
+    }
+    total.sort();
+    assert_eq!(total, vec![1, 2]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn polls_created_on_the_primary_reach_the_replica() -> anyhow::Result<()> {
+    let pg = PgCluster::start_with_replica().await?;
+    let mut client = pg.client().await?;
+    db::create_poll(&mut client, &Poll::new("final", &["x", "y", "z"])?).await?;
+    let again = db::create_poll(&mut client, &Poll::new("final", &["x", "y"])?).await;
+    assert!(matches!(again, Err(db::DbError::PollExists(ref id)) if id == "final"), "{again:?}");
+    pg.wait_replica_caught_up(Duration::from_secs(5)).await?;
+    let replica = db::connect(&pg.replica_url()).await?;
+    let polls = db::load_polls(&replica).await?;
+    let fin = polls.iter().find(|p| p.id.as_str() == "final").expect("final on the replica");
+    assert_eq!(fin.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(), ["x", "y", "z"]);
+    let zeros: i64 = replica
+        .query_one("SELECT count(*) FROM tallies WHERE poll_id = 'final' AND count = 0", &[])
+        .await?
+        .get(0);
+    assert_eq!(zeros, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_reader_role_cannot_write() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    let reader = db::connect(&pg.primary.url(db::READER_ROLE, db::DATABASE)).await?;
+    assert_eq!(reader.query("SELECT * FROM tallies", &[]).await?.len(), 2);
+    for sql in [
+        "INSERT INTO tallies (poll_id, option, count) VALUES ('default', 'c', 1)",
+        "UPDATE tallies SET count = 99",
+        "DELETE FROM ballots",
+        "INSERT INTO polls (id, options) VALUES ('x', ARRAY['a','b'])",
+    ] {
+        let err = reader.execute(sql, &[]).await.expect_err(sql);
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {err}");
+    }
+    let ingest = db::connect(&pg.primary.url(db::INGEST_ROLE, db::DATABASE)).await?;
+    assert!(ingest.query("SELECT * FROM tallies", &[]).await.is_err(), "ingest may read polls only");
+    Ok(())
+}
+
+#[tokio::test]
+async fn closing_a_poll_and_unknown_polls() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    let client = pg.client().await?;
+    db::set_poll_open(&client, "default", false).await?;
+    assert!(!db::load_polls(&client).await?[0].open);
+    assert!(matches!(db::set_poll_open(&client, "nope", false).await, Err(db::DbError::NoSuchPoll(_))));
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Real servers for integration tests: a PostgreSQL primary (optionally with a streaming
+//! replica) and Redis servers, on free ports in temporary directories. Dropping a fixture stops
+//! its servers and removes its files, also when the test panics. Never the machine's own servers.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use anyhow::Context;
+use servers::{free_port, PgBin, Postgres, Redis, StopMode};
+use tempfile::TempDir;
+
+/// A PostgreSQL primary with the Tally schema, and optionally one streaming replica of it.
+pub struct PgCluster {
+    pub primary: Postgres,
+    pub replica: Option<Postgres>,
+    dir: TempDir,
+}
+
+impl PgCluster {
+    /// A migrated primary.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_inner(false).await
+    }
+
+    /// A migrated primary and a streaming replica that has replayed the schema.
+    pub async fn start_with_replica() -> anyhow::Result<Self> {
+        Self::start_inner(true).await
+    }
+
+    async fn start_inner(with_replica: bool) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tally-pg-").tempdir()?;
+        let bin = PgBin::find()?;
+        let primary = Postgres::new(bin.clone(), dir.path().join("primary"), free_port());
+        let mut cluster = PgCluster { primary, replica: None, dir };
+        let p = cluster.primary.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            p.init_primary()?;
+            p.start()?;
+            Ok(())
+        })
+        .await??;
+        db::ensure_database(&cluster.primary.admin_url(), db::DATABASE).await?;
+        let mut client = db::connect(&cluster.url()).await?;
+        db::migrate(&mut client).await?;
+        if with_replica {
+            let replica = Postgres::new(bin, cluster.dir.path().join("replica"), free_port());
+            cluster.replica = Some(replica.clone());
+            let primary = cluster.primary.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                replica.init_replica(&primary, "test_replica")?;
+                replica.start()?;
+                Ok(())
+            })
+            .await??;
+        }
+        Ok(cluster)
+    }
+
+    /// Superuser URL of the primary's `tally` database.
+    pub fn url(&self) -> String {
+        self.primary.url(servers::SUPERUSER, db::DATABASE)
+    }
+
+    /// Superuser URL of the replica's `tally` database.
+    pub fn replica_url(&self) -> String {
+        self.replica().url(servers::SUPERUSER, db::DATABASE)
+    }
+
+    pub fn replica(&self) -> &Postgres {
+        self.replica.as_ref().expect("cluster started without a replica")
+    }
+
+    /// A connection to the primary as the superuser.
+    pub async fn client(&self) -> anyhow::Result<db::Client> {
+        Ok(db::connect(&self.url()).await?)
+    }
+
+    /// Waits until the replica has replayed everything the primary had written when called.
+    pub async fn wait_replica_caught_up(&self, limit: Duration) -> anyhow::Result<()> {
+        let primary = self.client().await?;
+        let lsn: String = primary.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        let replica = db::connect(&self.replica_url()).await?;
+        let start = std::time::Instant::now();
+        loop {
+            let caught_up: bool = replica
+                .query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn])
+                .await?
+                .get(0);
+            if caught_up {
+                return Ok(());
+            }
+            anyhow::ensure!(start.elapsed() < limit, "replica did not reach {lsn} within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Some(r) = &self.replica {
+            let _ = r.stop(StopMode::Immediate);
+        }
+        let _ = self.primary.stop(StopMode::Immediate);
+    }
+}
+
+/// A Redis server with persistence on, in a temp dir.
+pub struct RedisServer {
+    pub server: Redis,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
+        let server = Redis::new(dir.path(), free_port());
+        let s = server.clone();
+        tokio::task::spawn_blocking(move || s.start()).await?.context("starting redis")?;
+        Ok(Self { server, _dir: dir })
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        Ok(client.get_multiplexed_async_connection().await?)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.server.kill();
+    }
+}
+
+/// `n` Redis servers, one per shard.
+pub async fn redis_shards(n: usize) -> anyhow::Result<Vec<RedisServer>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(RedisServer::start().await?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,39 @@
+//! The fixtures start real servers and clean up after themselves, also on panic.
+
+use harness::{PgCluster, RedisServer};
+use redis::AsyncCommands;
+
+#[tokio::test]
+async fn replica_streams_from_primary() -> anyhow::Result<()> {
+    let pg = PgCluster::start_with_replica().await?;
+    let replica = db::connect(&pg.replica_url()).await?;
+    let in_recovery: bool = replica.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+    assert!(in_recovery, "the replica must be a hot standby");
+    pg.client().await?.batch_execute("CREATE TABLE probe(x int); INSERT INTO probe VALUES (42)").await?;
+    pg.wait_replica_caught_up(std::time::Duration::from_secs(5)).await?;
+    let x: i32 = replica.query_one("SELECT x FROM probe", &[]).await?.get(0);
+    assert_eq!(x, 42);
+    Ok(())
+}
+
+#[tokio::test]
+async fn servers_stop_when_the_fixture_drops_even_on_panic() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let port = redis.server.port;
+    let mut con = redis.connection().await?;
+    let _: () = con.set("k", "v").await?;
+    drop(con);
+    let pg_port = {
+        let pg = PgCluster::start().await?;
+        pg.primary.port
+    };
+    let panicked = tokio::spawn(async move {
+        let _owned_by_the_panicking_task = redis;
+        panic!("test body panicked");
+    })
+    .await;
+    assert!(panicked.is_err());
+    assert!(servers::port_is_free(port), "redis still listening on {port}");
+    assert!(servers::port_is_free(pg_port), "postgres still listening on {pg_port}");
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! The bytes a vote has in a Redis list.
+//!
+//! Version 1, big-endian, 26 fixed bytes then four length-prefixed strings:
+//!
+//! ```text
+//! u8 version=1 | u128 vote_id | u64 cast_at_micros | u8 len, poll | u8 len, option | u8 len, voter | u8 len, region
+//! ```
+//!
+//! A version byte first so a future ingest can change the layout while old aggregators refuse it
+//! by name ([`WireError::UnsupportedVersion`]) instead of misreading it.
+
+use crate::{IdError, OptionId, PollId, RegionName, Stamp, Vote, VoteId, VoterId};
+
+pub const VERSION: u8 = 1;
+const FIXED: usize = 1 + 16 + 8;
+
+/// Why bytes are not a vote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("empty payload")]
+    Empty,
+    #[error("unsupported wire version {0} (this build reads version {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("payload truncated in {field}")]
+    Truncated { field: &'static str },
+    #[error("{field} is not UTF-8")]
+    NotUtf8 { field: &'static str },
+    #[error("invalid {field}: {source}")]
+    Invalid { field: &'static str, source: IdError },
+    #[error("{0} unexpected bytes after the vote")]
+    TrailingBytes(usize),
+}
+
+/// Appends the encoding of `vote` to `out` (callers reuse one buffer per batch).
+pub fn encode_into(vote: &Vote, out: &mut Vec<u8>) {
+    out.reserve(encoded_len(vote));
+    out.push(VERSION);
+    out.extend_from_slice(&vote.id.0.to_be_bytes());
+    out.extend_from_slice(&vote.cast_at.0.to_be_bytes());
+    for s in [vote.poll.as_str(), vote.option.as_str(), vote.voter.as_str(), vote.region.as_str()] {
+        // Every id type caps its length at or below 255 bytes, so the cast cannot truncate.
+        out.push(s.len() as u8);
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
+pub fn encode(vote: &Vote) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len(vote));
+    encode_into(vote, &mut out);
+    out
+}
+
+pub fn encoded_len(vote: &Vote) -> usize {
+    FIXED + 4 + vote.poll.as_str().len() + vote.option.as_str().len() + vote.voter.as_str().len()
+        + vote.region.as_str().len()
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Vote, WireError> {
+    let (&version, rest) = bytes.split_first().ok_or(WireError::Empty)?;
+    if version != VERSION {
+        return Err(WireError::UnsupportedVersion(version));
+    }
+    let mut r = Reader { rest };
+    let id = VoteId(u128::from_be_bytes(r.array("vote id")?));
+    let cast_at = Stamp(u64::from_be_bytes(r.array("timestamp")?));
+    let poll = PollId::new(r.string("poll id")?).map_err(|source| WireError::Invalid { field: "poll id", source })?;
+    let option = OptionId::new(r.string("option")?).map_err(|source| WireError::Invalid { field: "option", source })?;
+    let voter = VoterId::new(r.string("voter id")?).map_err(|source| WireError::Invalid { field: "voter id", source })?;
+    let region = RegionName::new(r.string("region")?).map_err(|source| WireError::Invalid { field: "region", source })?;
+    if !r.rest.is_empty() {
+        return Err(WireError::TrailingBytes(r.rest.len()));
+    }
+    Ok(Vote { id, poll, option, voter, cast_at, region })
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], WireError> {
+        if self.rest.len() < n {
+            return Err(WireError::Truncated { field });
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], WireError> {
+        Ok(self.take(N, field)?.try_into().expect("take returned N bytes"))
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, WireError> {
+        let [len] = self.array::<1>(field)?;
+        let bytes = self.take(len as usize, field)?;
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| WireError::NotUtf8 { field })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vote() -> Vote {
+        Vote {
+            id: VoteId(0x0102030405060708090a0b0c0d0e0f10),
+            poll: PollId::new("default").unwrap(),
+            option: OptionId::new("a").unwrap(),
+            voter: VoterId::new("auth0|voter-1").unwrap(),
+            cast_at: Stamp(1_763_000_000_123_456),
+            region: RegionName::new("eu-west-1").unwrap(),
+        }
+    }
+
+    #[test]
+    fn layout_is_stable() {
+        let bytes = encode(&vote());
+        assert_eq!(bytes.len(), encoded_len(&vote()));
+        assert_eq!(bytes[0], 1);
+        assert_eq!(&bytes[1..17], &0x0102030405060708090a0b0c0d0e0f10u128.to_be_bytes());
+        assert_eq!(&bytes[25..33], b"\x07default");
+    }
+
+    #[test]
+    fn garbage_truncated_and_future_payloads_are_typed_errors() {
+        assert_eq!(decode(b""), Err(WireError::Empty));
+        assert_eq!(decode(b"\x02rest"), Err(WireError::UnsupportedVersion(2)));
+        assert_eq!(decode(b"{\"voter_id\":\"x\"}"), Err(WireError::UnsupportedVersion(b'{')));
+        let full = encode(&vote());
+        assert_eq!(decode(&full[..10]), Err(WireError::Truncated { field: "vote id" }));
+        assert_eq!(decode(&full[..20]), Err(WireError::Truncated { field: "timestamp" }));
+        assert_eq!(decode(&full[..30]), Err(WireError::Truncated { field: "poll id" }));
+        assert_eq!(decode(&full[..full.len() - 1]), Err(WireError::Truncated { field: "region" }));
+        let mut long = full.clone();
+        long.push(0);
+        assert_eq!(decode(&long), Err(WireError::TrailingBytes(1)));
+        let mut bad_utf8 = full.clone();
+        bad_utf8[26] = 0xff;
+        assert_eq!(decode(&bad_utf8), Err(WireError::NotUtf8 { field: "poll id" }));
+        let mut bad_id = full;
+        bad_id[26] = b'/';
+        assert!(matches!(decode(&bad_id), Err(WireError::Invalid { field: "poll id", .. })));
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{1,32}"
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_every_field(id: u128, at: u64, poll in name(), option in name(),
+                                   voter in "[!-~]{1,128}", region in name()) {
+            let v = Vote {
+                id: VoteId(id),
+                poll: PollId::new(poll).unwrap(),
+                option: OptionId::new(option).unwrap(),
+                voter: VoterId::new(voter).unwrap(),
+                cast_at: Stamp(at),
+                region: RegionName::new(region).unwrap(),
+            };
+            prop_assert_eq!(decode(&encode(&v)), Ok(v));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes);
+        }
+    }
+}

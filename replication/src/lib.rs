@@ -1,0 +1,83 @@
+//! What the servers say about replication: which one is the primary, and how far each replica is
+//! behind, in bytes and in time, read from PostgreSQL itself rather than estimated.
+#![forbid(unsafe_code)]
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// One server's view of itself.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Freshness {
+    /// True on a streaming replica, false on the primary.
+    pub in_recovery: bool,
+    /// The WAL position this server's data reflects (replayed, or written on a primary).
+    pub lsn: String,
+    /// How stale this server's data may be: 0 on a primary and on a replica that has replayed all
+    /// it received while connected; else the age of the last replayed transaction.
+    pub lag_ms: f64,
+    /// Is a replica's WAL receiver connected to a primary right now?
+    pub streaming: bool,
+}
+
+const FRESHNESS: &str = "
+SELECT pg_is_in_recovery(),
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
+       CASE
+         WHEN NOT pg_is_in_recovery() THEN 0::float8
+         WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+              AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') THEN 0::float8
+         ELSE GREATEST(0, EXTRACT(EPOCH FROM (clock_timestamp() - pg_last_xact_replay_timestamp())) * 1000)::float8
+       END,
+       EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')";
+
+pub async fn freshness(client: &Client) -> Result<Freshness, ReplicationError> {
+    let row = client.query_one(FRESHNESS, &[]).await?;
+    Ok(Freshness {
+        in_recovery: row.get(0),
+        lsn: row.get::<_, Option<String>>(1).unwrap_or_default(),
+        lag_ms: row.get::<_, Option<f64>>(2).unwrap_or(0.0),
+        streaming: row.get(3),
+    })
+}
+
+/// A replica as the primary sees it, through its replication slot.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReplicaLag {
+    pub slot: String,
+    /// Is the replica connected right now?
+    pub active: bool,
+    /// WAL the primary has written that the replica has not replayed yet.
+    pub lag_bytes: Option<i64>,
+    /// The primary's measure of replay delay (NULL in PostgreSQL once the replica is idle and caught up).
+    pub replay_lag_ms: Option<f64>,
+}
+
+pub async fn replica_lags(primary: &Client) -> Result<Vec<ReplicaLag>, ReplicationError> {
+    let rows = primary
+        .query(
+            "SELECT s.slot_name::text, s.active,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), COALESCE(r.replay_lsn, s.restart_lsn))::int8,
+                    (EXTRACT(EPOCH FROM r.replay_lag) * 1000)::float8
+               FROM pg_replication_slots s
+               LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+              WHERE s.slot_type = 'physical'
+              ORDER BY 1",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ReplicaLag {
+            slot: r.get(0),
+            active: r.get(1),
+            lag_bytes: r.get(2),
+            replay_lag_ms: r.get(3),
+        })
+        .collect())
+}

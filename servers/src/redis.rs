@@ -1,0 +1,149 @@
+//! A Redis server of our own: AOF persistence on, bound to 127.0.0.1 on a port we chose.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::process::{ensure_port_free, log_tail, pid_alive, run, signal};
+use crate::{ServerError, INSTALL_HINT};
+
+#[derive(Debug, Clone)]
+pub struct Redis {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn new(dir: impl Into<PathBuf>, port: u16) -> Self {
+        Self { dir: dir.into(), port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn pidfile(&self) -> PathBuf {
+        self.dir.join("redis.pid")
+    }
+
+    fn logfile(&self) -> PathBuf {
+        self.dir.join("redis.log")
+    }
+
+    pub fn binary() -> Result<PathBuf, ServerError> {
+        std::env::var_os("TALLY_REDIS_SERVER")
+            .map(PathBuf::from)
+            .or_else(|| which("redis-server"))
+            .ok_or(ServerError::MissingBinary { what: "redis-server".into(), hint: INSTALL_HINT })
+    }
+
+    /// Starts it in the background and waits until it answers PING.
+    ///
+    /// Appendonly with fsync every second: a Redis restart keeps what it acknowledged; a
+    /// machine crash may lose the last second, which is the trade every Redis deployment makes.
+    pub fn start(&self) -> Result<(), ServerError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let bin = Self::binary()?;
+        ensure_port_free(self.port)?;
+        std::fs::create_dir_all(&self.dir).map_err(ServerError::io(&self.dir))?;
+        run(Command::new(bin)
+            .arg("--port").arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir").arg(&self.dir)
+            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            .args(["--daemonize", "yes"])
+            .arg("--pidfile").arg(self.pidfile())
+            .arg("--logfile").arg(self.logfile()))?;
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<(), ServerError> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if ping(self.port) {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_millis(500) && self.pid().is_none_or(|p| !pid_alive(p)) {
+                return Err(ServerError::Crashed {
+                    server: format!("redis on port {}", self.port),
+                    detail: log_tail(&self.logfile()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(ServerError::NotReady {
+            server: format!("redis on port {}", self.port),
+            seconds: limit.as_secs(),
+            detail: log_tail(&self.logfile()),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pidfile()).ok()?.trim().parse().ok()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.pid().is_some_and(pid_alive) && ping(self.port)
+    }
+
+    /// Clean stop: `SHUTDOWN` writes and fsyncs the AOF before exiting.
+    pub fn stop(&self) -> Result<(), ServerError> {
+        let Some(pid) = self.pid() else { return Ok(()) };
+        if pid_alive(pid) {
+            let _ = command(self.port, "SHUTDOWN");
+            if !wait_exit(pid, Duration::from_secs(10)) {
+                signal(pid, "KILL");
+                wait_exit(pid, Duration::from_secs(5));
+            }
+        }
+        let _ = std::fs::remove_file(self.pidfile());
+        Ok(())
+    }
+
+    /// `kill -9`, for fault tests.
+    pub fn kill(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "KILL");
+            wait_exit(pid, Duration::from_secs(5));
+        }
+    }
+}
+
+fn wait_exit(pid: u32, limit: Duration) -> bool {
+    let start = Instant::now();
+    while pid_alive(pid) {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+fn command(port: u16, cmd: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.write_all(format!("{cmd}\r\n").as_bytes())?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn ping(port: u16) -> bool {
+    command(port, "PING").is_ok_and(|r| r.starts_with("+PONG"))
+}
+
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| is_executable(p))
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

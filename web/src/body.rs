@@ -1,0 +1,82 @@
+//! Response bodies, the JSON error shape, and bounded request-body reads.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::{header, Response, StatusCode};
+use serde::Serialize;
+
+/// Every role answers with this body type; streams (SSE) box their own.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}
+
+pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).expect("serializing a response value");
+    with_type(status, "application/json", full(bytes))
+}
+
+pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    with_type(status, content_type, full(body))
+}
+
+/// `{"error":{"code","message"}}`, the one error shape of every endpoint.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    json(status, &ErrorBody { error: ErrorDetail { code: code.into(), message: message.into() } })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("request body was not received within {0:?}")]
+    Timeout(Duration),
+    #[error("reading the request body failed: {0}")]
+    Read(String),
+}
+
+impl BodyError {
+    pub fn into_response(self) -> Response<Body> {
+        match &self {
+            BodyError::TooLarge(_) => error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", self.to_string()),
+            BodyError::Timeout(_) => error(StatusCode::REQUEST_TIMEOUT, "timeout", self.to_string()),
+            BodyError::Read(_) => error(StatusCode::BAD_REQUEST, "bad_body", self.to_string()),
+        }
+    }
+}
+
+/// Reads at most `limit` bytes of body within `timeout` (slow-loris bodies are cut off).
+pub async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(BodyError::Timeout(timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
+        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
+    }
+}

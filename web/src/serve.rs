@@ -1,0 +1,96 @@
+//! The accept loop: a cap on connections, a header timeout against slow clients, and a graceful
+//! drain that answers every request in flight before returning.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::Body;
+
+/// A role's request handler.
+pub trait Service: Send + Sync + 'static {
+    fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> impl Future<Output = Response<Body>> + Send;
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Connections beyond this are closed on accept.
+    pub max_connections: usize,
+    /// A client must send a request's headers within this.
+    pub header_read_timeout: Duration,
+    /// On shutdown, requests in flight get this long to finish.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `service` on `listener` until `shutdown` completes, then stops accepting and waits
+/// (up to `drain_timeout`) for open requests to be answered.
+pub async fn serve<S: Service>(
+    listener: TcpListener,
+    service: Arc<S>,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("tally_http_connections_refused_total").increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = service.clone();
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .serve_connection(
+                TokioIo::new(stream),
+                service_fn(move |req| {
+                    let svc = svc.clone();
+                    async move { Ok::<_, Infallible>(svc.call(req, peer).await) }
+                }),
+            );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after the drain timeout");
+    }
+}
