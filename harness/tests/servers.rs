@@ -1,7 +1,6 @@
 //! The fixtures start real servers and clean up after themselves, also on panic.
 
 use harness::{PgCluster, RedisServer};
-use redis::AsyncCommands;
 
 #[tokio::test]
 async fn replica_streams_from_primary() -> anyhow::Result<()> {
@@ -20,9 +19,7 @@ async fn replica_streams_from_primary() -> anyhow::Result<()> {
 async fn servers_stop_when_the_fixture_drops_even_on_panic() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let port = redis.server.port;
-    let mut con = redis.connection().await?;
-    let _: () = con.set("k", "v").await?;
-    drop(con);
+    assert!(redis.server.is_running());
     let pg_port = {
         let pg = PgCluster::start().await?;
         pg.primary.port
