@@ -3,6 +3,8 @@
 //! its servers and removes its files, also when the test panics. Never the machine's own servers.
 #![forbid(unsafe_code)]
 
+pub mod http;
+
 use std::time::Duration;
 
 use anyhow::Context;

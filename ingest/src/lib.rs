@@ -1,1 +1,62 @@
+//! Ingest: the hyper front door. Validates a vote against the cached poll catalog, stamps it,
+//! picks its Redis shard by (poll, voter), and answers `202` only once that shard has stored it.
+//! Concurrent votes for one shard share one pipelined write (group commit).
 #![forbid(unsafe_code)]
+
+pub mod auth;
+mod catalog;
+pub mod config;
+mod http;
+mod limit;
+mod page;
+mod shards;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use config::{Config, ConfigError, GroupCommit, Rate};
+pub use http::VOTER_COOKIE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Serves ingest on `listener` until `shutdown` completes; then stops accepting, answers every
+/// request in flight (their writes complete first) and returns.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), IngestError> {
+    config.validate()?;
+    // Before any metric handle is registered, or it would go to the no-op recorder.
+    web::metrics_handle();
+    let catalog = Arc::new(catalog::CatalogCache::default());
+    tokio::spawn(catalog::CatalogCache::refresh_loop(
+        Arc::downgrade(&catalog),
+        config.postgres_url.clone(),
+        config.catalog_refresh,
+    ));
+    let shards = shards::Shards::start(&config)?;
+    // Give the first probes a moment so /readyz is truthful as soon as we listen.
+    shards.wait_probed(Duration::from_secs(1)).await;
+    let app = Arc::new(http::Ingest {
+        region: config.region.clone(),
+        catalog,
+        shards,
+        clock: model::Clock::new(),
+        voter_limit: config.voter_limit.map(limit::Limiter::new),
+        ip_limit: config.ip_limit.map(limit::Limiter::new),
+        auth: config.auth.clone(),
+        body_limit: config.body_limit,
+        body_timeout: config.body_timeout,
+        metrics: http::IngestMetrics::new(&config.region),
+    });
+    tracing::info!(addr = ?listener.local_addr().ok(), region = %config.region, shards = config.redis_urls.len(), "ingest serving");
+    web::serve(listener, app, config.serve.clone(), shutdown).await;
+    tracing::info!("ingest stopped");
+    Ok(())
+}

@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod id;
 pub mod poll;
+pub mod queue;
 pub mod shard;
 pub mod vote;
 pub mod wire;

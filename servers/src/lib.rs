@@ -13,7 +13,7 @@ mod redis;
 pub use postgres::{PgBin, Postgres, StopMode, SUPERUSER};
 
 pub use process::{free_port, port_is_free, running_as_root};
-pub use redis::Redis;
+pub use redis::{Fsync, Redis};
 
 use std::path::PathBuf;
 

@@ -13,11 +13,32 @@ use crate::{ServerError, INSTALL_HINT};
 pub struct Redis {
     pub dir: PathBuf,
     pub port: u16,
+    pub fsync: Fsync,
+}
+
+/// When Redis fsyncs its append-only file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Before replying: a `kill -9` or power cut loses nothing acknowledged. Ingest's group
+    /// commit puts many votes behind each fsync, which keeps this affordable.
+    Always,
+    /// Once a second: a crash may lose the last second of acknowledged writes.
+    Everysec,
+}
+
+impl Fsync {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fsync::Always => "always",
+            Fsync::Everysec => "everysec",
+        }
+    }
 }
 
 impl Redis {
     pub fn new(dir: impl Into<PathBuf>, port: u16) -> Self {
-        Self { dir: dir.into(), port }
+        Self { dir: dir.into(), port, fsync: Fsync::Always }
     }
 
     pub fn url(&self) -> String {
@@ -39,10 +60,7 @@ impl Redis {
             .ok_or(ServerError::MissingBinary { what: "redis-server".into(), hint: INSTALL_HINT })
     }
 
-    /// Starts it in the background and waits until it answers PING.
-    ///
-    /// Appendonly with fsync every second: a Redis restart keeps what it acknowledged; a
-    /// machine crash may lose the last second, which is the trade every Redis deployment makes.
+    /// Starts it in the background, append-only file on, and waits until it answers PING.
     pub fn start(&self) -> Result<(), ServerError> {
         if self.is_running() {
             return Ok(());
@@ -54,7 +72,7 @@ impl Redis {
             .arg("--port").arg(self.port.to_string())
             .args(["--bind", "127.0.0.1"])
             .arg("--dir").arg(&self.dir)
-            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", self.fsync.as_str(), "--save", ""])
             .args(["--daemonize", "yes"])
             .arg("--pidfile").arg(self.pidfile())
             .arg("--logfile").arg(self.logfile()))?;

@@ -1,0 +1,53 @@
+//! The poll catalog, cached in memory and refreshed from PostgreSQL in the background, so no
+//! vote ever waits on a database query.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use model::Catalog;
+
+#[derive(Default)]
+pub struct CatalogCache {
+    current: RwLock<Arc<Catalog>>,
+    loaded: AtomicBool,
+}
+
+impl CatalogCache {
+    pub fn get(&self) -> Arc<Catalog> {
+        self.current.read().expect("catalog lock").clone()
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    pub fn replace(&self, catalog: Catalog) {
+        *self.current.write().expect("catalog lock") = Arc::new(catalog);
+        self.loaded.store(true, Ordering::Relaxed);
+    }
+
+    /// Re-reads the catalog every `every`, reconnecting as needed; keeps the last good catalog
+    /// while PostgreSQL is unreachable. Returns when the cache is dropped.
+    pub async fn refresh_loop(cache: std::sync::Weak<CatalogCache>, url: String, every: Duration) {
+        let mut client: Option<db::Client> = None;
+        loop {
+            if cache.strong_count() == 0 {
+                return;
+            }
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = db::connect(&url).await.map_err(|e| tracing::warn!(error = %e, "catalog: cannot connect")).ok();
+            }
+            if let Some(c) = &client {
+                match db::load_polls(c).await {
+                    Ok(polls) => match cache.upgrade() {
+                        Some(cache) => cache.replace(Catalog::new(polls)),
+                        None => return,
+                    },
+                    Err(e) => tracing::warn!(error = %e, "catalog: refresh failed"),
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Ingest's settings, with defaults in constants and one validation at start-up.
+
+use std::time::Duration;
+
+use model::RegionName;
+use web::ServeConfig;
+
+/// Most votes one pipelined `RPUSH` carries.
+pub const DEFAULT_GROUP_MAX_VOTES: usize = 1024;
+/// Group-commit writes one shard may have outstanding at once.
+pub const DEFAULT_GROUP_MAX_IN_FLIGHT: usize = 2;
+/// Above this many queued votes a shard refuses new ones (503) until aggregators catch up.
+pub const DEFAULT_QUEUE_BOUND: u64 = 5_000_000;
+/// Largest accepted request body.
+pub const DEFAULT_BODY_LIMIT: usize = 4096;
+/// A request body must arrive within this.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the poll catalog is re-read from PostgreSQL.
+pub const DEFAULT_CATALOG_REFRESH: Duration = Duration::from_secs(1);
+/// How long a vote may wait for its shard's acknowledgement before it is answered 503.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Per-voter limit: votes per second, and the burst allowed on top.
+pub const DEFAULT_VOTER_RATE: f64 = 5.0;
+pub const DEFAULT_VOTER_BURST: f64 = 20.0;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub region: RegionName,
+    /// One URL per shard; the index is the shard number.
+    pub redis_urls: Vec<String>,
+    /// Where the poll catalog is read from (the local replica is fine).
+    pub postgres_url: String,
+    pub catalog_refresh: Duration,
+    pub group: GroupCommit,
+    pub queue_bound: u64,
+    pub store_timeout: Duration,
+    /// After each write, wait for this many Redis replicas (`WAIT`); 0 = do not wait.
+    pub wait_replicas: u32,
+    pub body_limit: usize,
+    pub body_timeout: Duration,
+    pub voter_limit: Option<Rate>,
+    pub ip_limit: Option<Rate>,
+    pub auth: Option<crate::auth::AuthConfig>,
+    pub serve: ServeConfig,
+}
+
+/// Group commit: many concurrent requests share one pipelined write.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCommit {
+    pub max_votes: usize,
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("at least one Redis shard URL is required")]
+    NoShards,
+    #[error("invalid Redis URL {0:?}")]
+    BadRedisUrl(String),
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+}
+
+impl Config {
+    /// Defaults for everything but the addresses.
+    pub fn new(region: RegionName, redis_urls: Vec<String>, postgres_url: String) -> Self {
+        Self {
+            region,
+            redis_urls,
+            postgres_url,
+            catalog_refresh: DEFAULT_CATALOG_REFRESH,
+            group: GroupCommit { max_votes: DEFAULT_GROUP_MAX_VOTES, max_in_flight: DEFAULT_GROUP_MAX_IN_FLIGHT },
+            queue_bound: DEFAULT_QUEUE_BOUND,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            wait_replicas: 0,
+            body_limit: DEFAULT_BODY_LIMIT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            voter_limit: Some(Rate { per_second: DEFAULT_VOTER_RATE, burst: DEFAULT_VOTER_BURST }),
+            ip_limit: None,
+            auth: None,
+            serve: ServeConfig::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis_urls.is_empty() {
+            return Err(ConfigError::NoShards);
+        }
+        for url in &self.redis_urls {
+            redis::Client::open(url.as_str()).map_err(|_| ConfigError::BadRedisUrl(url.clone()))?;
+        }
+        for (name, v) in [
+            ("group commit max votes", self.group.max_votes),
+            ("group commit max in flight", self.group.max_in_flight),
+            ("body limit", self.body_limit),
+            ("max connections", self.serve.max_connections),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.queue_bound == 0 {
+            return Err(ConfigError::Zero("queue bound"));
+        }
+        for rate in [self.voter_limit, self.ip_limit].into_iter().flatten() {
+            if rate.per_second <= 0.0 || rate.burst < 1.0 {
+                return Err(ConfigError::Zero("rate limit"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,350 @@
+//! Ingest's HTTP surface: routing, the vote pipeline (validate -> stamp -> shard -> store -> 202),
+//! and every refusal as `{"error":{"code","message"}}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics::{Counter, Histogram};
+use model::{Clock, Rejection, RegionName, Vote, VoteId, VoterId};
+use web::{error, json, Body};
+
+use crate::auth::AuthConfig;
+use crate::catalog::CatalogCache;
+use crate::limit::Limiter;
+use crate::shards::{Shards, StoreError};
+
+/// The cookie holding a voter's id when there is no token or header.
+pub const VOTER_COOKIE: &str = "voter_id";
+/// The cookie the vote page uses to show the voter's current choice.
+const CHOICE_COOKIE: &str = "tally_choice";
+const COOKIE_MAX_AGE_SECS: u64 = 60 * 60 * 24 * 365;
+
+pub struct Ingest {
+    pub(crate) region: RegionName,
+    pub(crate) catalog: Arc<CatalogCache>,
+    pub(crate) shards: Shards,
+    pub(crate) clock: Clock,
+    pub(crate) voter_limit: Option<Limiter>,
+    pub(crate) ip_limit: Option<Limiter>,
+    pub(crate) auth: Option<AuthConfig>,
+    pub(crate) body_limit: usize,
+    pub(crate) body_timeout: Duration,
+    pub(crate) metrics: IngestMetrics,
+}
+
+/// Handles registered once, so the hot path does not build label sets per request.
+pub(crate) struct IngestMetrics {
+    accepted: Counter,
+    ack_seconds: Histogram,
+    region: String,
+}
+
+impl IngestMetrics {
+    pub(crate) fn new(region: &RegionName) -> Self {
+        let r = region.to_string();
+        Self {
+            accepted: metrics::counter!("tally_ingest_votes_total", "region" => r.clone(), "outcome" => "accepted"),
+            ack_seconds: metrics::histogram!("tally_ingest_ack_seconds", "region" => r.clone()),
+            region: r,
+        }
+    }
+
+    fn rejected(&self, reason: &'static str) {
+        metrics::counter!("tally_ingest_votes_total", "region" => self.region.clone(), "outcome" => reason).increment(1);
+    }
+}
+
+/// A refusal: the status, the code in the JSON body, and the message.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    fn retry(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut resp = error(self.status, self.code, self.message);
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Self {
+        match r {
+            Rejection::UnknownPoll => Refusal::new(StatusCode::NOT_FOUND, "unknown_poll", r.to_string()),
+            Rejection::PollClosed => Refusal::new(StatusCode::CONFLICT, "poll_closed", r.to_string()),
+            Rejection::UnknownOption => Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_option", r.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{e}; the vote was not recorded, retry"))
+            .retry(Duration::from_secs(1))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct VoteBody {
+    option: String,
+}
+
+impl web::Service for Ingest {
+    async fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path();
+        if let Some(poll) = path.strip_prefix("/v1/polls/").and_then(|p| p.strip_suffix("/votes")) {
+            if req.method() != Method::POST {
+                return method_not_allowed("POST");
+            }
+            let poll = poll.to_string();
+            return self.api_vote(req, peer, poll).await;
+        }
+        match (req.method(), path) {
+            (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/metrics") => web::render_metrics(),
+            (&Method::GET, "/") => self.page(req.headers(), None),
+            (&Method::POST, "/") => self.form_vote(req, peer).await,
+            (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
+            (_, "/") => method_not_allowed("GET, POST"),
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+        }
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("use {allow}"));
+    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+impl Ingest {
+    fn readyz(&self) -> Response<Body> {
+        let down: Vec<u32> = self.shards.iter().filter(|s| !s.is_up()).map(|s| s.index()).collect();
+        let catalog = self.catalog.is_loaded();
+        let status = if down.is_empty() && catalog { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json(status, &serde_json::json!({"ready": status == StatusCode::OK, "catalog_loaded": catalog, "shards_down": down}))
+    }
+
+    async fn api_vote(&self, req: Request<Incoming>, peer: SocketAddr, poll: String) -> Response<Body> {
+        let started = Instant::now();
+        let (parts, body) = req.into_parts();
+        let outcome = async {
+            self.check_ip(peer)?;
+            let (voter, new_cookie) = self.voter(&parts.headers)?;
+            if !has_content_type(&parts.headers, "application/json") {
+                return Err(Refusal::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the vote as Content-Type: application/json",
+                ));
+            }
+            let body = self.read_body(body).await?;
+            let vote: VoteBody = serde_json::from_slice(&body).map_err(|e| {
+                Refusal::new(StatusCode::BAD_REQUEST, "malformed", format!("expected {{\"option\":\"...\"}}: {e}"))
+            })?;
+            let id = self.record(&poll, &vote.option, voter).await?;
+            Ok((id, new_cookie))
+        }
+        .await;
+        match outcome {
+            Ok((id, new_cookie)) => {
+                self.metrics.accepted.increment(1);
+                self.metrics.ack_seconds.record(started.elapsed().as_secs_f64());
+                let mut resp = json(StatusCode::ACCEPTED, &serde_json::json!({"vote_id": id.to_string()}));
+                if let Some(c) = new_cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                resp
+            }
+            Err(r) => {
+                self.metrics.rejected(r.code);
+                r.into_response()
+            }
+        }
+    }
+
+    /// The original app's form post: `vote=a` for the default poll, answered with the page.
+    async fn form_vote(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let outcome = async {
+            self.check_ip(peer)?;
+            let (voter, new_cookie) = self.voter(&parts.headers)?;
+            if !has_content_type(&parts.headers, "application/x-www-form-urlencoded") {
+                return Err(Refusal::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the form as application/x-www-form-urlencoded",
+                ));
+            }
+            let body = self.read_body(body).await?;
+            let option = form_field(&body, "vote")
+                .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "malformed", "the form needs a vote field"))?;
+            self.record(model::DEFAULT_POLL, &option, voter).await?;
+            Ok((option, new_cookie))
+        }
+        .await;
+        match outcome {
+            Ok((option, new_cookie)) => {
+                self.metrics.accepted.increment(1);
+                let mut resp = self.page(&parts.headers, Some(&option));
+                if let Some(c) = new_cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                let choice = format!("{CHOICE_COOKIE}={option}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; SameSite=Lax");
+                resp.headers_mut().append(header::SET_COOKIE, HeaderValue::from_str(&choice).expect("option ids are header-safe"));
+                resp
+            }
+            Err(r) => {
+                self.metrics.rejected(r.code);
+                r.into_response()
+            }
+        }
+    }
+
+    fn page(&self, headers: &HeaderMap, just_voted: Option<&str>) -> Response<Body> {
+        let catalog = self.catalog.get();
+        let Some(poll) = catalog.get(model::DEFAULT_POLL) else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the poll catalog is not loaded yet");
+        };
+        let choice = just_voted.map(str::to_string).or_else(|| cookie(headers, CHOICE_COOKIE).map(str::to_string));
+        let choice = choice.filter(|c| poll.has_option(c));
+        web::text(StatusCode::OK, "text/html; charset=utf-8", crate::page::render(poll, choice.as_deref()))
+    }
+
+    fn check_ip(&self, peer: SocketAddr) -> Result<(), Refusal> {
+        if let Some(limit) = &self.ip_limit {
+            let key = match peer.ip() {
+                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+            };
+            limit.check(&key, Instant::now()).map_err(|wait| {
+                Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many votes from this address").retry(wait)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Who is voting: the token's `sub` when auth is on, else `X-Voter-Id`, else the cookie, else
+    /// a new id (returned as a `Set-Cookie` to send).
+    fn voter(&self, headers: &HeaderMap) -> Result<(VoterId, Option<HeaderValue>), Refusal> {
+        if let Some(auth) = &self.auth {
+            let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            return auth
+                .voter(value)
+                .map(|v| (v, None))
+                .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()));
+        }
+        let bad = |e: model::IdError| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", e.to_string());
+        if let Some(h) = headers.get("x-voter-id") {
+            let s = h.to_str().map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", "X-Voter-Id is not ASCII"))?;
+            return VoterId::new(s).map(|v| (v, None)).map_err(bad);
+        }
+        if let Some(c) = cookie(headers, VOTER_COOKIE) {
+            return VoterId::new(c).map(|v| (v, None)).map_err(bad);
+        }
+        let id = format!("{:032x}", rand::random::<u128>());
+        let set = format!("{VOTER_COOKIE}={id}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; HttpOnly; SameSite=Lax");
+        Ok((VoterId::new(id).expect("hex is a valid voter id"), Some(HeaderValue::from_str(&set).expect("ascii"))))
+    }
+
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
+        web::read_body(body, self.body_limit, self.body_timeout).await.map_err(|e| match e {
+            web::BodyError::TooLarge(_) => Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
+            web::BodyError::Timeout(_) => Refusal::new(StatusCode::REQUEST_TIMEOUT, "timeout", e.to_string()),
+            web::BodyError::Read(_) => Refusal::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()),
+        })
+    }
+
+    /// Validates against the catalog, applies the voter limit, stamps, and stores on the voter's shard.
+    async fn record(&self, poll: &str, option: &str, voter: VoterId) -> Result<VoteId, Refusal> {
+        let catalog = self.catalog.get();
+        let p = catalog.check(poll, option)?;
+        if let Some(limit) = &self.voter_limit {
+            limit.check(voter.as_str().as_bytes(), Instant::now()).map_err(|wait| {
+                Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many votes from this voter").retry(wait)
+            })?;
+        }
+        let option = p.options.iter().find(|o| o.as_str() == option).expect("checked above").clone();
+        let cast_at = self.clock.stamp();
+        let vote = Vote { id: VoteId::generate(cast_at.0), poll: p.id.clone(), option, voter, cast_at, region: self.region.clone() };
+        let shard = model::shard_of(vote.poll.as_str(), vote.voter.as_str(), self.shards.count());
+        self.shards.get(shard).store(model::wire::encode(&vote)).await?;
+        Ok(vote.id)
+    }
+}
+
+fn has_content_type(headers: &HeaderMap, want: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A field of an urlencoded form. Option ids never need decoding; anything encoded is left as
+/// is and then fails validation as an unknown option.
+fn form_field(body: &[u8], name: &str) -> Option<String> {
+    std::str::from_utf8(body)
+        .ok()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_and_forms_are_parsed_without_surprises() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; voter_id=abc; b=2"));
+        assert_eq!(cookie(&h, "voter_id"), Some("abc"));
+        assert_eq!(cookie(&h, "voter"), None);
+        assert_eq!(form_field(b"x=1&vote=b", "vote").as_deref(), Some("b"));
+        assert_eq!(form_field(b"vote", "vote"), None);
+        assert_eq!(form_field(&[0xff, b'='], "vote"), None);
+    }
+
+    #[test]
+    fn content_type_parameters_are_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("Application/JSON; charset=utf-8"));
+        assert!(has_content_type(&h, "application/json"));
+        assert!(!has_content_type(&h, "text/plain"));
+        assert!(!has_content_type(&HeaderMap::new(), "application/json"));
+    }
+}

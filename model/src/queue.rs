@@ -1,0 +1,29 @@
+//! Where votes wait in each Redis shard. Ingest appends to the right of [`VOTES`]; aggregators
+//! move batches from its left into an in-flight list of their own and delete that list only
+//! once PostgreSQL has committed the batch.
+
+/// The list of encoded votes waiting to be counted.
+pub const VOTES: &str = "tally:votes";
+/// Votes that can never be counted, each as `reason\npayload`.
+pub const DEAD_LETTERS: &str = "tally:dead";
+/// Prefix of every in-flight list.
+pub const IN_FLIGHT_PREFIX: &str = "tally:inflight:";
+
+/// The in-flight list holding batch `seq` of aggregator `worker`.
+pub fn in_flight_key(worker: &str, seq: u64) -> String {
+    format!("{IN_FLIGHT_PREFIX}{worker}:{seq}")
+}
+
+/// The `SCAN` pattern matching every in-flight list of `worker`.
+pub fn in_flight_pattern(worker: &str) -> String {
+    format!("{IN_FLIGHT_PREFIX}{worker}:*")
+}
+
+/// A dead letter: why, then the payload as it was.
+pub fn dead_letter(reason: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(reason.len() + 1 + payload.len());
+    out.extend_from_slice(reason.replace('\n', " ").as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(payload);
+    out
+}
