@@ -23,10 +23,13 @@ CREATE TABLE IF NOT EXISTS ballots (
     PRIMARY KEY (poll_id, voter_id)
 ) WITH (fillfactor = 90);
 
+-- No CHECK (count >= 0): the aggregator applies signed deltas with INSERT ... ON CONFLICT, and
+-- PostgreSQL checks constraints on the proposed row (a bare -1) before resolving the conflict.
+-- Non-negative counts follow from every tally equalling a recount of the ballots (tested).
 CREATE TABLE IF NOT EXISTS tallies (
     poll_id text   NOT NULL REFERENCES polls (id),
     option  text   NOT NULL,
-    count   bigint NOT NULL DEFAULT 0 CHECK (count >= 0),
+    count   bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (poll_id, option)
 );
 

@@ -1,8 +1,11 @@
 //! PostgreSQL for Tally: the schema as versioned migrations, the poll catalog, and connecting.
 #![forbid(unsafe_code)]
 
+mod cache;
 mod catalog;
 mod migrate;
+
+pub use cache::CatalogCache;
 
 pub use catalog::{create_poll, load_polls, set_poll_open};
 pub use migrate::{migrate, MIGRATIONS};

@@ -4,12 +4,24 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod votes;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use servers::{free_port, PgBin, Postgres, Redis, StopMode};
 use tempfile::TempDir;
+
+/// Sends the code under test's logs to the test's output (shown for failing tests). `RUST_LOG`
+/// filters; the default shows warnings.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
 
 /// A PostgreSQL primary with the Tally schema, and optionally one streaming replica of it.
 pub struct PgCluster {
@@ -134,6 +146,46 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.server.kill();
+    }
+}
+
+impl RedisServer {
+    /// Appends encoded votes to this shard's queue, in pipelined chunks.
+    pub async fn enqueue<'a>(&self, votes: impl IntoIterator<Item = &'a model::Vote>) -> anyhow::Result<()> {
+        let mut con = self.connection().await?;
+        let payloads: Vec<Vec<u8>> = votes.into_iter().map(model::wire::encode).collect();
+        for chunk in payloads.chunks(10_000) {
+            let _: () = redis::cmd("RPUSH").arg(model::queue::VOTES).arg(chunk).query_async(&mut con).await?;
+        }
+        Ok(())
+    }
+
+    /// Votes waiting plus votes some aggregator holds in flight.
+    pub async fn outstanding(&self) -> anyhow::Result<u64> {
+        let mut con = self.connection().await?;
+        let mut n: u64 = redis::cmd("LLEN").arg(model::queue::VOTES).query_async(&mut con).await?;
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX)).query_async(&mut con).await?;
+        for k in keys {
+            n += redis::cmd("LLEN").arg(&k).query_async::<u64>(&mut con).await?;
+        }
+        Ok(n)
+    }
+}
+
+/// Waits until no shard has a vote waiting or in flight.
+pub async fn wait_drained(shards: &[RedisServer], limit: Duration) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut total = 0;
+        for s in shards {
+            total += s.outstanding().await?;
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < limit, "{total} votes still outstanding after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -14,7 +14,7 @@ use model::{Clock, Rejection, RegionName, Vote, VoteId, VoterId};
 use web::{error, json, Body};
 
 use crate::auth::AuthConfig;
-use crate::catalog::CatalogCache;
+use db::CatalogCache;
 use crate::limit::Limiter;
 use crate::shards::{Shards, StoreError};
 

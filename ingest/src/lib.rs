@@ -4,7 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-mod catalog;
 pub mod config;
 mod http;
 mod limit;
@@ -34,8 +33,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     config.validate()?;
     // Before any metric handle is registered, or it would go to the no-op recorder.
     web::metrics_handle();
-    let catalog = Arc::new(catalog::CatalogCache::default());
-    tokio::spawn(catalog::CatalogCache::refresh_loop(
+    let catalog = Arc::new(db::CatalogCache::default());
+    tokio::spawn(db::CatalogCache::refresh_loop(
         Arc::downgrade(&catalog),
         config.postgres_url.clone(),
         config.catalog_refresh,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use model::Catalog;
 
+use crate::DbError;
+
 #[derive(Default)]
 pub struct CatalogCache {
     current: RwLock<Arc<Catalog>>,
@@ -22,6 +24,13 @@ impl CatalogCache {
         self.loaded.load(Ordering::Relaxed)
     }
 
+    /// Reads the catalog now (for a poll created a moment ago that a vote already names).
+    pub async fn reload(&self, url: &str) -> Result<(), DbError> {
+        let client = crate::connect(url).await?;
+        self.replace(Catalog::new(crate::load_polls(&client).await?));
+        Ok(())
+    }
+
     pub fn replace(&self, catalog: Catalog) {
         *self.current.write().expect("catalog lock") = Arc::new(catalog);
         self.loaded.store(true, Ordering::Relaxed);
@@ -30,16 +39,16 @@ impl CatalogCache {
     /// Re-reads the catalog every `every`, reconnecting as needed; keeps the last good catalog
     /// while PostgreSQL is unreachable. Returns when the cache is dropped.
     pub async fn refresh_loop(cache: std::sync::Weak<CatalogCache>, url: String, every: Duration) {
-        let mut client: Option<db::Client> = None;
+        let mut client: Option<crate::Client> = None;
         loop {
             if cache.strong_count() == 0 {
                 return;
             }
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = db::connect(&url).await.map_err(|e| tracing::warn!(error = %e, "catalog: cannot connect")).ok();
+                client = crate::connect(&url).await.map_err(|e| tracing::warn!(error = %e, "catalog: cannot connect")).ok();
             }
             if let Some(c) = &client {
-                match db::load_polls(c).await {
+                match crate::load_polls(c).await {
                     Ok(polls) => match cache.upgrade() {
                         Some(cache) => cache.replace(Catalog::new(polls)),
                         None => return,

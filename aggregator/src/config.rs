@@ -1,0 +1,153 @@
+//! The aggregator's settings: defaults in constants, validated once at start-up.
+
+use std::time::Duration;
+
+use model::RegionName;
+
+/// A batch is written once it holds this many votes...
+pub const DEFAULT_MAX_EVENTS: usize = 20_000;
+/// ...or this many payload bytes...
+pub const DEFAULT_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// ...or its first vote has waited this long.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
+/// Votes moved out of Redis per round trip.
+pub const DEFAULT_POP_SIZE: usize = 5_000;
+/// Batches being written to PostgreSQL at once (one connection each). Several in flight keep a
+/// cross-region writer busy while earlier batches are still travelling.
+pub const DEFAULT_WRITERS: usize = 3;
+/// How long an idle shard reader blocks waiting for a vote.
+pub const DEFAULT_BLOCK: Duration = Duration::from_millis(200);
+/// Back-off bounds while PostgreSQL or Redis is unreachable.
+pub const DEFAULT_RETRY_MIN: Duration = Duration::from_millis(50);
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub region: RegionName,
+    /// Names this worker's in-flight lists; stable across restarts so a restarted worker
+    /// finishes what it had taken.
+    pub worker_id: String,
+    /// The shards to drain, one URL each.
+    pub redis_urls: Vec<String>,
+    /// Where batches are written: every region's server with `target_session_attrs=read-write`,
+    /// so writes follow the primary wherever it is.
+    pub postgres_url: String,
+    pub batch: BatchConfig,
+    pub pop_size: usize,
+    pub writers: usize,
+    pub block: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub serve: web::ServeConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_events: DEFAULT_MAX_EVENTS, max_bytes: DEFAULT_MAX_BYTES, timeout: DEFAULT_TIMEOUT }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("at least one Redis shard URL is required")]
+    NoShards,
+    #[error("invalid Redis URL {0:?}")]
+    BadRedisUrl(String),
+    #[error("invalid PostgreSQL URL: {0}")]
+    BadPostgresUrl(String),
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("worker id must be 1-64 characters of [A-Za-z0-9_.-]")]
+    BadWorkerId,
+    #[error("pop size ({pop}) must not exceed the batch's max events ({max})")]
+    PopLargerThanBatch { pop: usize, max: usize },
+}
+
+impl Config {
+    pub fn new(region: RegionName, worker_id: String, redis_urls: Vec<String>, postgres_url: String) -> Self {
+        Self {
+            region,
+            worker_id,
+            redis_urls,
+            postgres_url,
+            batch: BatchConfig::default(),
+            pop_size: DEFAULT_POP_SIZE,
+            writers: DEFAULT_WRITERS,
+            block: DEFAULT_BLOCK,
+            retry_min: DEFAULT_RETRY_MIN,
+            retry_max: DEFAULT_RETRY_MAX,
+            serve: web::ServeConfig::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis_urls.is_empty() {
+            return Err(ConfigError::NoShards);
+        }
+        for url in &self.redis_urls {
+            redis::Client::open(url.as_str()).map_err(|_| ConfigError::BadRedisUrl(url.clone()))?;
+        }
+        self.postgres_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::BadPostgresUrl(e.to_string()))?;
+        let id_ok = !self.worker_id.is_empty()
+            && self.worker_id.len() <= 64
+            && self.worker_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !id_ok {
+            return Err(ConfigError::BadWorkerId);
+        }
+        for (name, v) in [
+            ("batch max events", self.batch.max_events),
+            ("batch max bytes", self.batch.max_bytes),
+            ("pop size", self.pop_size),
+            ("writers", self.writers),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.batch.timeout.is_zero() {
+            return Err(ConfigError::Zero("batch timeout"));
+        }
+        if self.pop_size > self.batch.max_events {
+            return Err(ConfigError::PopLargerThanBatch { pop: self.pop_size, max: self.batch.max_events });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new(RegionName::new("us-east-1").unwrap(), "w-1".into(), vec!["redis://127.0.0.1:1/".into()], "host=127.0.0.1 user=x".into())
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_settings_say_why() {
+        config().validate().unwrap();
+        let mut c = config();
+        c.redis_urls.clear();
+        assert_eq!(c.validate(), Err(ConfigError::NoShards));
+        let mut c = config();
+        c.worker_id = "a b".into();
+        assert_eq!(c.validate(), Err(ConfigError::BadWorkerId));
+        let mut c = config();
+        c.batch.max_events = 10;
+        assert_eq!(c.validate(), Err(ConfigError::PopLargerThanBatch { pop: DEFAULT_POP_SIZE, max: 10 }));
+        let mut c = config();
+        c.writers = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Zero("writers")));
+        let mut c = config();
+        c.redis_urls = vec!["http://x".into()];
+        assert!(matches!(c.validate(), Err(ConfigError::BadRedisUrl(_))));
+    }
+}

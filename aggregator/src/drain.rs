@@ -1,0 +1,251 @@
+//! Shard readers: move votes out of a shard's queue into this worker's in-flight lists (an
+//! atomic Lua move: a vote is always in exactly one list), decode them into chunks, and hand the
+//! chunks to the batcher through a lock-free queue. A chunk's in-flight list is deleted only
+//! after its batch has committed (see `ack`), so a crash at any instant loses nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use model::{queue, Vote};
+use redis::aio::ConnectionManager;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::batch::Weighed;
+
+/// Moves up to ARGV[1] votes from the queue's head to the in-flight list, atomically.
+/// `unpack` is chunked to stay under Lua's stack limit.
+const MOVE: &str = r#"
+local items = redis.call('LPOP', KEYS[1], ARGV[1])
+if not items then return {} end
+for i = 1, #items, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, #items)))
+end
+return items
+"#;
+
+/// One move's worth of votes, tied to the in-flight list that holds them in Redis.
+pub struct Chunk {
+    pub shard: usize,
+    pub key: String,
+    pub votes: Vec<Vote>,
+    /// Dead letters (`reason\npayload`) to write when this chunk is acknowledged.
+    pub dead: Vec<(&'static str, Vec<u8>)>,
+    pub bytes: usize,
+    /// Bounds how many chunks a shard may have taken and not yet acknowledged.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Weighed for Chunk {
+    fn events(&self) -> usize {
+        self.votes.len() + self.dead.len()
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+pub struct Reader {
+    pub shard: usize,
+    pub region: String,
+    pub worker: String,
+    pub conn: ConnectionManager,
+    /// Its own connection with no response timeout: a blocking pop must never be cut off
+    /// mid-wait (the popped vote would be in flight with nobody to process it until restart).
+    pub blocking: ConnectionManager,
+    pub out: Arc<ArrayQueue<Chunk>>,
+    pub wake: Arc<Notify>,
+    pub permits: Arc<Semaphore>,
+    pub pop_size: usize,
+    pub block: Duration,
+    pub catalog: Arc<db::CatalogCache>,
+    pub postgres_url: String,
+    pub up: Arc<AtomicBool>,
+    pub retry_max: Duration,
+}
+
+impl Reader {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let labels = [("region", self.region.clone()), ("shard", self.shard.to_string())];
+        let drained = metrics::counter!("tally_aggregator_votes_drained_total", &labels);
+        // Keys of this run never collide with a previous run's, whose lists are recovered first.
+        let epoch = model::Stamp::now().0;
+        let mut seq = 0u64;
+        let mut backoff = Duration::from_millis(50);
+        let mut recovered = false;
+        while !*stop.borrow() {
+            if !recovered {
+                match self.recover().await {
+                    Ok(n) => {
+                        recovered = true;
+                        self.up.store(true, Ordering::Relaxed);
+                        if n > 0 {
+                            tracing::info!(shard = self.shard, chunks = n, "recovered in-flight votes from a previous run");
+                        }
+                    }
+                    Err(e) => {
+                        self.down(&e, &mut backoff, &mut stop).await;
+                        continue;
+                    }
+                }
+            }
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = stop.changed() => break,
+            };
+            seq += 1;
+            let key = format!("{}{}:{epoch}-{seq}", queue::IN_FLIGHT_PREFIX, self.worker);
+            match self.take(&key).await {
+                Ok(items) if items.is_empty() => {
+                    self.up.store(true, Ordering::Relaxed);
+                    backoff = Duration::from_millis(50);
+                }
+                Ok(items) => {
+                    self.up.store(true, Ordering::Relaxed);
+                    backoff = Duration::from_millis(50);
+                    drained.increment(items.len() as u64);
+                    let chunk = self.chunk(key, items, permit).await;
+                    self.push(chunk);
+                }
+                Err(e) => self.down(&e, &mut backoff, &mut stop).await,
+            }
+        }
+    }
+
+    async fn down(&self, e: &redis::RedisError, backoff: &mut Duration, stop: &mut watch::Receiver<bool>) {
+        self.up.store(false, Ordering::Relaxed);
+        tracing::warn!(shard = self.shard, error = %e, "shard unavailable; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {}
+            _ = stop.changed() => {}
+        }
+        *backoff = (*backoff * 2).min(self.retry_max);
+    }
+
+    /// Up to `pop_size` votes, moved into `key`; blocks up to `block` when the queue is empty.
+    async fn take(&mut self, key: &str) -> redis::RedisResult<Vec<Vec<u8>>> {
+        let script = redis::Script::new(MOVE);
+        let items: Vec<Vec<u8>> =
+            script.key(queue::VOTES).key(key).arg(self.pop_size).invoke_async(&mut self.conn).await?;
+        if !items.is_empty() {
+            return Ok(items);
+        }
+        let first: Option<Vec<u8>> = redis::cmd("BLMOVE")
+            .arg(queue::VOTES)
+            .arg(key)
+            .arg("LEFT")
+            .arg("RIGHT")
+            .arg(self.block.as_secs_f64())
+            .query_async(&mut self.blocking)
+            .await?;
+        let Some(first) = first else { return Ok(Vec::new()) };
+        let mut rest: Vec<Vec<u8>> =
+            script.key(queue::VOTES).key(key).arg(self.pop_size - 1).invoke_async(&mut self.conn).await?;
+        rest.insert(0, first);
+        Ok(rest)
+    }
+
+    /// Finishes what a previous run of this worker had taken: each of its in-flight lists
+    /// becomes a chunk again, before anything new is taken.
+    async fn recover(&mut self) -> redis::RedisResult<usize> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(queue::in_flight_pattern(&self.worker))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.conn)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut n = 0;
+        for key in keys {
+            let items: Vec<Vec<u8>> = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut self.conn).await?;
+            if items.is_empty() {
+                continue;
+            }
+            let permit = self.permits.clone().acquire_owned().await.expect("semaphore never closed");
+            let chunk = self.chunk(key, items, permit).await;
+            self.push(chunk);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Decodes payloads; what cannot be counted becomes a dead letter with its reason.
+    async fn chunk(&self, key: String, items: Vec<Vec<u8>>, permit: OwnedSemaphorePermit) -> Chunk {
+        let bytes = items.iter().map(Vec::len).sum();
+        let mut votes = Vec::with_capacity(items.len());
+        let mut undecodable = Vec::new();
+        for payload in items {
+            match model::wire::decode(&payload) {
+                Ok(v) => votes.push((v, payload)),
+                Err(_) => undecodable.push(("undecodable", payload)),
+            }
+        }
+        // A vote may name a poll created after our catalog was read: look again before refusing it.
+        let unknown = |c: &model::Catalog, v: &Vote| c.get(v.poll.as_str()).is_none_or(|p| !p.has_option(v.option.as_str()));
+        if votes.iter().any(|(v, _)| unknown(&self.catalog.get(), v)) {
+            if let Err(e) = self.catalog.reload(&self.postgres_url).await {
+                tracing::warn!(error = %e, "catalog reload failed");
+            }
+        }
+        let catalog = self.catalog.get();
+        let mut dead = undecodable;
+        let mut good = Vec::with_capacity(votes.len());
+        for (v, payload) in votes {
+            match catalog.get(v.poll.as_str()) {
+                None => dead.push(("unknown poll", payload)),
+                Some(p) if !p.has_option(v.option.as_str()) => dead.push(("unknown option", payload)),
+                Some(_) => good.push(v),
+            }
+        }
+        Chunk { shard: self.shard, key, votes: good, dead, bytes, _permit: permit }
+    }
+
+    fn push(&self, chunk: Chunk) {
+        // Capacity equals the total permits, and every chunk holds one: this cannot be full.
+        if self.out.push(chunk).is_err() {
+            unreachable!("chunk queue sized to the permits");
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted
+/// in one transaction. Retried; if Redis stays away the list remains and the next run
+/// re-delivers it, which changes nothing in PostgreSQL.
+pub async fn ack(conn: &mut ConnectionManager, chunk: &Chunk, region: &str, retry_max: Duration) {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for (reason, payload) in &chunk.dead {
+        pipe.cmd("RPUSH").arg(queue::DEAD_LETTERS).arg(queue::dead_letter(reason, payload)).ignore();
+    }
+    pipe.cmd("DEL").arg(&chunk.key).ignore();
+    let mut backoff = Duration::from_millis(20);
+    for attempt in 0..10 {
+        match pipe.query_async::<()>(conn).await {
+            Ok(()) => {
+                for (reason, _) in &chunk.dead {
+                    metrics::counter!("tally_aggregator_dead_letters_total", "region" => region.to_string(), "reason" => *reason)
+                        .increment(1);
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, key = %chunk.key, "ack failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(retry_max);
+            }
+        }
+    }
+    tracing::error!(key = %chunk.key, "ack gave up; the chunk will be re-delivered on restart");
+}

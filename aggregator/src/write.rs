@@ -1,0 +1,145 @@
+//! Writes a batch to the primary: binary `COPY` into the staging table, then one set-based
+//! statement that upserts ballots (latest vote wins) and applies the resulting deltas to the
+//! tallies, all in one transaction. Re-delivering any batch, in any order, changes nothing.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Statement};
+
+/// The upsert. `replaced_option = b.option` reads the locked, current row, so when two
+/// writers race on one voter each sees the other's committed option and the tallies stay exact.
+/// Rows are taken in key order so concurrent batches lock in the same order.
+pub const UPSERT: &str = "
+WITH latest AS (
+    SELECT DISTINCT ON (poll_id, voter_id) poll_id, voter_id, option, vote_id, cast_at, region
+      FROM vote_stage
+     ORDER BY poll_id, voter_id, cast_at DESC, vote_id DESC
+), changed AS (
+    INSERT INTO ballots AS b (poll_id, voter_id, option, vote_id, cast_at, region, replaced_option)
+    SELECT poll_id, voter_id, option, vote_id, cast_at, region, NULL FROM latest
+    ON CONFLICT (poll_id, voter_id) DO UPDATE
+       SET option = EXCLUDED.option, vote_id = EXCLUDED.vote_id, cast_at = EXCLUDED.cast_at,
+           region = EXCLUDED.region, replaced_option = b.option
+     WHERE (b.cast_at, b.vote_id) < (EXCLUDED.cast_at, EXCLUDED.vote_id)
+    RETURNING b.poll_id, b.option, b.replaced_option
+), deltas AS (
+    SELECT poll_id, option, 1 AS d FROM changed
+    UNION ALL
+    SELECT poll_id, replaced_option, -1 FROM changed WHERE replaced_option IS NOT NULL
+)
+INSERT INTO tallies AS t (poll_id, option, count)
+SELECT poll_id, option, sum(d) FROM deltas GROUP BY poll_id, option HAVING sum(d) <> 0
+ ORDER BY poll_id, option
+ON CONFLICT (poll_id, option) DO UPDATE SET count = t.count + EXCLUDED.count";
+
+/// Errors worth retrying: the connection went away, the server is starting or stopping, we
+/// reached a replica (after a failover), or we lost a race. Anything else is a bug or bad
+/// data, and retrying would only repeat it.
+pub fn retriable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+        Some(code) => {
+            code.code().starts_with("08")
+                || [
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::READ_ONLY_SQL_TRANSACTION,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(code)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("writing a batch failed and is not retriable: {}", describe(.0))]
+pub struct FatalWrite(#[from] tokio_postgres::Error);
+
+/// tokio-postgres prints only "db error"; the server's own words are what an operator needs.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({}): {}", db.message(), db.code().code(), db.detail().unwrap_or("")),
+        None => e.to_string(),
+    }
+}
+
+pub struct Writer {
+    url: String,
+    conn: Option<(Client, Statement)>,
+    retry_min: Duration,
+    retry_max: Duration,
+}
+
+impl Writer {
+    pub fn new(url: String, retry_min: Duration, retry_max: Duration) -> Self {
+        Self { url, conn: None, retry_min, retry_max }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|(c, _)| !c.is_closed())
+    }
+
+    async fn connect(&mut self) -> Result<(), tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client.batch_execute(crate::copy::CREATE_STAGE).await?;
+        let upsert = client.prepare(UPSERT).await?;
+        self.conn = Some((client, upsert));
+        Ok(())
+    }
+
+    /// Commits `copy` (a whole binary COPY stream) or keeps trying while the failure is
+    /// retriable. Returns the number of attempts it took.
+    pub async fn write(&mut self, copy: Bytes, stop_retrying: &tokio::sync::watch::Receiver<bool>) -> Result<u32, WriteOutcome> {
+        let mut backoff = self.retry_min;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.attempt(copy.clone()).await {
+                Ok(()) => return Ok(attempts),
+                Err(e) if retriable(&e) => {
+                    self.conn = None;
+                    if *stop_retrying.borrow() {
+                        return Err(WriteOutcome::Abandoned);
+                    }
+                    tracing::warn!(attempt = attempts, error = %describe(&e), "batch write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.retry_max);
+                }
+                Err(e) => return Err(WriteOutcome::Fatal(FatalWrite(e))),
+            }
+        }
+    }
+
+    async fn attempt(&mut self, copy: Bytes) -> Result<(), tokio_postgres::Error> {
+        if !self.is_connected() {
+            self.connect().await?;
+        }
+        let (client, upsert) = self.conn.as_mut().expect("connected above");
+        let tx = client.transaction().await?;
+        let sink = tx.copy_in(crate::copy::COPY_STAGE).await?;
+        futures_util::pin_mut!(sink);
+        sink.send(copy).await?;
+        sink.finish().await?;
+        tx.execute(&*upsert, &[]).await?;
+        tx.commit().await
+    }
+}
+
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// Shutting down while PostgreSQL is away: the batch stays in Redis for the next run.
+    Abandoned,
+    Fatal(FatalWrite),
+}

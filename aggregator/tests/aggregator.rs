@@ -1,0 +1,238 @@
+//! The aggregator against real Redis shards and a real PostgreSQL primary.
+
+use std::time::Duration;
+
+use aggregator::Config;
+use harness::votes::{self, Reference};
+use harness::{PgCluster, RedisServer};
+use model::{Poll, RegionName, Vote};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use redis::AsyncCommands;
+use tokio::sync::oneshot;
+
+const POLLS: &[&str] = &["p1", "p2", "p3"];
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+async fn polls(pg: &PgCluster) -> anyhow::Result<()> {
+    let mut client = pg.client().await?;
+    for p in POLLS {
+        db::create_poll(&mut client, &Poll::new(p, &["a", "b", "c"])?).await?;
+    }
+    Ok(())
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), aggregator::AggregatorError>>,
+}
+
+impl Running {
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+}
+
+fn config(pg: &PgCluster, shards: &[RedisServer], worker: &str) -> Config {
+    let mut c = Config::new(
+        RegionName::new("us-east-1").unwrap(),
+        worker.into(),
+        shards.iter().map(|s| s.url()).collect(),
+        pg.primary.url(db::AGGREGATOR_ROLE, db::DATABASE),
+    );
+    c.pop_size = 1_000;
+    c.batch.max_events = 4_000;
+    c.retry_max = Duration::from_millis(200);
+    c
+}
+
+async fn start(config: Config) -> anyhow::Result<Running> {
+    harness::init_logs();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(aggregator::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running { stop, task })
+}
+
+/// Spreads votes over shards by the real shard function, as ingest would.
+async fn enqueue(shards: &[RedisServer], votes: &[Vote]) -> anyhow::Result<()> {
+    for (i, s) in shards.iter().enumerate() {
+        let mine = votes.iter().filter(|v| model::shard_of(v.poll.as_str(), v.voter.as_str(), shards.len() as u32) as usize == i);
+        s.enqueue(mine).await?;
+    }
+    Ok(())
+}
+
+async fn assert_exact(pg: &PgCluster, reference: &Reference) -> anyhow::Result<()> {
+    let client = pg.client().await?;
+    let tallies = votes::tallies(&client).await?;
+    assert_eq!(tallies, votes::recount(&client).await?, "tallies differ from a recount of the ballots");
+    assert_eq!(tallies, reference.tallies(), "tallies differ from the reference");
+    assert_eq!(votes::ballots(&client).await?, reference.ballots(), "ballots differ from the reference");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tallies_match_the_reference_and_a_recount() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(2).await?;
+    let votes = votes::generate(30_000, 8_000, POLLS, 1);
+    enqueue(&shards, &votes).await?;
+    let agg = start(config(&pg, &shards, "w1")).await?;
+    harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+    agg.stop().await?;
+    assert_exact(&pg, &Reference::of(&votes)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_and_shuffled_order_change_nothing() -> anyhow::Result<()> {
+    let votes = votes::generate(20_000, 5_000, POLLS, 2);
+    let reference = Reference::of(&votes);
+    let mut shuffled = votes.clone();
+    shuffled.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+    let mut reversed = votes.clone();
+    reversed.reverse();
+    let mut results = Vec::new();
+    // Once in order; once shuffled and then every vote delivered a second time, in reverse.
+    for round in [vec![votes.clone()], vec![shuffled, reversed]] {
+        let pg = PgCluster::start().await?;
+        polls(&pg).await?;
+        let shards = harness::redis_shards(2).await?;
+        let agg = start(config(&pg, &shards, "w1")).await?;
+        for delivery in &round {
+            enqueue(&shards, delivery).await?;
+            harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+        }
+        agg.stop().await?;
+        assert_exact(&pg, &reference).await?;
+        let client = pg.client().await?;
+        results.push((votes::ballots(&client).await?, votes::tallies(&client).await?));
+    }
+    assert_eq!(results[0], results[1]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_at_random_instants_lose_nothing_and_double_nothing() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(2).await?;
+    let votes = votes::generate(60_000, 20_000, POLLS, 3);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // A continuous backlog: votes keep arriving while the worker is crashed and restarted.
+    let feeder = {
+        let votes = votes.clone();
+        let urls: Vec<String> = shards.iter().map(|s| s.url()).collect();
+        tokio::spawn(async move {
+            let mut cons = Vec::new();
+            for u in &urls {
+                cons.push(redis::Client::open(u.as_str())?.get_multiplexed_async_connection().await?);
+            }
+            for part in votes.chunks(600) {
+                for v in part {
+                    let shard = model::shard_of(v.poll.as_str(), v.voter.as_str(), urls.len() as u32) as usize;
+                    let _: () = cons[shard].rpush(model::queue::VOTES, model::wire::encode(v)).await?;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    for _ in 0..25 {
+        let agg = start(config(&pg, &shards, "w1")).await?;
+        let alive = rand::Rng::random_range(&mut rng, 20..250);
+        tokio::time::sleep(Duration::from_millis(alive)).await;
+        // Dropped wherever it is: mid-move, mid-COPY, mid-commit or mid-ack.
+        agg.task.abort();
+        let _ = agg.task.await;
+    }
+    feeder.await??;
+    let agg = start(config(&pg, &shards, "w1")).await?;
+    harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+    agg.stop().await?;
+    assert_exact(&pg, &Reference::of(&votes)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_restart_mid_drain_is_waited_out() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(1).await?;
+    let votes = votes::generate(80_000, 30_000, POLLS, 4);
+    enqueue(&shards, &votes).await?;
+    let agg = start(config(&pg, &shards, "w1")).await?;
+    // Wait until it is visibly mid-drain, then crash and restart the primary.
+    let client = pg.client().await?;
+    let start_wait = std::time::Instant::now();
+    while client.query_one("SELECT count(*) FROM ballots", &[]).await?.get::<_, i64>(0) == 0 {
+        anyhow::ensure!(start_wait.elapsed() < Duration::from_secs(30), "nothing was written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(client);
+    let primary = pg.primary.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        primary.stop(servers::StopMode::Immediate)?;
+        std::thread::sleep(Duration::from_millis(500));
+        primary.start()?;
+        Ok(())
+    })
+    .await??;
+    harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+    agg.stop().await?;
+    assert_exact(&pg, &Reference::of(&votes)).await
+}
+
+#[tokio::test]
+async fn poison_goes_to_the_dead_letter_list_with_a_reason() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(1).await?;
+    let good = votes::generate(100, 50, POLLS, 5);
+    let mut unknown_poll = good[0].clone();
+    unknown_poll.poll = model::PollId::new("no-such-poll")?;
+    let mut unknown_option = good[1].clone();
+    unknown_option.option = model::OptionId::new("zzz")?;
+    let mut future = model::wire::encode(&good[2]);
+    future[0] = 9;
+    let mut con = shards[0].connection().await?;
+    let mut payloads: Vec<Vec<u8>> = good[..50].iter().map(model::wire::encode).collect();
+    payloads.push(b"{\"voter_id\":\"x\",\"vote\":\"a\"}".to_vec());
+    payloads.push(model::wire::encode(&unknown_poll));
+    payloads.push(future);
+    payloads.push(model::wire::encode(&unknown_option));
+    payloads.extend(good[50..].iter().map(model::wire::encode));
+    let _: () = con.rpush(model::queue::VOTES, payloads).await?;
+    let agg = start(config(&pg, &shards, "w1")).await?;
+    harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+    agg.stop().await?;
+    assert_exact(&pg, &Reference::of(&good)).await?;
+    let dead: Vec<Vec<u8>> = con.lrange(model::queue::DEAD_LETTERS, 0, -1).await?;
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| String::from_utf8_lossy(d.split(|&b| b == b'\n').next().unwrap()).into_owned())
+        .collect();
+    assert_eq!(reasons, ["undecodable", "undecodable", "unknown poll", "unknown option"]);
+    assert!(dead[0].ends_with(b"{\"voter_id\":\"x\",\"vote\":\"a\"}"), "the payload is kept as it was");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_error_retrying_cannot_fix_stops_the_worker_and_keeps_the_votes() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    pg.client().await?.batch_execute("REVOKE INSERT ON ballots FROM tally_aggregator").await?;
+    let shards = harness::redis_shards(1).await?;
+    let votes = votes::generate(500, 200, POLLS, 6);
+    shards[0].enqueue(&votes).await?;
+    let agg = start(config(&pg, &shards, "w1")).await?;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), agg.task).await?.expect("no panic");
+    let err = outcome.expect_err("the worker must stop on a permission error").to_string();
+    assert!(err.contains("permission denied for table ballots"), "{err}");
+    assert_eq!(shards[0].outstanding().await?, 500, "every vote stays in Redis");
+    Ok(())
+}
