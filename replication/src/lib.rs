@@ -19,30 +19,42 @@ pub struct Freshness {
     /// The WAL position this server's data reflects (replayed, or written on a primary).
     pub lsn: String,
     /// How stale this server's data may be: 0 on a primary and on a replica that has replayed all
-    /// it received while connected; else the age of the last replayed transaction.
-    pub lag_ms: f64,
+    /// it received while streaming; else the age of the last replayed transaction. `None` when
+    /// the replica is cut off and has replayed nothing since it started: staleness unknown.
+    pub lag_ms: Option<f64>,
+    /// The time this server's data is current as of (RFC 3339, UTC), by the server's own clock.
+    pub as_of: Option<String>,
     /// Is a replica's WAL receiver connected to a primary right now?
     pub streaming: bool,
 }
 
 const FRESHNESS: &str = "
-SELECT pg_is_in_recovery(),
-       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
-       CASE
-         WHEN NOT pg_is_in_recovery() THEN 0::float8
-         WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
-              AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') THEN 0::float8
-         ELSE GREATEST(0, EXTRACT(EPOCH FROM (clock_timestamp() - pg_last_xact_replay_timestamp())) * 1000)::float8
-       END,
-       EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')";
+WITH s AS (
+    SELECT pg_is_in_recovery() AS rec,
+           EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') AS streaming,
+           clock_timestamp() AS now
+), c AS (
+    SELECT rec, streaming, now,
+           NOT rec OR (streaming AND pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()) AS current
+      FROM s
+)
+SELECT rec,
+       (CASE WHEN rec THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
+       CASE WHEN current THEN 0::float8
+            ELSE GREATEST(0, EXTRACT(EPOCH FROM (now - pg_last_xact_replay_timestamp())) * 1000)::float8 END,
+       to_char((CASE WHEN current THEN now ELSE pg_last_xact_replay_timestamp() END) AT TIME ZONE 'UTC',
+               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+       streaming
+  FROM c";
 
 pub async fn freshness(client: &Client) -> Result<Freshness, ReplicationError> {
     let row = client.query_one(FRESHNESS, &[]).await?;
     Ok(Freshness {
         in_recovery: row.get(0),
         lsn: row.get::<_, Option<String>>(1).unwrap_or_default(),
-        lag_ms: row.get::<_, Option<f64>>(2).unwrap_or(0.0),
-        streaming: row.get(3),
+        lag_ms: row.get(2),
+        as_of: row.get(3),
+        streaming: row.get(4),
     })
 }
 
