@@ -158,6 +158,7 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
         readers.push(tokio::spawn(reader.run(stop.clone())));
         tokio::spawn(backlog_probe(acks[shard].clone(), region.clone(), shard, stop.clone()));
     }
+    tokio::spawn(primary_probe(config.postgres_url.clone(), health.clone(), stop.clone()));
 
     let (batches_tx, batches_rx) = mpsc::channel::<Batch<Chunk>>(config.writers);
     let batches_rx = Arc::new(Mutex::new(batches_rx));
@@ -165,7 +166,7 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
     for _ in 0..config.writers {
         let w = write::Writer::new(config.postgres_url.clone(), config.retry_min, config.retry_max);
         let fatal_tx = fatal_tx.clone();
-        let task = write_loop(w, batches_rx.clone(), acks.clone(), region.clone(), health.clone(), stop.clone(), config.retry_max);
+        let task = write_loop(w, batches_rx.clone(), acks.clone(), region.clone(), stop.clone(), config.retry_max);
         writers.push(tokio::spawn(async move {
             if let Err(e) = task.await {
                 let _ = fatal_tx.send(e).await;
@@ -228,7 +229,6 @@ async fn write_loop(
     batches: Arc<Mutex<mpsc::Receiver<Batch<Chunk>>>>,
     acks: Vec<ConnectionManager>,
     region: String,
-    health: Arc<Health>,
     stop: watch::Receiver<bool>,
     retry_max: Duration,
 ) -> Result<(), write::FatalWrite> {
@@ -248,12 +248,9 @@ async fn write_loop(
             copy::encode(votes, &mut copy);
             let started = Instant::now();
             match writer.write(copy.split().freeze(), &stop).await {
-                Ok(_) => health.postgres_up.store(true, Ordering::Relaxed),
-                Err(write::WriteOutcome::Abandoned) => {
-                    // Leave the chunks' in-flight lists in Redis: the next run writes them.
-                    health.postgres_up.store(false, Ordering::Relaxed);
-                    continue;
-                }
+                Ok(_) => {}
+                // Leave the chunks' in-flight lists in Redis: the next run writes them.
+                Err(write::WriteOutcome::Abandoned) => continue,
                 Err(write::WriteOutcome::Fatal(e)) => {
                     tracing::error!(error = %e, "stopping: a batch cannot be written; its votes stay in Redis");
                     return Err(e);
@@ -271,6 +268,28 @@ async fn write_loop(
             async move { drain::ack(&mut conn, chunk, &region, retry_max).await }
         });
         futures_util::future::join_all(acks_done).await;
+    }
+}
+
+/// Keeps `/readyz` truthful while idle: can we reach a writable primary?
+async fn primary_probe(url: String, health: Arc<Health>, mut stop: watch::Receiver<bool>) {
+    let mut client: Option<db::Client> = None;
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = tokio::time::timeout(Duration::from_secs(2), db::connect(&url)).await.ok().and_then(Result::ok);
+        }
+        let writable = match &client {
+            Some(c) => matches!(
+                tokio::time::timeout(Duration::from_secs(2), c.query_one("SELECT NOT pg_is_in_recovery()", &[])).await,
+                Ok(Ok(row)) if row.get::<_, bool>(0)
+            ),
+            None => false,
+        };
+        health.postgres_up.store(writable, Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -20,4 +20,6 @@ GRANT SELECT ON polls TO tally_ingest;
 -- The aggregator writes ballots and tallies and reads polls; it never changes polls.
 GRANT SELECT ON polls TO tally_aggregator;
 GRANT SELECT, INSERT, UPDATE ON ballots, tallies TO tally_aggregator;
--- Replay state and lag come from functions any role may call; nothing more is needed.
+-- Readers report replica freshness; whether the WAL receiver is streaming is visible only to
+-- roles with pg_read_all_stats, a read-only statistics role.
+GRANT pg_read_all_stats TO tally_reader;

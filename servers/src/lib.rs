@@ -12,7 +12,7 @@ mod redis;
 
 pub use postgres::{PgBin, Postgres, StopMode, SUPERUSER};
 
-pub use process::{free_port, port_is_free, running_as_root};
+pub use process::{free_port, pid_alive, port_is_free, running_as_root, signal};
 pub use redis::{Fsync, Redis};
 
 use std::path::PathBuf;

@@ -58,13 +58,15 @@ pub(crate) fn log_tail(path: &Path) -> String {
     std::fs::read_to_string(path).map(|t| last_line(&t)).unwrap_or_else(|_| "(no log)".into())
 }
 
-pub(crate) fn pid_alive(pid: u32) -> bool {
+/// Is this process alive (and not a zombie)?
+pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
             .unwrap_or(false)
 }
 
-pub(crate) fn signal(pid: u32, sig: &str) {
+/// Sends a signal by name (`TERM`, `KILL`).
+pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).output();
 }

@@ -1,0 +1,435 @@
+//! `tally local up|status|down`: three regions on this machine from the installed servers. A
+//! PostgreSQL primary in the primary region and a streaming replica in each other one, Redis
+//! shards per region, and ingest, aggregator and reader processes per region. Everything lives in
+//! one directory; ports are chosen once and kept in its `stack.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use regions::Topology;
+use serde::{Deserialize, Serialize};
+use servers::{free_port, pid_alive, PgBin, Postgres, Redis, StopMode};
+
+const STATE_FILE: &str = "stack.json";
+/// How long a role process gets to answer `/readyz` after it starts.
+const ROLE_READY_WITHIN: Duration = Duration::from_secs(30);
+/// How long a role process gets to exit after SIGTERM before it is killed.
+const ROLE_STOP_WITHIN: Duration = Duration::from_secs(30);
+pub const ROLES: [&str; 3] = ["ingest", "aggregator", "reader"];
+
+/// The stack's directory: `--dir`, else `$TALLY_DIR`, else the user's data dir. As root that is
+/// `/var/lib/tally`, because PostgreSQL runs as the `postgres` user and cannot enter `/root`.
+pub fn default_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TALLY_DIR") {
+        return PathBuf::from(d);
+    }
+    if servers::running_as_root() {
+        return PathBuf::from("/var/lib/tally/local");
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    data.join("tally/local")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stack {
+    pub dir: PathBuf,
+    pub regions: Vec<RegionPorts>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionPorts {
+    pub name: String,
+    pub primary: bool,
+    pub postgres: u16,
+    pub redis: Vec<u16>,
+    pub ingest: u16,
+    pub aggregator: u16,
+    pub reader: u16,
+}
+
+impl RegionPorts {
+    fn role_port(&self, role: &str) -> u16 {
+        match role {
+            "ingest" => self.ingest,
+            "aggregator" => self.aggregator,
+            _ => self.reader,
+        }
+    }
+}
+
+impl Stack {
+    pub fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// The stack in `dir`, or an error saying to run `tally local up` first.
+    pub fn require(dir: &Path) -> anyhow::Result<Self> {
+        Self::load(dir)?.with_context(|| format!("no local stack in {}; run `tally local up` first", dir.display()))
+    }
+
+    fn plan(dir: &Path, topology: &Topology) -> Self {
+        let regions = topology
+            .regions
+            .iter()
+            .map(|r| RegionPorts {
+                name: r.name.to_string(),
+                primary: r.primary,
+                postgres: free_port(),
+                redis: (0..r.shards).map(|_| free_port()).collect(),
+                ingest: free_port(),
+                aggregator: free_port(),
+                reader: free_port(),
+            })
+            .collect();
+        Stack { dir: dir.to_path_buf(), regions }
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let path = self.dir.join(STATE_FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn primary(&self) -> &RegionPorts {
+        self.regions.iter().find(|r| r.primary).expect("a stack has a primary region")
+    }
+
+    fn postgres(&self, bin: &PgBin, r: &RegionPorts) -> Postgres {
+        Postgres::new(bin.clone(), self.dir.join("pg").join(&r.name), r.postgres)
+    }
+
+    fn redis(&self, r: &RegionPorts) -> Vec<Redis> {
+        r.redis.iter().enumerate().map(|(i, &p)| Redis::new(self.dir.join("redis").join(format!("{}-{i}", r.name)), p)).collect()
+    }
+
+    fn pg_url(port: u16, user: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{port}/{}", db::DATABASE)
+    }
+
+    /// The superuser URL of the primary's database.
+    pub fn primary_url(&self) -> String {
+        Self::pg_url(self.primary().postgres, servers::SUPERUSER)
+    }
+
+    /// Every region's server with `target_session_attrs=read-write`: whichever is primary.
+    fn writer_url(&self, user: &str) -> String {
+        let ports: Vec<String> = self.regions.iter().map(|r| r.postgres.to_string()).collect();
+        let hosts = vec!["127.0.0.1"; ports.len()].join(",");
+        format!("host={hosts} port={} user={user} dbname={} target_session_attrs=read-write", ports.join(","), db::DATABASE)
+    }
+
+    /// A reader's sources: its own region's server, the other replicas, the primary last.
+    fn reader_sources(&self, region: &RegionPorts) -> String {
+        let mut order: Vec<&RegionPorts> = vec![region];
+        order.extend(self.regions.iter().filter(|r| r.name != region.name && !r.primary));
+        if !region.primary {
+            order.push(self.primary());
+        }
+        order.iter().map(|r| format!("{}={}", r.name, Self::pg_url(r.postgres, db::READER_ROLE))).collect::<Vec<_>>().join(",")
+    }
+
+    fn role_env(&self, r: &RegionPorts, role: &str) -> Vec<(&'static str, String)> {
+        use crate::roles::*;
+        let redis = r.redis.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect::<Vec<_>>().join(",");
+        let mut env = vec![(ENV_LISTEN, format!("127.0.0.1:{}", r.role_port(role))), (ENV_REGION, r.name.clone())];
+        match role {
+            "ingest" => {
+                env.push((ENV_REDIS_URLS, redis));
+                env.push((ENV_POSTGRES_URL, Self::pg_url(r.postgres, db::INGEST_ROLE)));
+                // Simulated voters on one machine share one address; the per-voter limit still applies.
+                env.push((ENV_IP_RATE, "0".into()));
+            }
+            "aggregator" => {
+                env.push((ENV_REDIS_URLS, redis));
+                env.push((ENV_POSTGRES_URL, self.writer_url(db::AGGREGATOR_ROLE)));
+                env.push((ENV_WORKER_ID, format!("{}-0", r.name)));
+            }
+            _ => env.push((ENV_POSTGRES_SOURCES, self.reader_sources(r))),
+        }
+        env
+    }
+
+    fn pidfile(&self, region: &str, role: &str) -> PathBuf {
+        self.dir.join("run").join(format!("{region}-{role}.pid"))
+    }
+
+    fn logfile(&self, region: &str, role: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{region}-{role}.log"))
+    }
+
+    pub fn role_pid(&self, region: &str, role: &str) -> Option<u32> {
+        std::fs::read_to_string(self.pidfile(region, role)).ok()?.trim().parse().ok()
+    }
+
+    fn role_running(&self, region: &str, role: &str) -> bool {
+        self.role_pid(region, role).is_some_and(pid_alive)
+    }
+}
+
+/// Brings the stack up, or whatever part of it is down. Safe to run again.
+pub fn up(dir: &Path) -> anyhow::Result<Stack> {
+    let topology = Topology::standard();
+    topology.validate()?;
+    let bin = PgBin::find()?;
+    Redis::binary()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    for sub in ["pg", "redis", "run", "logs"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    if servers::running_as_root() {
+        // The postgres user must be able to reach its directories below ours.
+        use std::os::unix::fs::PermissionsExt;
+        for d in [dir.as_path(), &dir.join("pg")] {
+            let mode = std::fs::metadata(d)?.permissions().mode();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o711))?;
+        }
+    }
+    let stack = match Stack::load(&dir)? {
+        Some(s) => s,
+        None => {
+            let s = Stack::plan(&dir, &topology);
+            s.save()?;
+            s
+        }
+    };
+
+    let primary_region = stack.primary().clone();
+    let primary = stack.postgres(&bin, &primary_region);
+    primary.init_primary()?;
+    primary.start()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        db::ensure_database(&primary.admin_url(), db::DATABASE).await?;
+        let mut client = db::connect(&stack.primary_url()).await?;
+        db::migrate(&mut client).await?;
+        anyhow::Ok(())
+    })
+    .context("preparing the database")?;
+    for r in stack.regions.iter().filter(|r| !r.primary) {
+        let replica = stack.postgres(&bin, r);
+        replica.init_replica(&primary, &slot_name(&r.name))?;
+        replica.start()?;
+    }
+    for r in &stack.regions {
+        for redis in stack.redis(r) {
+            redis.start()?;
+        }
+    }
+    for r in &stack.regions {
+        for role in ROLES {
+            start_role(&stack, r, role)?;
+        }
+    }
+    for r in &stack.regions {
+        for role in ROLES {
+            wait_role_ready(&stack, r, role)?;
+        }
+    }
+    Ok(stack)
+}
+
+/// The replication slot a region's replica streams through.
+pub fn slot_name(region: &str) -> String {
+    region.replace('-', "_")
+}
+
+fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {
+    if stack.role_running(&r.name, role) {
+        return Ok(());
+    }
+    let port = r.role_port(role);
+    if !servers::port_is_free(port) {
+        bail!("port {port} for {} {role} is already in use", r.name);
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(stack.logfile(&r.name, role))?;
+    let exe = std::env::current_exe().context("locating the tally binary")?;
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(exe)
+        .arg(role)
+        .envs(stack.role_env(r, role))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C aimed at `tally local up` does not reach it.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {} {role}", r.name))?;
+    std::fs::write(stack.pidfile(&r.name, role), child.id().to_string())?;
+    Ok(())
+}
+
+fn wait_role_ready(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let url = format!("127.0.0.1:{}", r.role_port(role));
+    loop {
+        if http_status(&url, "/readyz") == Some(200) {
+            return Ok(());
+        }
+        if !stack.role_running(&r.name, role) {
+            bail!("{} {role} exited during start-up: {}", r.name, last_line(&stack.logfile(&r.name, role)));
+        }
+        if start.elapsed() > ROLE_READY_WITHIN {
+            bail!("{} {role} was not ready within {}s: {}", r.name, ROLE_READY_WITHIN.as_secs(), last_line(&stack.logfile(&r.name, role)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn last_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .unwrap_or_else(|| "(no log)".into())
+}
+
+/// A minimal blocking HTTP GET, for readiness probes without a runtime.
+pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = [0u8; 16];
+    s.read_exact(&mut buf[..12]).ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+/// Stops every process of the stack: ingest first (nothing new is acknowledged), aggregators
+/// next (they finish their batches), then readers, Redis (its append-only file keeps any queued
+/// votes for the next `up`), the replicas and the primary.
+pub fn down(dir: &Path) -> anyhow::Result<()> {
+    let Some(stack) = Stack::load(dir)? else {
+        return Ok(());
+    };
+    for role in ROLES {
+        for r in &stack.regions {
+            stop_role(&stack, &r.name, role);
+        }
+    }
+    for r in &stack.regions {
+        for redis in stack.redis(r) {
+            redis.stop()?;
+        }
+    }
+    let bin = PgBin::find()?;
+    for r in stack.regions.iter().filter(|r| !r.primary) {
+        stack.postgres(&bin, r).stop(StopMode::Fast)?;
+    }
+    stack.postgres(&bin, stack.primary()).stop(StopMode::Fast)?;
+    Ok(())
+}
+
+pub fn stop_role(stack: &Stack, region: &str, role: &str) {
+    let Some(pid) = stack.role_pid(region, role) else { return };
+    if pid_alive(pid) {
+        servers::signal(pid, "TERM");
+        let start = Instant::now();
+        while pid_alive(pid) && start.elapsed() < ROLE_STOP_WITHIN {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_alive(pid) {
+            servers::signal(pid, "KILL");
+        }
+    }
+    let _ = std::fs::remove_file(stack.pidfile(region, role));
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub dir: PathBuf,
+    pub regions: Vec<RegionStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RegionStatus {
+    pub name: String,
+    pub postgres_role: &'static str,
+    pub ingest_url: String,
+    pub reader_url: String,
+    pub aggregator_url: String,
+    pub metrics_urls: Vec<String>,
+    pub postgres_url: String,
+    pub redis_urls: Vec<String>,
+    /// Bytes of WAL the primary has that this region's replica has not replayed (0 for the primary).
+    pub replica_lag_bytes: Option<i64>,
+    /// The replica's own measure of how stale it is, in milliseconds.
+    pub replica_lag_ms: Option<f64>,
+    pub processes: std::collections::BTreeMap<String, bool>,
+}
+
+pub fn status(dir: &Path) -> anyhow::Result<Status> {
+    let stack = Stack::require(dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (lags, own): (Vec<replication::ReplicaLag>, Vec<Option<f64>>) = rt.block_on(async {
+        let lags = match db::connect(&stack.primary_url()).await {
+            Ok(c) => replication::replica_lags(&c).await.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let mut own = Vec::new();
+        for r in &stack.regions {
+            let lag = match db::connect(&Stack::pg_url(r.postgres, servers::SUPERUSER)).await {
+                Ok(c) => replication::freshness(&c).await.ok().and_then(|f| f.lag_ms),
+                Err(_) => None,
+            };
+            own.push(lag);
+        }
+        (lags, own)
+    });
+    let regions = stack
+        .regions
+        .iter()
+        .zip(own)
+        .map(|(r, lag_ms)| {
+            let http = |port: u16| format!("http://127.0.0.1:{port}");
+            RegionStatus {
+                name: r.name.clone(),
+                postgres_role: if r.primary { "primary" } else { "replica" },
+                ingest_url: http(r.ingest),
+                reader_url: http(r.reader),
+                aggregator_url: http(r.aggregator),
+                metrics_urls: [r.ingest, r.aggregator, r.reader].iter().map(|&p| format!("{}/metrics", http(p))).collect(),
+                postgres_url: Stack::pg_url(r.postgres, servers::SUPERUSER),
+                redis_urls: r.redis.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect(),
+                replica_lag_bytes: if r.primary {
+                    Some(0)
+                } else {
+                    lags.iter().find(|l| l.slot == slot_name(&r.name)).and_then(|l| l.lag_bytes)
+                },
+                replica_lag_ms: lag_ms,
+                processes: ROLES.iter().map(|role| (role.to_string(), stack.role_running(&r.name, role))).collect(),
+            }
+        })
+        .collect();
+    Ok(Status { dir: stack.dir.clone(), regions })
+}
+
+pub fn print_status(s: &Status) {
+    println!("local stack in {}", s.dir.display());
+    for r in &s.regions {
+        let lag = match (r.replica_lag_bytes, r.replica_lag_ms) {
+            (Some(b), Some(ms)) => format!("{b} bytes, {ms:.0} ms"),
+            (Some(b), None) => format!("{b} bytes"),
+            (None, _) => "unknown (replica not streaming)".into(),
+        };
+        let down: Vec<&str> = r.processes.iter().filter(|(_, up)| !**up).map(|(n, _)| n.as_str()).collect();
+        println!("{} ({}):", r.name, r.postgres_role);
+        println!("  ingest     {}", r.ingest_url);
+        println!("  results    {}/?poll=default", r.reader_url);
+        println!("  aggregator {}", r.aggregator_url);
+        println!("  postgres   {}  (replica lag: {lag})", r.postgres_url);
+        println!("  redis      {}", r.redis_urls.join(" "));
+        if !down.is_empty() {
+            println!("  NOT RUNNING: {}", down.join(", "));
+        }
+    }
+}
