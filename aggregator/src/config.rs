@@ -5,7 +5,7 @@ use std::time::Duration;
 use model::RegionName;
 
 /// A batch is written once it holds this many votes...
-pub const DEFAULT_MAX_EVENTS: usize = 20_000;
+pub const DEFAULT_MAX_EVENTS: usize = 50_000;
 /// ...or this many payload bytes...
 pub const DEFAULT_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// ...or its first vote has waited this long.
@@ -14,7 +14,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
 pub const DEFAULT_POP_SIZE: usize = 5_000;
 /// Batches being written to PostgreSQL at once (one connection each). Several in flight keep a
 /// cross-region writer busy while earlier batches are still travelling.
-pub const DEFAULT_WRITERS: usize = 3;
+pub const DEFAULT_WRITERS: usize = 4;
 /// How long an idle shard reader blocks waiting for a vote.
 pub const DEFAULT_BLOCK: Duration = Duration::from_millis(200);
 /// Back-off bounds while PostgreSQL or Redis is unreachable.

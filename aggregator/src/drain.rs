@@ -37,15 +37,6 @@ pub struct Chunk {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Weighed for Chunk {
-    fn events(&self) -> usize {
-        self.votes.len() + self.dead.len()
-    }
-    fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
 pub struct Reader {
     pub shard: usize,
     pub region: String,
@@ -220,10 +211,67 @@ impl Reader {
     }
 }
 
+/// What acknowledging a chunk needs once all its votes are committed, wherever they went.
+pub struct Pending {
+    pub shard: usize,
+    pub key: String,
+    pub dead: Vec<(&'static str, Vec<u8>)>,
+    /// Lanes still writing part of this chunk; the last to commit acknowledges it.
+    pub remaining: std::sync::atomic::AtomicUsize,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The votes of one chunk that belong to one writer lane.
+pub struct Part {
+    pub chunk: Arc<Pending>,
+    pub votes: Vec<Vote>,
+    pub bytes: usize,
+}
+
+impl Weighed for Part {
+    fn events(&self) -> usize {
+        self.votes.len()
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Chunk {
+    /// Splits the chunk by voter over `lanes` writers: one voter's votes always go to one lane,
+    /// so concurrent batches never wait on each other's ballot rows. Returns the parts (empty
+    /// lanes left out) and, when no lane got a vote, the chunk to acknowledge at once.
+    pub fn split(self, lanes: usize) -> (Vec<(usize, Part)>, Option<Arc<Pending>>) {
+        let mut by_lane: Vec<Vec<Vote>> = (0..lanes).map(|_| Vec::new()).collect();
+        for v in self.votes {
+            by_lane[model::shard_of(v.poll.as_str(), v.voter.as_str(), lanes as u32) as usize].push(v);
+        }
+        let used = by_lane.iter().filter(|v| !v.is_empty()).count();
+        let per_vote = self.bytes / (by_lane.iter().map(Vec::len).sum::<usize>().max(1));
+        let pending = Arc::new(Pending {
+            shard: self.shard,
+            key: self.key,
+            dead: self.dead,
+            remaining: std::sync::atomic::AtomicUsize::new(used),
+            _permit: self._permit,
+        });
+        if used == 0 {
+            return (Vec::new(), Some(pending));
+        }
+        let parts = by_lane
+            .into_iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(lane, votes)| (lane, Part { chunk: pending.clone(), bytes: votes.len() * per_vote, votes }))
+            .collect();
+        (parts, None)
+    }
+}
+
 /// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted
 /// in one transaction. Retried; if Redis stays away the list remains and the next run
 /// re-delivers it, which changes nothing in PostgreSQL.
-pub async fn ack(conn: &mut ConnectionManager, chunk: &Chunk, region: &str, retry_max: Duration) {
+pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
     let mut pipe = redis::pipe();
     pipe.atomic();
     for (reason, payload) in &chunk.dead {

@@ -23,13 +23,13 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Mutex, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use web::{error, json, Body};
 
 pub use config::{BatchConfig, Config, ConfigError};
 
 use batch::{Batch, Batcher};
-use drain::{Chunk, Reader};
+use drain::{Part, Pending, Reader};
 
 /// How long shutdown waits for in-flight batches before leaving them in Redis for the next run.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -121,8 +121,9 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
     let catalog = Arc::new(db::CatalogCache::default());
     tokio::spawn(db::CatalogCache::refresh_loop(Arc::downgrade(&catalog), config.postgres_url.clone(), Duration::from_secs(1)));
 
-    // Enough chunks per shard to fill every writer's batch and one more being assembled.
-    let per_shard = config.batch.max_events.div_ceil(config.pop_size) * (config.writers + 1);
+    // A chunk spans every lane and holds its permit until the last lane commits it, so each shard
+    // may hold enough for every lane to have one batch writing and one filling.
+    let per_shard = (2 * config.writers * config.batch.max_events).div_ceil(config.pop_size) + config.writers;
     let queue = Arc::new(ArrayQueue::new(per_shard * config.redis_urls.len()));
     let wake = Arc::new(Notify::new());
     let mut acks: Vec<ConnectionManager> = Vec::new();
@@ -160,13 +161,18 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
     }
     tokio::spawn(primary_probe(config.postgres_url.clone(), health.clone(), stop.clone()));
 
-    let (batches_tx, batches_rx) = mpsc::channel::<Batch<Chunk>>(config.writers);
-    let batches_rx = Arc::new(Mutex::new(batches_rx));
+    // One lane per writer, each with its own batcher and channel.
+    let mut lanes_tx = Vec::with_capacity(config.writers);
     let mut writers = Vec::new();
-    for _ in 0..config.writers {
-        let w = write::Writer::new(config.postgres_url.clone(), config.retry_min, config.retry_max);
+    // Spread this worker's writers over the tally parts from a place its id decides, so workers
+    // of different regions mostly land on different parts.
+    let first_part = model::shard_of("tally-parts", &config.worker_id, write::TALLY_PARTS);
+    for i in 0..config.writers {
+        let w = write::Writer::new(config.postgres_url.clone(), first_part + i as u32, config.retry_min, config.retry_max);
+        let (tx, rx) = mpsc::channel::<Batch<Part>>(1);
+        lanes_tx.push(tx);
         let fatal_tx = fatal_tx.clone();
-        let task = write_loop(w, batches_rx.clone(), acks.clone(), region.clone(), stop.clone(), config.retry_max);
+        let task = write_loop(w, rx, acks.clone(), region.clone(), stop.clone(), config.retry_max);
         writers.push(tokio::spawn(async move {
             if let Err(e) = task.await {
                 let _ = fatal_tx.send(e).await;
@@ -181,11 +187,11 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
         }
     };
     tokio::pin!(readers_done);
-    let mut batcher: Batcher<Chunk> = Batcher::new(config.batch);
+    let mut lanes: Vec<Batcher<Part>> = (0..config.writers).map(|_| Batcher::new(config.batch)).collect();
     let mut readers_finished = false;
     let mut fatal = None;
     loop {
-        let deadline = batcher.deadline();
+        let deadline = lanes.iter().filter_map(Batcher::deadline).min();
         tokio::select! {
             _ = wake.notified() => {}
             _ = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {}
@@ -198,22 +204,34 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
         }
         let now = Instant::now();
         while let Some(chunk) = queue.pop() {
-            if let Some(b) = batcher.push(chunk, now) {
-                let _ = batches_tx.send(b).await;
+            let (parts, nothing_to_write) = chunk.split(lanes.len());
+            if let Some(pending) = nothing_to_write {
+                let mut conn = acks[pending.shard].clone();
+                let region = region.clone();
+                tokio::spawn(async move { drain::ack(&mut conn, &pending, &region, Duration::from_secs(2)).await });
+            }
+            for (lane, part) in parts {
+                if let Some(b) = lanes[lane].push(part, now) {
+                    let _ = lanes_tx[lane].send(b).await;
+                }
             }
         }
-        if let Some(b) = batcher.poll(now) {
-            let _ = batches_tx.send(b).await;
+        for (lane, batcher) in lanes.iter_mut().enumerate() {
+            if let Some(b) = batcher.poll(now) {
+                let _ = lanes_tx[lane].send(b).await;
+            }
         }
         if readers_finished && queue.is_empty() {
-            if let Some(b) = batcher.flush() {
-                let _ = batches_tx.send(b).await;
+            for (lane, batcher) in lanes.iter_mut().enumerate() {
+                if let Some(b) = batcher.flush() {
+                    let _ = lanes_tx[lane].send(b).await;
+                }
             }
             break;
         }
     }
     let _ = stop_tx.send(true);
-    drop(batches_tx);
+    drop(lanes_tx);
     drop(fatal_tx);
     for w in writers {
         w.await.expect("writer task panicked");
@@ -226,7 +244,7 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
 
 async fn write_loop(
     mut writer: write::Writer,
-    batches: Arc<Mutex<mpsc::Receiver<Batch<Chunk>>>>,
+    mut batches: mpsc::Receiver<Batch<Part>>,
     acks: Vec<ConnectionManager>,
     region: String,
     stop: watch::Receiver<bool>,
@@ -238,14 +256,14 @@ async fn write_loop(
     let commit_lag = metrics::histogram!("tally_aggregator_commit_lag_seconds", "region" => region.clone());
     let mut copy = bytes::BytesMut::new();
     loop {
-        let Some(batch) = batches.lock().await.recv().await else { return Ok(()) };
+        let Some(batch) = batches.recv().await else { return Ok(()) };
         metrics::counter!("tally_aggregator_flushes_total", "region" => region.clone(), "reason" => batch.reason.as_str()).increment(1);
-        let votes = batch.items.iter().flat_map(|c| c.votes.iter());
         let count = batch.items.iter().map(|c| c.votes.len()).sum::<usize>();
         if count > 0 {
-            let oldest = votes.clone().map(|v| v.cast_at.0).min().unwrap_or(0);
+            let latest = batch::latest_per_voter(batch.items.iter().flat_map(|c| c.votes.iter()));
+            let oldest = batch.items.iter().flat_map(|c| c.votes.iter()).map(|v| v.cast_at.0).min().unwrap_or(0);
             copy.clear();
-            copy::encode(votes, &mut copy);
+            copy::encode(latest, &mut copy);
             let started = Instant::now();
             match writer.write(copy.split().freeze(), &stop).await {
                 Ok(_) => {}
@@ -257,12 +275,20 @@ async fn write_loop(
                 }
             }
             write_seconds.record(started.elapsed().as_secs_f64());
+            tracing::debug!(votes = count, chunks = batch.items.len(), reason = batch.reason.as_str(), seconds = started.elapsed().as_secs_f64(), "batch committed");
             let lag = model::Stamp::now().0.saturating_sub(oldest) as f64 / 1e6;
             commit_lag.record(lag);
             committed.increment(count as u64);
         }
         batch_size.record(batch.events as f64);
-        let acks_done = batch.items.iter().map(|chunk| {
+        // A chunk is acknowledged by the last lane to commit its votes.
+        let complete: Vec<&Arc<Pending>> = batch
+            .items
+            .iter()
+            .filter(|part| part.chunk.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
+            .map(|part| &part.chunk)
+            .collect();
+        let acks_done = complete.into_iter().map(|chunk| {
             let mut conn = acks[chunk.shard].clone();
             let region = region.clone();
             async move { drain::ack(&mut conn, chunk, &region, retry_max).await }

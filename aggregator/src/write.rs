@@ -9,17 +9,14 @@ use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
-/// The upsert. `replaced_option = b.option` reads the locked, current row, so when two
+/// The upsert, over a stage holding one row per (poll, voter) (see `batch::latest_per_voter`).
+/// `replaced_option = b.option` reads the locked, current row, so when two
 /// writers race on one voter each sees the other's committed option and the tallies stay exact.
-/// Rows are taken in key order so concurrent batches lock in the same order.
+/// Deltas go to this writer's own tally part (`$1`), so writers never queue on hot count rows.
 pub const UPSERT: &str = "
-WITH latest AS (
-    SELECT DISTINCT ON (poll_id, voter_id) poll_id, voter_id, option, vote_id, cast_at, region
-      FROM vote_stage
-     ORDER BY poll_id, voter_id, cast_at DESC, vote_id DESC
-), changed AS (
+WITH changed AS (
     INSERT INTO ballots AS b (poll_id, voter_id, option, vote_id, cast_at, region, replaced_option)
-    SELECT poll_id, voter_id, option, vote_id, cast_at, region, NULL FROM latest
+    SELECT poll_id, voter_id, option, vote_id, cast_at, region, NULL FROM vote_stage
     ON CONFLICT (poll_id, voter_id) DO UPDATE
        SET option = EXCLUDED.option, vote_id = EXCLUDED.vote_id, cast_at = EXCLUDED.cast_at,
            region = EXCLUDED.region, replaced_option = b.option
@@ -30,10 +27,14 @@ WITH latest AS (
     UNION ALL
     SELECT poll_id, replaced_option, -1 FROM changed WHERE replaced_option IS NOT NULL
 )
-INSERT INTO tallies AS t (poll_id, option, count)
-SELECT poll_id, option, sum(d) FROM deltas GROUP BY poll_id, option HAVING sum(d) <> 0
+INSERT INTO tally_parts AS t (poll_id, option, part, count)
+SELECT poll_id, option, $1::smallint, sum(d) FROM deltas GROUP BY poll_id, option HAVING sum(d) <> 0
  ORDER BY poll_id, option
-ON CONFLICT (poll_id, option) DO UPDATE SET count = t.count + EXCLUDED.count";
+ON CONFLICT (poll_id, option, part) DO UPDATE SET count = t.count + EXCLUDED.count";
+
+/// How many tally parts writers spread over. Writers of different aggregators may share a part;
+/// that only costs them a wait, never a wrong count.
+pub const TALLY_PARTS: u32 = 64;
 
 /// Errors worth retrying: the connection went away, the server is starting or stopping, we
 /// reached a replica (after a failover), or we lost a race. Anything else is a bug or bad
@@ -74,14 +75,16 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 pub struct Writer {
     url: String,
+    part: i16,
     conn: Option<(Client, Statement)>,
     retry_min: Duration,
     retry_max: Duration,
 }
 
 impl Writer {
-    pub fn new(url: String, retry_min: Duration, retry_max: Duration) -> Self {
-        Self { url, conn: None, retry_min, retry_max }
+    /// A writer adding its tally deltas to `part` (taken modulo [`TALLY_PARTS`]).
+    pub fn new(url: String, part: u32, retry_min: Duration, retry_max: Duration) -> Self {
+        Self { url, part: (part % TALLY_PARTS) as i16, conn: None, retry_min, retry_max }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -132,7 +135,7 @@ impl Writer {
         futures_util::pin_mut!(sink);
         sink.send(copy).await?;
         sink.finish().await?;
-        tx.execute(&*upsert, &[]).await?;
+        tx.execute(&*upsert, &[&self.part]).await?;
         tx.commit().await
     }
 }

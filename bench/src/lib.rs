@@ -1,1 +1,62 @@
+//! Measuring Tally: an HTTP load generator, bare-hyper baselines, and the component benchmarks
+//! behind `tally bench`. Every benchmark runs Tally beside its baseline in one run, on the same
+//! machine and load, and reports the ratio; absolute figures on a shared machine mean little.
 #![forbid(unsafe_code)]
+
+pub mod aggregator_bench;
+pub mod bare;
+pub mod ingest_bench;
+pub mod load;
+pub mod reader_bench;
+
+use serde::Serialize;
+
+/// One component benchmark's result, printed as the contract's last line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub role: String,
+    pub rate: f64,
+    pub baseline: String,
+    pub baseline_rate: f64,
+    pub ratio: f64,
+    /// What else was measured (latency percentiles, counts, checks).
+    pub details: serde_json::Value,
+}
+
+impl Comparison {
+    pub fn new(role: &str, rate: f64, baseline: &str, baseline_rate: f64, details: serde_json::Value) -> Self {
+        Self {
+            role: role.into(),
+            rate,
+            baseline: baseline.into(),
+            baseline_rate,
+            ratio: if baseline_rate > 0.0 { rate / baseline_rate } else { 0.0 },
+            details,
+        }
+    }
+
+    /// `<role>: <rate>/s vs <baseline>: <rate>/s = <ratio>x`
+    pub fn line(&self) -> String {
+        format!("{}: {:.0}/s vs {}: {:.0}/s = {:.2}x", self.role, self.rate, self.baseline, self.baseline_rate, self.ratio)
+    }
+}
+
+/// A runtime for a server under test, on its own threads, so the load generator's work is not
+/// scheduled on the server's workers.
+pub fn server_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name("server").enable_all().build()
+}
+
+/// A listener on a free loopback port, to be handed to a task on another runtime (which turns it
+/// into a tokio listener there, on its own reactor).
+pub fn loopback_listener() -> std::io::Result<(std::net::TcpListener, std::net::SocketAddr)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    let addr = l.local_addr()?;
+    Ok((l, addr))
+}
+
+/// Converts a listener from [`loopback_listener`] on the runtime this runs on.
+pub fn tokio_listener(l: std::net::TcpListener) -> tokio::net::TcpListener {
+    tokio::net::TcpListener::from_std(l).expect("a non-blocking loopback listener")
+}

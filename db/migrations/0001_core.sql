@@ -23,15 +23,20 @@ CREATE TABLE IF NOT EXISTS ballots (
     PRIMARY KEY (poll_id, voter_id)
 ) WITH (fillfactor = 90);
 
--- No CHECK (count >= 0): the aggregator applies signed deltas with INSERT ... ON CONFLICT, and
--- PostgreSQL checks constraints on the proposed row (a bare -1) before resolving the conflict.
--- Non-negative counts follow from every tally equalling a recount of the ballots (tested).
-CREATE TABLE IF NOT EXISTS tallies (
-    poll_id text   NOT NULL REFERENCES polls (id),
-    option  text   NOT NULL,
-    count   bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (poll_id, option)
+-- Per-option counts, split into parts so concurrent writers never wait on each other's rows: each
+-- aggregator writer adds its deltas to its own part. No CHECK (count >= 0): a part may go negative
+-- when a voter's change is applied by another writer than their first vote; only the sum means anything.
+CREATE TABLE IF NOT EXISTS tally_parts (
+    poll_id text     NOT NULL REFERENCES polls (id),
+    option  text     NOT NULL,
+    part    smallint NOT NULL,
+    count   bigint   NOT NULL DEFAULT 0,
+    PRIMARY KEY (poll_id, option, part)
 );
 
+-- What operators and readers query: one row per poll and option.
+CREATE OR REPLACE VIEW tallies AS
+    SELECT poll_id, option, sum(count)::bigint AS count FROM tally_parts GROUP BY poll_id, option;
+
 INSERT INTO polls (id, options) VALUES ('default', ARRAY['a', 'b']) ON CONFLICT (id) DO NOTHING;
-INSERT INTO tallies (poll_id, option) VALUES ('default', 'a'), ('default', 'b') ON CONFLICT DO NOTHING;
+INSERT INTO tally_parts (poll_id, option, part) VALUES ('default', 'a', 0), ('default', 'b', 0) ON CONFLICT DO NOTHING;

@@ -15,11 +15,11 @@ END
 $$;
 
 -- Readers read; ingest reads the poll catalog only.
-GRANT SELECT ON polls, tallies, ballots TO tally_reader;
+GRANT SELECT ON polls, tallies, tally_parts, ballots TO tally_reader;
 GRANT SELECT ON polls TO tally_ingest;
--- The aggregator writes ballots and tallies and reads polls; it never changes polls.
-GRANT SELECT ON polls TO tally_aggregator;
-GRANT SELECT, INSERT, UPDATE ON ballots, tallies TO tally_aggregator;
+-- The aggregator writes ballots and tally parts and reads polls; it never changes polls.
+GRANT SELECT ON polls, tallies TO tally_aggregator;
+GRANT SELECT, INSERT, UPDATE ON ballots, tally_parts TO tally_aggregator;
 -- Readers report replica freshness; whether the WAL receiver is streaming is visible only to
 -- roles with pg_read_all_stats, a read-only statistics role.
 GRANT pg_read_all_stats TO tally_reader;

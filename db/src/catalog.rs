@@ -35,7 +35,7 @@ pub async fn create_poll(client: &mut Client, poll: &Poll) -> Result<(), DbError
         return Err(DbError::PollExists(poll.id.to_string()));
     }
     tx.execute(
-        "INSERT INTO tallies (poll_id, option) SELECT $1, unnest($2::text[])",
+        "INSERT INTO tally_parts (poll_id, option, part) SELECT $1, unnest($2::text[]), 0",
         &[&poll.id.as_str(), &options],
     )
     .await?;

@@ -37,7 +37,7 @@ async fn migrations_are_idempotent() -> anyhow::Result<()> {
 #[tokio::test]
 async fn concurrent_migrators_apply_each_migration_once() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?;
-    pg.client().await?.batch_execute("DROP TABLE schema_migrations, ballots, tallies, polls").await?;
+    pg.client().await?.batch_execute("DROP VIEW tallies; DROP TABLE schema_migrations, ballots, tally_parts, polls").await?;
     let runs = (0..4).map(|_| {
         let url = pg.url();
         tokio::spawn(async move {
@@ -80,8 +80,9 @@ async fn the_reader_role_cannot_write() -> anyhow::Result<()> {
     let reader = db::connect(&pg.primary.url(db::READER_ROLE, db::DATABASE)).await?;
     assert_eq!(reader.query("SELECT * FROM tallies", &[]).await?.len(), 2);
     for sql in [
-        "INSERT INTO tallies (poll_id, option, count) VALUES ('default', 'c', 1)",
-        "UPDATE tallies SET count = 99",
+        "INSERT INTO tally_parts (poll_id, option, part, count) VALUES ('default', 'c', 1, 1)",
+        "UPDATE tally_parts SET count = 99",
+        "UPDATE ballots SET option = 'b'",
         "DELETE FROM ballots",
         "INSERT INTO polls (id, options) VALUES ('x', ARRAY['a','b'])",
     ] {

@@ -44,14 +44,14 @@ mod tests {
     #[test]
     fn stable_table() {
         let table: &[(&str, &str, u32, u32)] = &[
-            ("default", "voter-0", 2, 0),
+            ("default", "voter-0", 2, 1),
             ("default", "voter-1", 2, 1),
-            ("default", "voter-2", 16, 2),
-            ("default", "auth0|123", 16, 13),
-            ("final-2026", "voter-0", 16, 5),
+            ("default", "voter-2", 16, 14),
+            ("default", "auth0|123", 16, 6),
+            ("final-2026", "voter-0", 16, 14),
             ("final-2026", "alice@example.com", 3, 2),
             ("p", "v", 1, 0),
-            ("p", "v", 1000, 637),
+            ("p", "v", 1000, 718),
         ];
         let got: Vec<_> = table.iter().map(|&(p, v, n, _)| (p, v, n, shard_of(p, v, n))).collect();
         let want: Vec<_> = table.to_vec();

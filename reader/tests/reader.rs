@@ -76,7 +76,7 @@ async fn a_change_on_the_primary_is_served_from_the_replica_within_a_second() ->
     for key in ["poll", "counts", "total", "as_of", "region", "replica_lag_ms"] {
         assert!(first.get(key).is_some(), "{key} missing from {first}");
     }
-    pg.client().await?.batch_execute("UPDATE tallies SET count = 41 WHERE poll_id = 'default' AND option = 'a'").await?;
+    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 41 WHERE poll_id = 'default' AND option = 'a'").await?;
     let took = wait_for(Duration::from_secs(5), || async {
         let v = r.results("default").await?;
         Ok(v["counts"]["a"] == 41)
@@ -99,7 +99,7 @@ async fn falls_back_when_the_replica_stops_and_returns_to_it() -> anyhow::Result
     assert_eq!(r.results("default").await?["source"], "eu-west-1");
     let replica = pg.replica().clone();
     tokio::task::spawn_blocking(move || replica.stop(servers::StopMode::Fast)).await??;
-    pg.client().await?.batch_execute("UPDATE tallies SET count = 7 WHERE option = 'b'").await?;
+    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 7 WHERE option = 'b'").await?;
     wait_for(Duration::from_secs(5), || async {
         let v = r.results("default").await?;
         Ok(v["source"] == "us-east-1" && v["fallback"] == true && v["counts"]["b"] == 7)
@@ -158,7 +158,7 @@ async fn event_stream_sends_changes_and_resumes_from_last_event_id() -> anyhow::
     let mut body = open(None).await?;
     let (id0, first) = next_event(&mut body, Duration::from_secs(5)).await?;
     assert_eq!(first["counts"]["a"], 0);
-    pg.client().await?.batch_execute("UPDATE tallies SET count = 3 WHERE option = 'a'").await?;
+    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 3 WHERE option = 'a'").await?;
     let (id1, second) = next_event(&mut body, Duration::from_secs(2)).await?;
     assert_eq!(second["counts"]["a"], 3);
     assert_ne!(id0, id1);
@@ -167,7 +167,7 @@ async fn event_stream_sends_changes_and_resumes_from_last_event_id() -> anyhow::
     let mut stale = open(Some(id0)).await?;
     let (_, caught_up) = next_event(&mut stale, Duration::from_secs(2)).await?;
     assert_eq!(caught_up["counts"]["a"], 3);
-    pg.client().await?.batch_execute("UPDATE tallies SET count = 4 WHERE option = 'a'").await?;
+    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 4 WHERE option = 'a'").await?;
     let (_, after) = next_event(&mut resumed, Duration::from_secs(2)).await?;
     assert_eq!(after["counts"]["a"], 4, "a resumed stream must not repeat what it had seen");
     drop((body, resumed, stale));

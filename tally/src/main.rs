@@ -51,6 +51,48 @@ enum Cmd {
         #[command(subcommand)]
         command: PollCmd,
     },
+    /// Benchmark a role against its baseline in one run, on real servers of its own.
+    Bench {
+        #[command(subcommand)]
+        role: BenchCmd,
+        /// Print one JSON object instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Ingest with real Redis vs a bare hyper server answering 202.
+    Ingest {
+        /// Seconds per measured round (two rounds each side).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+    },
+    /// Drain a pre-filled backlog into PostgreSQL vs the original one-row-per-vote worker.
+    Aggregator {
+        #[arg(long, default_value_t = 2_000_000)]
+        votes: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        voters: usize,
+        #[arg(long, default_value_t = 10_000)]
+        baseline_votes: usize,
+        #[arg(long, default_value_t = aggregator::config::DEFAULT_WRITERS)]
+        writers: usize,
+        #[arg(long, default_value_t = aggregator::config::DEFAULT_MAX_EVENTS)]
+        max_events: usize,
+    },
+    /// Results from a replica vs a bare hyper server with a fixed body; SSE fan-out.
+    Reader {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 1_000)]
+        subscribers: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +250,30 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Cmd::Bench { role, json } => {
+            let result = match role {
+                BenchCmd::Ingest { seconds, connections } => bench::ingest_bench::run(&bench::ingest_bench::Options {
+                    round: std::time::Duration::from_secs(seconds),
+                    connections,
+                    ..Default::default()
+                })?,
+                BenchCmd::Aggregator { votes, voters, baseline_votes, writers, max_events } => bench::aggregator_bench::run(
+                    &bench::aggregator_bench::Options { votes, voters, baseline_votes, writers, max_events, ..Default::default() },
+                )?,
+                BenchCmd::Reader { seconds, connections, subscribers } => bench::reader_bench::run(&bench::reader_bench::Options {
+                    round: std::time::Duration::from_secs(seconds),
+                    connections,
+                    subscribers,
+                })?,
+            };
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&result.details)?);
+                println!("{}", result.line());
+            }
+            Ok(())
+        }
         Cmd::Poll { command } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             match command {

@@ -1,0 +1,114 @@
+//! `tally bench ingest`: ingest backed by real Redis shards against a bare hyper server that only
+//! reads the body and answers 202, under the same load, alternating rounds in one run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+
+use crate::load::{closed_loop, open_loop, MakeRequest, Outcome};
+use crate::Comparison;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Each measured round; two rounds per side, alternating.
+    pub round: Duration,
+    pub connections: usize,
+    pub voters: u64,
+    pub shards: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { round: Duration::from_secs(5), connections: 32, voters: 1_000_000, shards: 2 }
+    }
+}
+
+fn votes(voters: u64) -> MakeRequest {
+    Arc::new(move |n| {
+        let option = if n % 3 == 0 { &b"{\"option\":\"b\"}"[..] } else { &b"{\"option\":\"a\"}"[..] };
+        Request::post("/v1/polls/default/votes")
+            .header("content-type", "application/json")
+            .header("x-voter-id", format!("voter-{}", n.wrapping_mul(2_654_435_761) % voters))
+            .body(Full::new(Bytes::from_static(option)))
+            .expect("static request")
+    })
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
+    let server_rt = crate::server_runtime(2)?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    client_rt.block_on(async {
+        let pg = harness::PgCluster::start().await?;
+        let shards = harness::redis_shards(opts.shards).await?;
+        let mut config = ingest::Config::new(
+            model::RegionName::new("us-east-1")?,
+            shards.iter().map(|s| s.url()).collect(),
+            pg.primary.url(db::INGEST_ROLE, db::DATABASE),
+        );
+        config.voter_limit = None;
+        config.queue_bound = u64::MAX;
+        let (ingest_listener, ingest_addr) = crate::loopback_listener()?;
+        let (bare_listener, bare_addr) = crate::loopback_listener()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = server_rt.spawn(async move {
+            ingest::run(crate::tokio_listener(ingest_listener), config, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        server_rt.spawn(async move { crate::bare::accept_votes(crate::tokio_listener(bare_listener)).await });
+        let ready = harness::http::Client::new(format!("http://{ingest_addr}"));
+        let start = std::time::Instant::now();
+        while ready.get("/readyz").await.map(|r| r.status != 200).unwrap_or(true) {
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "ingest never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let make = votes(opts.voters);
+        let warm = Duration::from_secs(1);
+        closed_loop(bare_addr, opts.connections, warm, make.clone()).await;
+        closed_loop(ingest_addr, opts.connections, warm, make.clone()).await;
+        let (mut bare, mut tally): (Vec<Outcome>, Vec<Outcome>) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            bare.push(closed_loop(bare_addr, opts.connections, opts.round, make.clone()).await);
+            tally.push(closed_loop(ingest_addr, opts.connections, opts.round, make.clone()).await);
+        }
+        let rate = |runs: &[Outcome]| runs.iter().map(|o| o.ok() as f64 / o.elapsed.as_secs_f64()).sum::<f64>() / runs.len() as f64;
+        let (bare_rate, ingest_rate) = (rate(&bare), rate(&tally));
+
+        // The latency target is at a sustained rate, so measure it open loop at 0.8x bare.
+        let target = 0.8 * bare_rate;
+        let (open, _) = open_loop(ingest_addr, target, opts.round, opts.connections * 4, make.clone(), Arc::new(|_, _, _| {})).await;
+        let open_summary = open.summary();
+
+        let acked: u64 = tally.iter().chain(std::iter::once(&open)).map(|o| o.statuses.get(&202).copied().unwrap_or(0)).sum::<u64>();
+        let _ = stop.send(());
+        server.await??;
+        let mut stored = 0;
+        for s in &shards {
+            stored += s.outstanding().await?;
+        }
+        let closed_summary = tally.last().expect("two rounds").summary();
+        Ok(Comparison::new(
+            "ingest",
+            ingest_rate,
+            "bare-hyper",
+            bare_rate,
+            serde_json::json!({
+                "connections": opts.connections,
+                "closed_loop_p99_ms": closed_summary.p99_ms,
+                "closed_loop_statuses": closed_summary.statuses,
+                "open_loop_rate": target,
+                "open_loop_achieved": open_summary.ok_rate,
+                "open_loop_p50_ms": open_summary.p50_ms,
+                "open_loop_p99_ms": open_summary.p99_ms,
+                "open_loop_statuses": open_summary.statuses,
+                "stored_in_redis": stored,
+                "acknowledged_in_measured_rounds": acked,
+            }),
+        ))
+    })
+}

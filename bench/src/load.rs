@@ -1,0 +1,245 @@
+//! The HTTP load generator. Closed loop (each connection sends its next request when the last
+//! one is answered: the most a server can take) for component benchmarks; open loop (requests
+//! at a fixed rate, latency measured from when each was due, so a slow server cannot slow the
+//! clock and hide its latency) for `tally load`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+/// Builds the `n`th request.
+pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that failed below HTTP (connect, reset).
+    pub transport_errors: u64,
+    pub elapsed: Duration,
+    /// Microseconds.
+    pub latency: Histogram<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub requests: u64,
+    pub rate: f64,
+    pub ok_rate: f64,
+    pub statuses: BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Outcome {
+    fn new() -> Self {
+        Self { statuses: BTreeMap::new(), transport_errors: 0, elapsed: Duration::ZERO, latency: histogram() }
+    }
+
+    fn merge(&mut self, other: &Outcome) {
+        for (s, n) in &other.statuses {
+            *self.statuses.entry(*s).or_default() += n;
+        }
+        self.transport_errors += other.transport_errors;
+        self.latency.add(&other.latency).expect("same bounds");
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.statuses.values().sum::<u64>() + self.transport_errors
+    }
+
+    /// Answers with a 2xx status.
+    pub fn ok(&self) -> u64 {
+        self.statuses.iter().filter(|(s, _)| (200..300).contains(*s)).map(|(_, n)| n).sum()
+    }
+
+    pub fn summary(&self) -> Summary {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        Summary {
+            requests: self.requests(),
+            rate: self.requests() as f64 / secs,
+            ok_rate: self.ok() as f64 / secs,
+            statuses: self.statuses.clone(),
+            transport_errors: self.transport_errors,
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: self.latency.max() as f64 / 1000.0,
+        }
+    }
+}
+
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds")
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Sends one request; returns its status, or `None` if the connection failed.
+async fn send(sender: &mut Sender, req: Request<Full<Bytes>>) -> Option<u16> {
+    if sender.ready().await.is_err() {
+        return None;
+    }
+    let resp = sender.send_request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.ok()?;
+    Some(status)
+}
+
+/// `connections` keep-alive connections, each sending back to back for `duration`.
+pub async fn closed_loop(addr: SocketAddr, connections: usize, duration: Duration, make: MakeRequest) -> Outcome {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let make = make.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut out = Outcome::new();
+                let mut sender = None;
+                while Instant::now() < deadline {
+                    if sender.is_none() {
+                        sender = connect(addr).await.ok();
+                        if sender.is_none() {
+                            out.transport_errors += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    }
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let sent = Instant::now();
+                    match send(sender.as_mut().expect("connected"), make(n)).await {
+                        Some(status) => {
+                            *out.statuses.entry(status).or_default() += 1;
+                            let _ = out.latency.record(sent.elapsed().as_micros().max(1) as u64);
+                        }
+                        None => {
+                            out.transport_errors += 1;
+                            sender = None;
+                        }
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut total = Outcome::new();
+    for t in tasks {
+        if let Ok(o) = t.await {
+            total.merge(&o);
+        }
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// What one open-loop request did, for reports over time.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Seconds since the load started, when the request was due.
+    pub due: f64,
+    pub status: Option<u16>,
+    /// From when it was due to when it was answered: includes any wait for a free connection.
+    pub latency_us: u64,
+}
+
+/// Requests at `rate` per second for `duration` over up to `connections` keep-alive connections.
+/// `on_answer` sees each answered request (the load's own bookkeeping: acknowledged vote ids).
+pub async fn open_loop(
+    addr: SocketAddr,
+    rate: f64,
+    duration: Duration,
+    connections: usize,
+    make: MakeRequest,
+    on_answer: Arc<dyn Fn(u64, Sample, &[u8]) + Send + Sync>,
+) -> (Outcome, Vec<Sample>) {
+    let start = Instant::now();
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Instant)>(connections * 4);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let rx = rx.clone();
+            let make = make.clone();
+            let on_answer = on_answer.clone();
+            tokio::spawn(async move {
+                let mut out = Outcome::new();
+                let mut samples = Vec::new();
+                let mut sender: Option<Sender> = None;
+                loop {
+                    let Some((n, due)) = rx.lock().await.recv().await else { break };
+                    if sender.is_none() {
+                        sender = connect(addr).await.ok();
+                    }
+                    let mut status = None;
+                    let mut body = Bytes::new();
+                    if let Some(s) = sender.as_mut() {
+                        if s.ready().await.is_ok() {
+                            if let Ok(resp) = s.send_request(make(n)).await {
+                                status = Some(resp.status().as_u16());
+                                body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            }
+                        }
+                    }
+                    let latency_us = due.elapsed().as_micros().max(1) as u64;
+                    match status {
+                        Some(st) => {
+                            *out.statuses.entry(st).or_default() += 1;
+                            let _ = out.latency.record(latency_us);
+                        }
+                        None => {
+                            out.transport_errors += 1;
+                            sender = None;
+                        }
+                    }
+                    let sample = Sample { due: due.duration_since(start).as_secs_f64(), status, latency_us };
+                    on_answer(n, sample, &body);
+                    samples.push(sample);
+                }
+                (out, samples)
+            })
+        })
+        .collect();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    for n in 0..total {
+        let due = start + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(due.into()).await;
+        if tx.send((n, due)).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let mut outcome = Outcome::new();
+    let mut samples = Vec::with_capacity(total as usize);
+    for w in workers {
+        if let Ok((o, s)) = w.await {
+            outcome.merge(&o);
+            samples.extend(s);
+        }
+    }
+    outcome.elapsed = start.elapsed();
+    samples.sort_by(|a, b| a.due.total_cmp(&b.due));
+    (outcome, samples)
+}
