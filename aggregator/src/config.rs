@@ -15,6 +15,10 @@ pub const DEFAULT_POP_SIZE: usize = 5_000;
 /// Batches being written to PostgreSQL at once (one connection each). Several in flight keep a
 /// cross-region writer busy while earlier batches are still travelling.
 pub const DEFAULT_WRITERS: usize = 4;
+/// After a move that found fewer than `pop_size` votes, a reader waits this long before the next,
+/// so a trickle of votes is taken in a few larger moves instead of a stream of tiny ones that
+/// would keep the shard's single thread busy while ingest is waiting on it.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(10);
 /// How long an idle shard reader blocks waiting for a vote.
 pub const DEFAULT_BLOCK: Duration = Duration::from_millis(200);
 /// Back-off bounds while PostgreSQL or Redis is unreachable.
@@ -36,6 +40,7 @@ pub struct Config {
     pub pop_size: usize,
     pub writers: usize,
     pub block: Duration,
+    pub linger: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub serve: web::ServeConfig,
@@ -81,6 +86,7 @@ impl Config {
             pop_size: DEFAULT_POP_SIZE,
             writers: DEFAULT_WRITERS,
             block: DEFAULT_BLOCK,
+            linger: DEFAULT_LINGER,
             retry_min: DEFAULT_RETRY_MIN,
             retry_max: DEFAULT_RETRY_MAX,
             serve: web::ServeConfig::default(),

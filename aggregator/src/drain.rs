@@ -50,6 +50,7 @@ pub struct Reader {
     pub permits: Arc<Semaphore>,
     pub pop_size: usize,
     pub block: Duration,
+    pub linger: Duration,
     pub catalog: Arc<db::CatalogCache>,
     pub postgres_url: String,
     pub up: Arc<AtomicBool>,
@@ -96,8 +97,15 @@ impl Reader {
                     self.up.store(true, Ordering::Relaxed);
                     backoff = Duration::from_millis(50);
                     drained.increment(items.len() as u64);
+                    let partial = items.len() < self.pop_size;
                     let chunk = self.chunk(key, items, permit).await;
                     self.push(chunk);
+                    if partial {
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.linger) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
                 }
                 Err(e) => self.down(&e, &mut backoff, &mut stop).await,
             }

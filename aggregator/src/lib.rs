@@ -151,6 +151,7 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
             permits: Arc::new(Semaphore::new(per_shard)),
             pop_size: config.pop_size,
             block: config.block,
+            linger: config.linger,
             catalog: catalog.clone(),
             postgres_url: config.postgres_url.clone(),
             up: health.shards_up[shard].clone(),

@@ -23,8 +23,21 @@ pub enum Fsync {
     /// Before replying: a `kill -9` or power cut loses nothing acknowledged. Ingest's group
     /// commit puts many votes behind each fsync, which keeps this affordable.
     Always,
-    /// Once a second: a crash may lose the last second of acknowledged writes.
+    /// Written to the file before replying, fsynced once a second: a `kill -9` of Redis loses
+    /// nothing acknowledged (the kernel has the write); an OS crash or power cut may lose the last
+    /// second. In production, ingest's `WAIT` for replicas is the stronger guarantee.
     Everysec,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "everysec" => Ok(Fsync::Everysec),
+            other => Err(format!("unknown fsync policy {other:?} (always or everysec)")),
+        }
+    }
 }
 
 impl Fsync {

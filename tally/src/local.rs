@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use regions::Topology;
 use serde::{Deserialize, Serialize};
-use servers::{free_port, pid_alive, PgBin, Postgres, Redis, StopMode};
+use servers::{free_port, pid_alive, Fsync, PgBin, Postgres, Redis, StopMode};
 
 const STATE_FILE: &str = "stack.json";
 /// How long a role process gets to answer `/readyz` after it starts.
@@ -107,8 +107,12 @@ impl Stack {
         Postgres::new(bin.clone(), self.dir.join("pg").join(&r.name), r.postgres)
     }
 
-    fn redis(&self, r: &RegionPorts) -> Vec<Redis> {
-        r.redis.iter().enumerate().map(|(i, &p)| Redis::new(self.dir.join("redis").join(format!("{}-{i}", r.name)), p)).collect()
+    fn redis(&self, r: &RegionPorts, fsync: Fsync) -> Vec<Redis> {
+        r.redis
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| Redis { fsync, ..Redis::new(self.dir.join("redis").join(format!("{}-{i}", r.name)), p) })
+            .collect()
     }
 
     fn pg_url(port: u16, user: &str) -> String {
@@ -175,8 +179,9 @@ impl Stack {
     }
 }
 
-/// Brings the stack up, or whatever part of it is down. Safe to run again.
-pub fn up(dir: &Path) -> anyhow::Result<Stack> {
+/// Brings the stack up, or whatever part of it is down. Safe to run again. `fsync` applies to
+/// Redis servers this call starts.
+pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
     let topology = Topology::standard();
     topology.validate()?;
     let bin = PgBin::find()?;
@@ -221,7 +226,7 @@ pub fn up(dir: &Path) -> anyhow::Result<Stack> {
         replica.start()?;
     }
     for r in &stack.regions {
-        for redis in stack.redis(r) {
+        for redis in stack.redis(r, fsync) {
             redis.start()?;
         }
     }
@@ -317,7 +322,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         }
     }
     for r in &stack.regions {
-        for redis in stack.redis(r) {
+        for redis in stack.redis(r, Fsync::Everysec) {
             redis.stop()?;
         }
     }

@@ -1,6 +1,7 @@
 //! `tally`: one binary for every role of the data plane and the tools around it.
 #![forbid(unsafe_code)]
 
+mod load;
 mod local;
 mod poll;
 mod roles;
@@ -51,6 +52,24 @@ enum Cmd {
         #[command(subcommand)]
         command: PollCmd,
     },
+    /// Votes from simulated voters around the world against the local stack, then a check that
+    /// every acknowledged vote was counted exactly once.
+    Load {
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// The whole plane at work: local stack up, a load from global voters, live progress, a report.
+    Demo {
+        #[command(flatten)]
+        up: UpArgs,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Leave the stack running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Benchmark a role against its baseline in one run, on real servers of its own.
     Bench {
         #[command(subcommand)]
@@ -59,6 +78,66 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Votes per second, all regions together (open loop: sent on schedule, answered or not).
+    #[arg(long, default_value_t = 2_000.0)]
+    rate: f64,
+    /// How long to send votes.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Distinct voters; fewer voters than votes means some vote again and may change their vote.
+    #[arg(long, default_value_t = 20_000)]
+    voters: u64,
+    /// Keep-alive connections per region.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+impl LoadArgs {
+    fn options(&self) -> load::Options {
+        load::Options {
+            rate: self.rate,
+            duration: std::time::Duration::from_secs(self.seconds),
+            voters: self.voters,
+            connections_per_region: self.connections,
+            progress: true,
+        }
+    }
+}
+
+fn print_report(report: &load::Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    println!("acknowledged {}  counted {}  lost {}  doubled {}", report.acknowledged, report.counted, report.lost, report.doubled);
+    println!(
+        "rate {:.0}/s (target {:.0}/s) over {:.1}s; latency p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; statuses {:?}",
+        report.rate_achieved, report.rate_target, report.seconds, report.p50_ms, report.p99_ms, report.p999_ms, report.statuses
+    );
+    for r in &report.regions {
+        println!(
+            "  {:<15} {:>8} acknowledged; its reader shows {} votes ({})",
+            r.name,
+            r.acknowledged,
+            r.reader_total,
+            if r.results_match_primary { "same as the primary" } else { "DIFFERENT from the primary" }
+        );
+    }
+    println!("queues drained {:.1}s after the last vote", report.drained_in_seconds);
+    Ok(())
+}
+
+/// A load that lost or doubled a vote fails the command.
+fn check_report(report: &load::Report) -> anyhow::Result<()> {
+    anyhow::ensure!(report.lost == 0 && report.doubled == 0, "{} votes lost, {} doubled", report.lost, report.doubled);
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,10 +174,20 @@ enum BenchCmd {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// When Redis fsyncs its append-only file: `everysec` (a Redis crash loses nothing
+    /// acknowledged, an OS crash may lose a second) or `always` (not even that; slower).
+    #[arg(long, env = "TALLY_REDIS_FSYNC", default_value = "everysec")]
+    redis_fsync: servers::Fsync,
+}
+
 #[derive(Debug, Subcommand)]
 enum LocalCmd {
     /// Start every server and role (what is already running is left alone).
-    Up(DirArg),
+    Up(UpArgs),
     /// Where everything is, and replica lag.
     Status {
         #[command(flatten)]
@@ -230,8 +319,8 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
             })
         }
         Cmd::Local { command } => match command {
-            LocalCmd::Up(dir) => {
-                let stack = local::up(&dir.path())?;
+            LocalCmd::Up(args) => {
+                let stack = local::up(&args.dir.path(), args.redis_fsync)?;
                 local::print_status(&local::status(&stack.dir)?);
                 Ok(())
             }
@@ -250,6 +339,40 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Cmd::Load { dir, load: args } => {
+            let stack = local::Stack::require(&dir.path())?;
+            let report = runtime()?.block_on(load::run(&stack, &args.options()))?;
+            print_report(&report, args.json)?;
+            check_report(&report)
+        }
+        Cmd::Demo { up, load: args, keep } => {
+            let dir = up.dir.path();
+            eprintln!("starting three regions in {} ...", dir.display());
+            let stack = local::up(&dir, up.redis_fsync)?;
+            let report = runtime()?.block_on(load::run(&stack, &args.options()));
+            let report = match report {
+                Ok(r) => r,
+                Err(e) => {
+                    if !keep {
+                        local::down(&dir)?;
+                    }
+                    return Err(e);
+                }
+            };
+            print_report(&report, args.json)?;
+            if !args.json {
+                println!("live results pages:");
+                for r in &stack.regions {
+                    println!("  {:<15} http://127.0.0.1:{}/?poll=default", r.name, r.reader);
+                }
+            }
+            if keep {
+                eprintln!("the stack keeps running; stop it with `tally local down --dir {}`", dir.display());
+            } else {
+                local::down(&dir)?;
+            }
+            check_report(&report)
+        }
         Cmd::Bench { role, json } => {
             let result = match role {
                 BenchCmd::Ingest { seconds, connections } => bench::ingest_bench::run(&bench::ingest_bench::Options {

@@ -1,0 +1,311 @@
+//! `tally load`: simulated voters around the world, each sent to the region that serves their
+//! continent, at a fixed arrival rate (open loop); live progress; then a check, against
+//! PostgreSQL and every region's reader, that every acknowledged vote was counted exactly once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bench::load::{open_loop, MakeRequest, Sample};
+use bytes::Bytes;
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::local::Stack;
+
+/// Where voters are, and which region serves them (Route53's geolocation answer for the
+/// standard topology: the Americas to us-east-1, Europe and Africa to eu-west-1, Asia and
+/// Oceania to ap-southeast-1).
+pub const VOTER_MIX: &[(&str, f64, &str)] = &[
+    ("NA", 0.30, "us-east-1"),
+    ("SA", 0.08, "us-east-1"),
+    ("EU", 0.27, "eu-west-1"),
+    ("AF", 0.05, "eu-west-1"),
+    ("AS", 0.25, "ap-southeast-1"),
+    ("OC", 0.05, "ap-southeast-1"),
+];
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub rate: f64,
+    pub duration: Duration,
+    /// Distinct voters; with fewer voters than votes, some vote again (and may change their mind).
+    pub voters: u64,
+    pub connections_per_region: usize,
+    pub progress: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub acknowledged: u64,
+    pub counted: u64,
+    pub lost: u64,
+    pub doubled: u64,
+    pub rate_target: f64,
+    pub rate_achieved: f64,
+    pub seconds: f64,
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub voters: usize,
+    /// Per region: acknowledged votes, and whether its reader shows the primary's counts.
+    pub regions: Vec<RegionReport>,
+    pub drained_in_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RegionReport {
+    pub name: String,
+    pub acknowledged: u64,
+    pub results_match_primary: bool,
+    pub reader_total: i64,
+}
+
+/// Latest acknowledged vote id per voter, and how many votes were acknowledged.
+#[derive(Default)]
+struct Acks {
+    latest: HashMap<String, u128>,
+    count: u64,
+}
+
+pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
+    let run_tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let acks = Arc::new(Mutex::new(Acks::default()));
+    let acked = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let window = Arc::new(Mutex::new(bench::load::histogram()));
+    let started = Instant::now();
+
+    let mut tasks = Vec::new();
+    let mut region_acks: HashMap<String, Arc<AtomicU64>> = HashMap::new();
+    for r in &stack.regions {
+        let continents: Vec<(&'static str, f64)> =
+            VOTER_MIX.iter().filter(|(_, _, region)| *region == r.name).map(|(c, share, _)| (*c, *share)).collect();
+        let share: f64 = continents.iter().map(|(_, s)| s).sum();
+        if share == 0.0 {
+            continue;
+        }
+        let addr = format!("127.0.0.1:{}", r.ingest).parse()?;
+        let voters_here = ((opts.voters as f64 * share) as u64).max(1);
+        let tag = run_tag.clone();
+        // The `n`th vote of this region: continent by share, voter within it, a 60/40 option skew.
+        let vote_n = Arc::new(move |n: u64| -> (String, &'static [u8]) {
+            let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (n >> 7);
+            let mut pick = (h % 10_000) as f64 / 10_000.0 * share;
+            let continent = continents
+                .iter()
+                .find(|(_, s)| {
+                    pick -= s;
+                    pick < 0.0
+                })
+                .map_or(continents[0].0, |(c, _)| *c);
+            let option: &'static [u8] = if (h >> 40) % 10 < 6 { br#"{"option":"a"}"# } else { br#"{"option":"b"}"# };
+            (format!("{tag}-{continent}-{}", (h >> 16) % voters_here), option)
+        });
+        let make: MakeRequest = {
+            let vote_n = vote_n.clone();
+            Arc::new(move |n| {
+                let (voter, option) = vote_n(n);
+                hyper::Request::post("/v1/polls/default/votes")
+                    .header("content-type", "application/json")
+                    .header("x-voter-id", voter)
+                    .body(Full::new(Bytes::from_static(option)))
+                    .expect("static request")
+            })
+        };
+        let here = Arc::new(AtomicU64::new(0));
+        region_acks.insert(r.name.clone(), here.clone());
+        let (acks, acked, failed, window) = (acks.clone(), acked.clone(), failed.clone(), window.clone());
+        let on_answer = Arc::new(move |n: u64, s: Sample, body: &[u8]| {
+            let _ = window.lock().expect("histogram").record(s.latency_us);
+            if s.status != Some(202) {
+                failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let Some(id) = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["vote_id"].as_str().and_then(parse_uuid))
+            else {
+                failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            acked.fetch_add(1, Ordering::Relaxed);
+            here.fetch_add(1, Ordering::Relaxed);
+            let mut a = acks.lock().expect("acks");
+            a.count += 1;
+            let latest = a.latest.entry(vote_n(n).0).or_insert(0);
+            *latest = (*latest).max(id);
+        });
+        let rate = opts.rate * share;
+        let (duration, connections) = (opts.duration, opts.connections_per_region);
+        tasks.push(tokio::spawn(async move { open_loop(addr, rate, duration, connections, make, on_answer).await }));
+    }
+
+    let progress = {
+        let (acked, failed, window) = (acked.clone(), failed.clone(), window.clone());
+        let show = opts.progress;
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = acked.load(Ordering::Relaxed);
+                let p99 = {
+                    let mut h = window.lock().expect("histogram");
+                    let p = h.value_at_quantile(0.99) as f64 / 1000.0;
+                    h.reset();
+                    p
+                };
+                if show {
+                    eprintln!(
+                        "[{:>4.0}s] {:>7} votes/s acknowledged, {} total, {} errors, p99 {:.1} ms",
+                        started.elapsed().as_secs_f64(),
+                        now - last,
+                        now,
+                        failed.load(Ordering::Relaxed),
+                        p99
+                    );
+                }
+                last = now;
+            }
+        })
+    };
+    let mut outcome: Option<bench::load::Outcome> = None;
+    for t in tasks {
+        let (o, _) = t.await?;
+        match &mut outcome {
+            None => outcome = Some(o),
+            Some(total) => {
+                for (s, n) in &o.statuses {
+                    *total.statuses.entry(*s).or_default() += n;
+                }
+                total.transport_errors += o.transport_errors;
+                total.latency.add(&o.latency).ok();
+                total.elapsed = total.elapsed.max(o.elapsed);
+            }
+        }
+    }
+    progress.abort();
+    let outcome = outcome.context("no region serves any voter")?;
+    let summary = outcome.summary();
+
+    let drain_started = Instant::now();
+    wait_drained(stack, Duration::from_secs(120)).await?;
+    let drained_in = drain_started.elapsed();
+    let acks = std::mem::take(&mut *acks.lock().expect("acks"));
+    let (lost, doubled) = verify(stack, &run_tag, &acks).await?;
+    let regions = compare_readers(stack, &region_acks).await?;
+    Ok(Report {
+        acknowledged: acks.count,
+        counted: acks.count - lost.min(acks.count),
+        lost,
+        doubled,
+        rate_target: opts.rate,
+        rate_achieved: acks.count as f64 / outcome.elapsed.as_secs_f64(),
+        seconds: outcome.elapsed.as_secs_f64(),
+        statuses: summary.statuses,
+        transport_errors: summary.transport_errors,
+        p50_ms: summary.p50_ms,
+        p99_ms: summary.p99_ms,
+        p999_ms: summary.p999_ms,
+        voters: acks.latest.len(),
+        regions,
+        drained_in_seconds: drained_in.as_secs_f64(),
+    })
+}
+
+fn parse_uuid(s: &str) -> Option<u128> {
+    u128::from_str_radix(&s.replace('-', ""), 16).ok()
+}
+
+/// Until no shard holds a vote, waiting or in flight, and every replica has replayed the primary.
+async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let mut outstanding = 0u64;
+        for r in &stack.regions {
+            for port in &r.redis {
+                let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_multiplexed_async_connection().await?;
+                outstanding += redis::cmd("LLEN").arg(model::queue::VOTES).query_async::<u64>(&mut con).await?;
+                let inflight: Vec<String> =
+                    redis::cmd("KEYS").arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX)).query_async(&mut con).await?;
+                outstanding += inflight.len() as u64;
+            }
+        }
+        if outstanding == 0 {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < limit, "{outstanding} votes or batches still queued after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let primary = db::connect(&stack.primary_url()).await?;
+    let lsn: String = primary.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    for r in stack.regions.iter().filter(|r| !r.primary) {
+        let replica = db::connect(&format!("postgres://{}@127.0.0.1:{}/{}", servers::SUPERUSER, r.postgres, db::DATABASE)).await?;
+        while !replica.query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn]).await?.get::<_, bool>(0) {
+            anyhow::ensure!(start.elapsed() < limit, "replica {} did not catch up", r.name);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Lost: voters whose latest acknowledged vote is not what their ballot holds (nor superseded by
+/// a later vote). Doubled: any difference between the tallies and a recount of the ballots.
+async fn verify(stack: &Stack, run_tag: &str, acks: &Acks) -> anyhow::Result<(u64, u64)> {
+    let client = db::connect(&stack.primary_url()).await?;
+    let rows = client
+        .query("SELECT voter_id, vote_id::text FROM ballots WHERE poll_id = 'default' AND voter_id LIKE $1", &[&format!("{run_tag}-%")])
+        .await?;
+    let ballots: HashMap<String, u128> =
+        rows.iter().filter_map(|r| Some((r.get::<_, String>(0), parse_uuid(r.get::<_, &str>(1))?))).collect();
+    let lost = acks.latest.iter().filter(|(voter, id)| ballots.get(*voter).is_none_or(|b| b < *id)).count() as u64;
+    let doubled: i64 = client
+        .query_one(
+            "SELECT COALESCE(sum(abs(t.count - COALESCE(r.n, 0))), 0)::int8
+               FROM tallies t
+               LEFT JOIN (SELECT poll_id, option, count(*) AS n FROM ballots GROUP BY 1, 2) r USING (poll_id, option)",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok((lost, doubled as u64))
+}
+
+async fn compare_readers(stack: &Stack, acks: &HashMap<String, Arc<AtomicU64>>) -> anyhow::Result<Vec<RegionReport>> {
+    let client = db::connect(&stack.primary_url()).await?;
+    let primary: HashMap<String, i64> = client
+        .query("SELECT option, count FROM tallies WHERE poll_id = 'default'", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut out = Vec::new();
+    for r in &stack.regions {
+        let reader = reader_results(r.reader).await?;
+        let counts: HashMap<String, i64> = serde_json::from_value(reader["counts"].clone()).unwrap_or_default();
+        out.push(RegionReport {
+            name: r.name.clone(),
+            acknowledged: acks.get(&r.name).map(|a| a.load(Ordering::Relaxed)).unwrap_or(0),
+            results_match_primary: counts == primary,
+            reader_total: reader["total"].as_i64().unwrap_or(-1),
+        });
+    }
+    Ok(out)
+}
+
+/// The reader's results for the default poll, once its cache has passed the drain.
+async fn reader_results(port: u16) -> anyhow::Result<serde_json::Value> {
+    // The reader refreshes every 100 ms; give it two intervals after the replicas caught up.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/v1/polls/default/results").header("host", "localhost").body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
