@@ -16,6 +16,7 @@ use web::{error, json, Body};
 use crate::auth::AuthConfig;
 use db::CatalogCache;
 use crate::limit::Limiter;
+use crate::request;
 use crate::shards::{Shards, StoreError};
 
 /// The cookie holding a voter's id when there is no token or header.
@@ -104,15 +105,19 @@ impl From<StoreError> for Refusal {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct VoteBody {
-    option: String,
+impl From<request::DecodeError> for Refusal {
+    fn from(e: request::DecodeError) -> Self {
+        match e {
+            request::DecodeError::ContentType(_) => Refusal::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", e.to_string()),
+            request::DecodeError::Malformed(_) => Refusal::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()),
+        }
+    }
 }
 
 impl web::Service for Ingest {
     async fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path();
-        if let Some(poll) = path.strip_prefix("/v1/polls/").and_then(|p| p.strip_suffix("/votes")) {
+        if let Some(poll) = crate::request::vote_route(path) {
             if req.method() != Method::POST {
                 return method_not_allowed("POST");
             }
@@ -152,18 +157,13 @@ impl Ingest {
         let outcome = async {
             self.check_ip(peer)?;
             let (voter, new_cookie) = self.voter(&parts.headers)?;
-            if !has_content_type(&parts.headers, "application/json") {
-                return Err(Refusal::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the vote as Content-Type: application/json",
-                ));
+            let content_type = parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
+            if !request::content_type_is(content_type, "application/json") {
+                return Err(Refusal::from(request::DecodeError::ContentType("application/json")));
             }
             let body = self.read_body(body).await?;
-            let vote: VoteBody = serde_json::from_slice(&body).map_err(|e| {
-                Refusal::new(StatusCode::BAD_REQUEST, "malformed", format!("expected {{\"option\":\"...\"}}: {e}"))
-            })?;
-            let id = self.record(&poll, &vote.option, voter).await?;
+            let option = request::json_vote(&body)?;
+            let id = self.record(&poll, &option, voter).await?;
             Ok((id, new_cookie))
         }
         .await;
@@ -190,16 +190,12 @@ impl Ingest {
         let outcome = async {
             self.check_ip(peer)?;
             let (voter, new_cookie) = self.voter(&parts.headers)?;
-            if !has_content_type(&parts.headers, "application/x-www-form-urlencoded") {
-                return Err(Refusal::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the form as application/x-www-form-urlencoded",
-                ));
+            let content_type = parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
+            if !request::content_type_is(content_type, "application/x-www-form-urlencoded") {
+                return Err(Refusal::from(request::DecodeError::ContentType("application/x-www-form-urlencoded")));
             }
             let body = self.read_body(body).await?;
-            let option = form_field(&body, "vote")
-                .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "malformed", "the form needs a vote field"))?;
+            let option = request::form_vote(&body)?;
             self.record(model::DEFAULT_POLL, &option, voter).await?;
             Ok((option, new_cookie))
         }
@@ -294,14 +290,6 @@ impl Ingest {
     }
 }
 
-fn has_content_type(headers: &HeaderMap, want: &str) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
-}
-
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
@@ -313,38 +301,15 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// A field of an urlencoded form. Option ids never need decoding; anything encoded is left as
-/// is and then fails validation as an unknown option.
-fn form_field(body: &[u8], name: &str) -> Option<String> {
-    std::str::from_utf8(body)
-        .ok()?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn cookies_and_forms_are_parsed_without_surprises() {
+    fn cookies_are_parsed_without_surprises() {
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, HeaderValue::from_static("a=1; voter_id=abc; b=2"));
         assert_eq!(cookie(&h, "voter_id"), Some("abc"));
         assert_eq!(cookie(&h, "voter"), None);
-        assert_eq!(form_field(b"x=1&vote=b", "vote").as_deref(), Some("b"));
-        assert_eq!(form_field(b"vote", "vote"), None);
-        assert_eq!(form_field(&[0xff, b'='], "vote"), None);
-    }
-
-    #[test]
-    fn content_type_parameters_are_ignored() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("Application/JSON; charset=utf-8"));
-        assert!(has_content_type(&h, "application/json"));
-        assert!(!has_content_type(&h, "text/plain"));
-        assert!(!has_content_type(&HeaderMap::new(), "application/json"));
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 mod http;
 mod limit;
 mod page;
+pub mod request;
 mod shards;
 
 use std::future::Future;

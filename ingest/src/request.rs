@@ -1,0 +1,92 @@
+//! Decoding what a client sent, without IO: which route, whether the content type is right, and
+//! the option in the body. Property-tested over arbitrary input (the fuzz target of the decoding path).
+
+/// Why a request's bytes are not a vote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("send the vote as Content-Type: {0}")]
+    ContentType(&'static str),
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// The poll of `POST /v1/polls/{poll}/votes`, if that is the route (the id is checked later).
+pub fn vote_route(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/polls/")?.strip_suffix("/votes").filter(|p| !p.is_empty() && !p.contains('/'))
+}
+
+/// Is the media type (parameters ignored) `want`?
+pub fn content_type_is(header: Option<&[u8]>, want: &str) -> bool {
+    header
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+#[derive(serde::Deserialize)]
+struct VoteBody {
+    option: String,
+}
+
+/// The option of a JSON vote, `{"option":"a"}`.
+pub fn json_vote(body: &[u8]) -> Result<String, DecodeError> {
+    serde_json::from_slice::<VoteBody>(body)
+        .map(|v| v.option)
+        .map_err(|e| DecodeError::Malformed(format!("expected {{\"option\":\"...\"}}: {e}")))
+}
+
+/// The option of the original app's form post, `vote=a`. Option ids never need percent-decoding;
+/// anything encoded is passed on as it is and fails validation as an unknown option.
+pub fn form_vote(body: &[u8]) -> Result<String, DecodeError> {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|b| b.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == "vote"))
+        .map(|(_, v)| v.to_string())
+        .ok_or_else(|| DecodeError::Malformed("the form needs a vote field".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn examples() {
+        assert_eq!(vote_route("/v1/polls/default/votes"), Some("default"));
+        assert_eq!(vote_route("/v1/polls//votes"), None);
+        assert_eq!(vote_route("/v1/polls/a/b/votes"), None);
+        assert_eq!(vote_route("/v1/polls/default/results"), None);
+        assert!(content_type_is(Some(b"Application/JSON; charset=utf-8"), "application/json"));
+        assert!(!content_type_is(Some(b"text/plain"), "application/json"));
+        assert!(!content_type_is(None, "application/json"));
+        assert_eq!(json_vote(br#"{"option":"a","extra":1}"#), Ok("a".into()));
+        assert!(matches!(json_vote(br#"{"option":7}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(json_vote(&[b'['; 10_000]), Err(DecodeError::Malformed(_))));
+        assert_eq!(form_vote(b"x=1&vote=b"), Ok("b".into()));
+        assert!(form_vote(b"vote").is_err());
+        assert!(form_vote(&[0xff, b'=']).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_requests_never_panic(path in ".{0,200}", ct in proptest::collection::vec(any::<u8>(), 0..80),
+                                          body in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = vote_route(&path);
+            let _ = content_type_is(Some(&ct), "application/json");
+            let _ = json_vote(&body);
+            let _ = form_vote(&body);
+        }
+
+        #[test]
+        fn any_json_string_option_is_decoded_exactly(option in ".{0,100}") {
+            let body = serde_json::to_vec(&serde_json::json!({"option": option})).unwrap();
+            prop_assert_eq!(json_vote(&body), Ok(option));
+        }
+
+        #[test]
+        fn vote_routes_round_trip(poll in "[A-Za-z0-9_-]{1,64}") {
+            let path = format!("/v1/polls/{poll}/votes");
+            prop_assert_eq!(vote_route(&path), Some(poll.as_str()));
+        }
+    }
+}
