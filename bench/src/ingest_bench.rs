@@ -18,11 +18,12 @@ pub struct Options {
     pub connections: usize,
     pub voters: u64,
     pub shards: usize,
+    pub redis_fsync: servers::Fsync,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { round: Duration::from_secs(5), connections: 32, voters: 1_000_000, shards: 2 }
+        Self { round: Duration::from_secs(5), connections: 32, voters: 1_000_000, shards: 2, redis_fsync: servers::Fsync::Everysec }
     }
 }
 
@@ -42,7 +43,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     client_rt.block_on(async {
         let pg = harness::PgCluster::start().await?;
-        let shards = harness::redis_shards(opts.shards).await?;
+        let mut shards = Vec::new();
+        for _ in 0..opts.shards {
+            shards.push(harness::RedisServer::start_with(opts.redis_fsync).await?);
+        }
         let mut config = ingest::Config::new(
             model::RegionName::new("us-east-1")?,
             shards.iter().map(|s| s.url()).collect(),
@@ -99,6 +103,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             bare_rate,
             serde_json::json!({
                 "connections": opts.connections,
+                "redis_fsync": opts.redis_fsync,
                 "closed_loop_p99_ms": closed_summary.p99_ms,
                 "closed_loop_statuses": closed_summary.statuses,
                 "open_loop_rate": target,

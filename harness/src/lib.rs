@@ -125,9 +125,14 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Fsync `always`: the strictest setting, so fault tests prove the strongest guarantee.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(servers::Fsync::Always).await
+    }
+
+    pub async fn start_with(fsync: servers::Fsync) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
-        let server = Redis::new(dir.path(), free_port());
+        let server = Redis { fsync, ..Redis::new(dir.path(), free_port()) };
         let s = server.clone();
         tokio::task::spawn_blocking(move || s.start()).await?.context("starting redis")?;
         Ok(Self { server, _dir: dir })

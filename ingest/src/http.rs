@@ -1,6 +1,7 @@
 //! Ingest's HTTP surface: routing, the vote pipeline (validate -> stamp -> shard -> store -> 202),
 //! and every refusal as `{"error":{"code","message"}}`.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use metrics::{Counter, Histogram};
-use model::{Clock, Rejection, RegionName, Vote, VoteId, VoterId};
+use model::{Clock, Rejection, RegionName, VoteId, VoterId};
 use web::{error, json, Body};
 
 use crate::auth::AuthConfig;
@@ -116,12 +117,12 @@ impl From<request::DecodeError> for Refusal {
 
 impl web::Service for Ingest {
     async fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let path = req.uri().path();
+        let uri = req.uri().clone();
+        let path = uri.path();
         if let Some(poll) = crate::request::vote_route(path) {
             if req.method() != Method::POST {
                 return method_not_allowed("POST");
             }
-            let poll = poll.to_string();
             return self.api_vote(req, peer, poll).await;
         }
         match (req.method(), path) {
@@ -151,7 +152,7 @@ impl Ingest {
         json(status, &serde_json::json!({"ready": status == StatusCode::OK, "catalog_loaded": catalog, "shards_down": down}))
     }
 
-    async fn api_vote(&self, req: Request<Incoming>, peer: SocketAddr, poll: String) -> Response<Body> {
+    async fn api_vote(&self, req: Request<Incoming>, peer: SocketAddr, poll: &str) -> Response<Body> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let outcome = async {
@@ -163,7 +164,7 @@ impl Ingest {
             }
             let body = self.read_body(body).await?;
             let option = request::json_vote(&body)?;
-            let id = self.record(&poll, &option, voter).await?;
+            let id = self.record(poll, &option, &voter).await?;
             Ok((id, new_cookie))
         }
         .await;
@@ -171,7 +172,11 @@ impl Ingest {
             Ok((id, new_cookie)) => {
                 self.metrics.accepted.increment(1);
                 self.metrics.ack_seconds.record(started.elapsed().as_secs_f64());
-                let mut resp = json(StatusCode::ACCEPTED, &serde_json::json!({"vote_id": id.to_string()}));
+                let mut body = Vec::with_capacity(50);
+                body.extend_from_slice(b"{\"vote_id\":\"");
+                body.extend_from_slice(&id.to_uuid_text());
+                body.extend_from_slice(b"\"}");
+                let mut resp = web::text(StatusCode::ACCEPTED, "application/json", body);
                 if let Some(c) = new_cookie {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
@@ -196,7 +201,7 @@ impl Ingest {
             }
             let body = self.read_body(body).await?;
             let option = request::form_vote(&body)?;
-            self.record(model::DEFAULT_POLL, &option, voter).await?;
+            self.record(model::DEFAULT_POLL, &option, &voter).await?;
             Ok((option, new_cookie))
         }
         .await;
@@ -241,27 +246,31 @@ impl Ingest {
         Ok(())
     }
 
-    /// Who is voting: the token's `sub` when auth is on, else `X-Voter-Id`, else the cookie, else
-    /// a new id (returned as a `Set-Cookie` to send).
-    fn voter(&self, headers: &HeaderMap) -> Result<(VoterId, Option<HeaderValue>), Refusal> {
+    /// Who is voting, validated: the token's `sub` when auth is on, else `X-Voter-Id`, else the
+    /// cookie, else a new id (returned with the `Set-Cookie` to send). Borrowed from the headers
+    /// where possible: this is on every vote's path.
+    fn voter<'h>(&self, headers: &'h HeaderMap) -> Result<(Cow<'h, str>, Option<HeaderValue>), Refusal> {
         if let Some(auth) = &self.auth {
             let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
             return auth
                 .voter(value)
-                .map(|v| (v, None))
+                .map(|v| (Cow::Owned(String::from(v)), None))
                 .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()));
         }
-        let bad = |e: model::IdError| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", e.to_string());
+        let checked = |s: &'h str| {
+            VoterId::validate(s)
+                .map(|()| (Cow::Borrowed(s), None))
+                .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", e.to_string()))
+        };
         if let Some(h) = headers.get("x-voter-id") {
-            let s = h.to_str().map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", "X-Voter-Id is not ASCII"))?;
-            return VoterId::new(s).map(|v| (v, None)).map_err(bad);
+            return checked(h.to_str().map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", "X-Voter-Id is not ASCII"))?);
         }
         if let Some(c) = cookie(headers, VOTER_COOKIE) {
-            return VoterId::new(c).map(|v| (v, None)).map_err(bad);
+            return checked(c);
         }
         let id = format!("{:032x}", rand::random::<u128>());
         let set = format!("{VOTER_COOKIE}={id}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; HttpOnly; SameSite=Lax");
-        Ok((VoterId::new(id).expect("hex is a valid voter id"), Some(HeaderValue::from_str(&set).expect("ascii"))))
+        Ok((Cow::Owned(id), Some(HeaderValue::from_str(&set).expect("ascii"))))
     }
 
     async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
@@ -272,21 +281,24 @@ impl Ingest {
         })
     }
 
-    /// Validates against the catalog, applies the voter limit, stamps, and stores on the voter's shard.
-    async fn record(&self, poll: &str, option: &str, voter: VoterId) -> Result<VoteId, Refusal> {
-        let catalog = self.catalog.get();
-        let p = catalog.check(poll, option)?;
+    /// Validates against the catalog, applies the voter limit, stamps, and stores on the voter's
+    /// shard. `voter` is a validated voter id.
+    async fn record(&self, poll: &str, option: &str, voter: &str) -> Result<VoteId, Refusal> {
+        // Checked against the catalog, `poll` and `option` are valid ids too.
+        self.catalog.get().check(poll, option)?;
         if let Some(limit) = &self.voter_limit {
-            limit.check(voter.as_str().as_bytes(), Instant::now()).map_err(|wait| {
+            limit.check(voter.as_bytes(), Instant::now()).map_err(|wait| {
                 Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many votes from this voter").retry(wait)
             })?;
         }
-        let option = p.options.iter().find(|o| o.as_str() == option).expect("checked above").clone();
         let cast_at = self.clock.stamp();
-        let vote = Vote { id: VoteId::generate(cast_at.0), poll: p.id.clone(), option, voter, cast_at, region: self.region.clone() };
-        let shard = model::shard_of(vote.poll.as_str(), vote.voter.as_str(), self.shards.count());
-        self.shards.get(shard).store(model::wire::encode(&vote)).await?;
-        Ok(vote.id)
+        let id = VoteId::generate(cast_at.0);
+        let fields = model::wire::Fields { id, cast_at, poll, option, voter, region: self.region.as_str() };
+        let mut payload = Vec::new();
+        fields.encode_into(&mut payload);
+        let shard = model::shard_of(poll, voter, self.shards.count());
+        self.shards.get(shard).store(payload).await?;
+        Ok(id)
     }
 }
 

@@ -33,14 +33,40 @@ pub enum WireError {
 
 /// Appends the encoding of `vote` to `out` (callers reuse one buffer per batch).
 pub fn encode_into(vote: &Vote, out: &mut Vec<u8>) {
-    out.reserve(encoded_len(vote));
-    out.push(VERSION);
-    out.extend_from_slice(&vote.id.0.to_be_bytes());
-    out.extend_from_slice(&vote.cast_at.0.to_be_bytes());
-    for s in [vote.poll.as_str(), vote.option.as_str(), vote.voter.as_str(), vote.region.as_str()] {
-        // Every id type caps its length at or below 255 bytes, so the cast cannot truncate.
-        out.push(s.len() as u8);
-        out.extend_from_slice(s.as_bytes());
+    let fields = Fields {
+        id: vote.id,
+        cast_at: vote.cast_at,
+        poll: vote.poll.as_str(),
+        option: vote.option.as_str(),
+        voter: vote.voter.as_str(),
+        region: vote.region.as_str(),
+    };
+    fields.encode_into(out);
+}
+
+/// A vote's fields, borrowed: what ingest encodes without building an owned [`Vote`]. The
+/// strings must already be valid ids of their kinds (at most 255 bytes each).
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    pub id: VoteId,
+    pub cast_at: Stamp,
+    pub poll: &'a str,
+    pub option: &'a str,
+    pub voter: &'a str,
+    pub region: &'a str,
+}
+
+impl Fields<'_> {
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(FIXED + 4 + self.poll.len() + self.option.len() + self.voter.len() + self.region.len());
+        out.push(VERSION);
+        out.extend_from_slice(&self.id.0.to_be_bytes());
+        out.extend_from_slice(&self.cast_at.0.to_be_bytes());
+        for s in [self.poll, self.option, self.voter, self.region] {
+            // Every id type caps its length at or below 255 bytes, so the cast cannot truncate.
+            out.push(s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        }
     }
 }
 

@@ -149,6 +149,9 @@ enum BenchCmd {
         seconds: u64,
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Redis's fsync policy, as on `tally local up`.
+        #[arg(long, default_value = "everysec")]
+        redis_fsync: servers::Fsync,
     },
     /// Drain a pre-filled backlog into PostgreSQL vs the original one-row-per-vote worker.
     Aggregator {
@@ -375,9 +378,10 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Bench { role, json } => {
             let result = match role {
-                BenchCmd::Ingest { seconds, connections } => bench::ingest_bench::run(&bench::ingest_bench::Options {
+                BenchCmd::Ingest { seconds, connections, redis_fsync } => bench::ingest_bench::run(&bench::ingest_bench::Options {
                     round: std::time::Duration::from_secs(seconds),
                     connections,
+                    redis_fsync,
                     ..Default::default()
                 })?,
                 BenchCmd::Aggregator { votes, voters, baseline_votes, writers, max_events } => bench::aggregator_bench::run(
