@@ -155,6 +155,28 @@ pub async fn closed_loop(addr: SocketAddr, connections: usize, duration: Duratio
     total
 }
 
+/// Baseline and Tally measured in alternating rounds under the same load, after a warm-up of each,
+/// so drift on a shared machine hits both alike. Returns (baseline rate, Tally rate, Tally's last
+/// round) in successful answers per second.
+pub async fn alternate(
+    baseline: SocketAddr,
+    tally: SocketAddr,
+    connections: usize,
+    round: Duration,
+    make: MakeRequest,
+) -> (f64, f64, Outcome) {
+    closed_loop(baseline, connections, Duration::from_secs(1), make.clone()).await;
+    closed_loop(tally, connections, Duration::from_secs(1), make.clone()).await;
+    let (mut base_runs, mut tally_runs) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        base_runs.push(closed_loop(baseline, connections, round, make.clone()).await);
+        tally_runs.push(closed_loop(tally, connections, round, make.clone()).await);
+    }
+    let rate = |runs: &[Outcome]| runs.iter().map(|o| o.ok() as f64 / o.elapsed.as_secs_f64()).sum::<f64>() / runs.len() as f64;
+    let (b, t) = (rate(&base_runs), rate(&tally_runs));
+    (b, t, tally_runs.pop().expect("two rounds"))
+}
+
 /// What one open-loop request did, for reports over time.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::Request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::load::{closed_loop, MakeRequest, Outcome};
+use crate::load::{alternate, MakeRequest};
 use crate::Comparison;
 
 #[derive(Debug, Clone)]
@@ -43,11 +43,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             .await
         });
         let client = harness::http::Client::new(format!("http://{reader_addr}"));
-        let start = Instant::now();
-        while client.get("/readyz").await.map(|r| r.status != 200).unwrap_or(true) {
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "reader never became ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        client.wait_ready(Duration::from_secs(15)).await?;
         // The baseline answers with exactly the body the reader serves.
         let body = client.get("/v1/polls/default/results").await?.body;
         server_rt.spawn(async move { crate::bare::fixed_json(crate::tokio_listener(bare_listener), body).await });
@@ -55,20 +51,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         let make: MakeRequest = Arc::new(|_| {
             Request::get("/v1/polls/default/results").body(Full::new(Bytes::new())).expect("static request")
         });
-        closed_loop(bare_addr, opts.connections, Duration::from_secs(1), make.clone()).await;
-        closed_loop(reader_addr, opts.connections, Duration::from_secs(1), make.clone()).await;
-        let (mut bare, mut tally): (Vec<Outcome>, Vec<Outcome>) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            bare.push(closed_loop(bare_addr, opts.connections, opts.round, make.clone()).await);
-            tally.push(closed_loop(reader_addr, opts.connections, opts.round, make.clone()).await);
-        }
-        let rate = |runs: &[Outcome]| runs.iter().map(|o| o.ok() as f64 / o.elapsed.as_secs_f64()).sum::<f64>() / runs.len() as f64;
-        let (bare_rate, reader_rate) = (rate(&bare), rate(&tally));
+        let (bare_rate, reader_rate, last) = alternate(bare_addr, reader_addr, opts.connections, opts.round, make).await;
 
         let fanout = fanout(&pg, reader_addr, opts.subscribers).await?;
         let _ = stop.send(());
         server.await??;
-        let summary = tally.last().expect("two rounds").summary();
+        let summary = last.summary();
         Ok(Comparison::new(
             "reader",
             reader_rate,

@@ -59,6 +59,16 @@ impl Client {
         Ok(Reply { status: parts.status, headers: parts.headers, body: body.collect().await?.to_bytes() })
     }
 
+    /// Polls `GET /readyz` until it answers 200.
+    pub async fn wait_ready(&self, limit: std::time::Duration) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        while self.get("/readyz").await.map(|r| r.status != 200).unwrap_or(true) {
+            anyhow::ensure!(start.elapsed() < limit, "{} was not ready within {limit:?}", self.base);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
         self.request(Method::GET, path, &[], Bytes::new()).await
     }

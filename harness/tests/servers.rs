@@ -17,12 +17,14 @@ async fn replica_streams_from_primary() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn servers_stop_when_the_fixture_drops_even_on_panic() -> anyhow::Result<()> {
+    // Checked by process, not by port: tests running beside this one may take a freed port at once.
     let redis = RedisServer::start().await?;
-    let port = redis.server.port;
-    assert!(redis.server.is_running());
-    let pg_port = {
+    let redis_pid = redis.server.pid().expect("redis writes its pid file");
+    let postmaster_pid = {
         let pg = PgCluster::start().await?;
-        pg.primary.port
+        let pid: u32 = std::fs::read_to_string(pg.primary.data_dir.join("postmaster.pid"))?.lines().next().unwrap().parse()?;
+        assert!(servers::pid_alive(pid));
+        pid
     };
     let panicked = tokio::spawn(async move {
         let _owned_by_the_panicking_task = redis;
@@ -30,7 +32,7 @@ async fn servers_stop_when_the_fixture_drops_even_on_panic() -> anyhow::Result<(
     })
     .await;
     assert!(panicked.is_err());
-    assert!(servers::port_is_free(port), "redis still listening on {port}");
-    assert!(servers::port_is_free(pg_port), "postgres still listening on {pg_port}");
+    assert!(!servers::pid_alive(redis_pid), "redis (pid {redis_pid}) outlived its fixture");
+    assert!(!servers::pid_alive(postmaster_pid), "postgres (pid {postmaster_pid}) outlived its fixture");
     Ok(())
 }

@@ -40,19 +40,8 @@ impl Stack {
         }));
         let base = format!("http://{addr}");
         let stack = Stack { pg, shards, client: Client::new(base.clone()), base, stop: Some(stop), task };
-        stack.wait_ready().await?;
+        stack.client.wait_ready(Duration::from_secs(10)).await?;
         Ok(stack)
-    }
-
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let start = std::time::Instant::now();
-        loop {
-            if self.client.get("/readyz").await.is_ok_and(|r| r.status == 200) {
-                return Ok(());
-            }
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "ingest never became ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// Every payload in every shard's queue, decoded, with its shard.

@@ -16,12 +16,17 @@ struct Running {
 }
 
 async fn start(pg: &PgCluster) -> anyhow::Result<Running> {
+    start_in(pg, "eu-west-1").await
+}
+
+/// A reader with its own region label, for tests that read process-wide metrics.
+async fn start_in(pg: &PgCluster, region: &str) -> anyhow::Result<Running> {
     harness::init_logs();
     let sources = vec![
         Source { name: "eu-west-1".into(), url: pg.replica().url(db::READER_ROLE, db::DATABASE) },
         Source { name: "us-east-1".into(), url: pg.primary.url(db::READER_ROLE, db::DATABASE) },
     ];
-    let mut config = Config::new(RegionName::new("eu-west-1")?, sources);
+    let mut config = Config::new(RegionName::new(region)?, sources);
     config.heartbeat = Duration::from_millis(300);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -30,9 +35,8 @@ async fn start(pg: &PgCluster) -> anyhow::Result<Running> {
         let _ = stopped.await;
     }));
     let client = Client::new(base.clone());
-    let r = Running { client, base, stop, task };
-    wait_for(Duration::from_secs(10), || async { Ok(r.client.get("/readyz").await?.status == 200) }).await?;
-    Ok(r)
+    client.wait_ready(Duration::from_secs(10)).await?;
+    Ok(Running { client, base, stop, task })
 }
 
 impl Running {
@@ -95,7 +99,7 @@ async fn a_change_on_the_primary_is_served_from_the_replica_within_a_second() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_when_the_replica_stops_and_returns_to_it() -> anyhow::Result<()> {
     let pg = PgCluster::start_with_replica().await?;
-    let r = start(&pg).await?;
+    let r = start_in(&pg, "fallback-test").await?;
     assert_eq!(r.results("default").await?["source"], "eu-west-1");
     let replica = pg.replica().clone();
     tokio::task::spawn_blocking(move || replica.stop(servers::StopMode::Fast)).await??;
@@ -106,7 +110,7 @@ async fn falls_back_when_the_replica_stops_and_returns_to_it() -> anyhow::Result
     })
     .await?;
     let metrics = r.client.get("/metrics").await?.text();
-    assert!(metrics.contains(r#"tally_reader_fallback{region="eu-west-1"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"tally_reader_fallback{region="fallback-test"} 1"#), "{metrics}");
     let replica = pg.replica().clone();
     tokio::task::spawn_blocking(move || replica.start()).await??;
     wait_for(Duration::from_secs(15), || async {
