@@ -2,7 +2,7 @@
 //! when they reach `max_events` or `max_bytes`, or when their first chunk has waited `timeout`.
 //! The driver passes the clock in, so every rule here is checked by property tests.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::BatchConfig;
 
@@ -100,10 +100,6 @@ impl<T: Weighed> Batcher<T> {
         self.opened = None;
         Some(batch)
     }
-
-    pub fn timeout(&self) -> Duration {
-        self.config.timeout
-    }
 }
 
 /// The latest vote of each (poll, voter) in a batch, sorted by (poll, voter): what the upsert
@@ -124,6 +120,7 @@ pub fn latest_per_voter<'a>(votes: impl IntoIterator<Item = &'a model::Vote>) ->
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     proptest! {
         #[test]

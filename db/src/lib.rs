@@ -29,16 +29,6 @@ pub enum DbError {
     BadPoll { id: String, reason: String },
 }
 
-impl DbError {
-    /// The SQLSTATE, when PostgreSQL answered with an error.
-    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
-        match self {
-            DbError::Postgres(e) => e.code(),
-            _ => None,
-        }
-    }
-}
-
 /// Connects and drives the connection on the current runtime. `url` may list several hosts
 /// (`host=a,b port=1,2 target_session_attrs=read-write`) to find whichever is the primary.
 pub async fn connect(url: &str) -> Result<Client, DbError> {

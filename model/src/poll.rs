@@ -82,18 +82,6 @@ impl Catalog {
         self.polls.get(poll)
     }
 
-    pub fn len(&self) -> usize {
-        self.polls.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.polls.is_empty()
-    }
-
-    pub fn polls(&self) -> impl Iterator<Item = &Poll> {
-        self.polls.values()
-    }
-
     /// May this option of this poll be voted for now?
     pub fn check(&self, poll: &str, option: &str) -> Result<&Poll, Rejection> {
         let p = self.polls.get(poll).ok_or(Rejection::UnknownPoll)?;

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use crate::process::{ensure_port_free, log_tail, run, running_as_root};
 use crate::redis::which;
@@ -243,28 +242,6 @@ impl Postgres {
             .arg("-D").arg(&self.data_dir)
             .args(["-m", mode, "-w", "-t", &PG_CTL_WAIT_SECS.to_string(), "stop"]))?;
         Ok(())
-    }
-
-    /// Waits until the server accepts connections again (after a restart, or while a replica catches up).
-    pub fn wait_accepting(&self, limit: Duration) -> Result<(), ServerError> {
-        let start = std::time::Instant::now();
-        loop {
-            let ok = Command::new(self.bin.tool("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", "1"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
-                return Ok(());
-            }
-            if start.elapsed() > limit {
-                return Err(ServerError::NotReady {
-                    server: format!("postgres on port {}", self.port),
-                    seconds: limit.as_secs(),
-                    detail: log_tail(&self.logfile()),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 

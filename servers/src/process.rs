@@ -12,8 +12,24 @@ pub fn running_as_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
-/// A port that was free a moment ago. Racy by nature; callers still check at bind time.
+/// A port that was free a moment ago, for a server to listen on later. Racy by nature; callers
+/// still check at bind time.
+///
+/// Taken from below the kernel's ephemeral range: a port from that range (what binding port 0
+/// gives) can meanwhile become the source port of any outgoing connection on the machine, and
+/// the server would then fail to bind it.
 pub fn free_port() -> u16 {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u16, ephemeral_start.max(10_100));
+    for _ in 0..200 {
+        let port = rand::random_range(low..high);
+        if port_is_free(port) {
+            return port;
+        }
+    }
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

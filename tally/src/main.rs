@@ -291,35 +291,38 @@ fn one_line(e: &anyhow::Error) -> String {
     e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
 }
 
+/// Binds `listen` and runs a role on it until SIGINT/SIGTERM.
+fn serve_role<F, Fut, E>(listen: &str, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    runtime()?.block_on(async {
+        let listener = roles::bind(listen).await?;
+        run(listener).await?;
+        Ok(())
+    })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn execute(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
+        // Each role's configuration is checked (exit 64) before its port is bound.
         Cmd::Ingest(args) => {
             let config = args.config()?;
-            runtime()?.block_on(async {
-                let listener = roles::bind(&args.common.listen).await?;
-                ingest::run(listener, config, web::shutdown_signal()).await?;
-                anyhow::Ok(())
-            })
+            serve_role(&args.common.listen, |l| ingest::run(l, config, web::shutdown_signal()))
         }
         Cmd::Aggregator(args) => {
             let config = args.config()?;
-            runtime()?.block_on(async {
-                let listener = roles::bind(&args.common.listen).await?;
-                aggregator::run(listener, config, web::shutdown_signal()).await?;
-                anyhow::Ok(())
-            })
+            serve_role(&args.common.listen, |l| aggregator::run(l, config, web::shutdown_signal()))
         }
         Cmd::Reader(args) => {
             let config = args.config()?;
-            runtime()?.block_on(async {
-                let listener = roles::bind(&args.common.listen).await?;
-                reader::run(listener, config, web::shutdown_signal()).await?;
-                anyhow::Ok(())
-            })
+            serve_role(&args.common.listen, |l| reader::run(l, config, web::shutdown_signal()))
         }
         Cmd::Local { command } => match command {
             LocalCmd::Up(args) => {

@@ -57,16 +57,6 @@ pub enum BodyError {
     Read(String),
 }
 
-impl BodyError {
-    pub fn into_response(self) -> Response<Body> {
-        match &self {
-            BodyError::TooLarge(_) => error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", self.to_string()),
-            BodyError::Timeout(_) => error(StatusCode::REQUEST_TIMEOUT, "timeout", self.to_string()),
-            BodyError::Read(_) => error(StatusCode::BAD_REQUEST, "bad_body", self.to_string()),
-        }
-    }
-}
-
 /// Reads at most `limit` bytes of body within `timeout` (slow-loris bodies are cut off).
 pub async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, BodyError>
 where
