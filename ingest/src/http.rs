@@ -155,21 +155,8 @@ impl Ingest {
     async fn api_vote(&self, req: Request<Incoming>, peer: SocketAddr, poll: &str) -> Response<Body> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
-        let outcome = async {
-            self.check_ip(peer)?;
-            let (voter, new_cookie) = self.voter(&parts.headers)?;
-            let content_type = parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
-            if !request::content_type_is(content_type, "application/json") {
-                return Err(Refusal::from(request::DecodeError::ContentType("application/json")));
-            }
-            let body = self.read_body(body).await?;
-            let option = request::json_vote(&body)?;
-            let id = self.record(poll, &option, &voter).await?;
-            Ok((id, new_cookie))
-        }
-        .await;
-        match outcome {
-            Ok((id, new_cookie)) => {
+        match self.take_vote(&parts, body, peer, poll, "application/json", request::json_vote).await {
+            Ok((id, _, new_cookie)) => {
                 self.metrics.accepted.increment(1);
                 self.metrics.ack_seconds.record(started.elapsed().as_secs_f64());
                 let mut body = Vec::with_capacity(50);
@@ -192,21 +179,9 @@ impl Ingest {
     /// The original app's form post: `vote=a` for the default poll, answered with the page.
     async fn form_vote(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let (parts, body) = req.into_parts();
-        let outcome = async {
-            self.check_ip(peer)?;
-            let (voter, new_cookie) = self.voter(&parts.headers)?;
-            let content_type = parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
-            if !request::content_type_is(content_type, "application/x-www-form-urlencoded") {
-                return Err(Refusal::from(request::DecodeError::ContentType("application/x-www-form-urlencoded")));
-            }
-            let body = self.read_body(body).await?;
-            let option = request::form_vote(&body)?;
-            self.record(model::DEFAULT_POLL, &option, &voter).await?;
-            Ok((option, new_cookie))
-        }
-        .await;
-        match outcome {
-            Ok((option, new_cookie)) => {
+        let form = "application/x-www-form-urlencoded";
+        match self.take_vote(&parts, body, peer, model::DEFAULT_POLL, form, request::form_vote).await {
+            Ok((_, option, new_cookie)) => {
                 self.metrics.accepted.increment(1);
                 let mut resp = self.page(&parts.headers, Some(&option));
                 if let Some(c) = new_cookie {
@@ -221,6 +196,29 @@ impl Ingest {
                 r.into_response()
             }
         }
+    }
+
+    /// What every vote goes through before it is answered, whichever route it came by: the address
+    /// limit, the voter, the content type, the body, its decoding, and [`Ingest::record`]. Returns
+    /// the stored vote's id, its option, and a `Set-Cookie` for a newly issued voter id.
+    async fn take_vote(
+        &self,
+        parts: &hyper::http::request::Parts,
+        body: Incoming,
+        peer: SocketAddr,
+        poll: &str,
+        content_type: &'static str,
+        decode: fn(&[u8]) -> Result<String, request::DecodeError>,
+    ) -> Result<(VoteId, String, Option<HeaderValue>), Refusal> {
+        self.check_ip(peer)?;
+        let (voter, new_cookie) = self.voter(&parts.headers)?;
+        if !request::content_type_is(parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes), content_type) {
+            return Err(request::DecodeError::ContentType(content_type).into());
+        }
+        let body = self.read_body(body).await?;
+        let option = decode(&body)?;
+        let id = self.record(poll, &option, &voter).await?;
+        Ok((id, option, new_cookie))
     }
 
     fn page(&self, headers: &HeaderMap, just_voted: Option<&str>) -> Response<Body> {
