@@ -209,7 +209,8 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
             if let Some(pending) = nothing_to_write {
                 let mut conn = acks[pending.shard].clone();
                 let region = region.clone();
-                tokio::spawn(async move { drain::ack(&mut conn, &pending, &region, Duration::from_secs(2)).await });
+                let retry_max = config.retry_max;
+                tokio::spawn(async move { drain::ack(&mut conn, &pending, &region, retry_max).await });
             }
             for (lane, part) in parts {
                 if let Some(b) = lanes[lane].push(part, now) {

@@ -112,8 +112,8 @@ async fn fanout(pg: &harness::PgCluster, addr: std::net::SocketAddr, n: usize) -
     let replica = db::connect(&pg.replica_url()).await?;
     primary.batch_execute("UPDATE tally_parts SET count = count + 1 WHERE poll_id = 'default' AND option = 'a'").await?;
     let committed = Instant::now();
-    let lsn: String = primary.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    while !replica.query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn]).await?.get::<_, bool>(0) {
+    let lsn = replication::current_lsn(&primary).await?;
+    while !replication::has_replayed(&replica, &lsn).await? {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let replayed = Instant::now();

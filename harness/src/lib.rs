@@ -92,15 +92,11 @@ impl PgCluster {
     /// Waits until the replica has replayed everything the primary had written when called.
     pub async fn wait_replica_caught_up(&self, limit: Duration) -> anyhow::Result<()> {
         let primary = self.client().await?;
-        let lsn: String = primary.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        let lsn = replication::current_lsn(&primary).await?;
         let replica = db::connect(&self.replica_url()).await?;
         let start = std::time::Instant::now();
         loop {
-            let caught_up: bool = replica
-                .query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn])
-                .await?
-                .get(0);
-            if caught_up {
+            if replication::has_replayed(&replica, &lsn).await? {
                 return Ok(());
             }
             anyhow::ensure!(start.elapsed() < limit, "replica did not reach {lsn} within {limit:?}");

@@ -224,16 +224,17 @@ fn parse_uuid(s: &str) -> Option<u128> {
 /// Until no shard holds a vote, waiting or in flight, and every replica has replayed the primary.
 async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
+    let mut shards = Vec::new();
+    for port in stack.regions.iter().flat_map(|r| &r.redis) {
+        shards.push(redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_multiplexed_async_connection().await?);
+    }
     loop {
         let mut outstanding = 0u64;
-        for r in &stack.regions {
-            for port in &r.redis {
-                let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_multiplexed_async_connection().await?;
-                outstanding += redis::cmd("LLEN").arg(model::queue::VOTES).query_async::<u64>(&mut con).await?;
-                let inflight: Vec<String> =
-                    redis::cmd("KEYS").arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX)).query_async(&mut con).await?;
-                outstanding += inflight.len() as u64;
-            }
+        for con in &mut shards {
+            outstanding += redis::cmd("LLEN").arg(model::queue::VOTES).query_async::<u64>(con).await?;
+            let inflight: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX)).query_async(con).await?;
+            outstanding += inflight.len() as u64;
         }
         if outstanding == 0 {
             break;
@@ -242,10 +243,10 @@ async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let primary = db::connect(&stack.primary_url()).await?;
-    let lsn: String = primary.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let lsn = replication::current_lsn(&primary).await?;
     for r in stack.regions.iter().filter(|r| !r.primary) {
         let replica = db::connect(&format!("postgres://{}@127.0.0.1:{}/{}", servers::SUPERUSER, r.postgres, db::DATABASE)).await?;
-        while !replica.query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn]).await?.get::<_, bool>(0) {
+        while !replication::has_replayed(&replica, &lsn).await? {
             anyhow::ensure!(start.elapsed() < limit, "replica {} did not catch up", r.name);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
