@@ -50,7 +50,13 @@ pub struct Batcher<T> {
 
 impl<T: Weighed> Batcher<T> {
     pub fn new(config: BatchConfig) -> Self {
-        Self { config, items: Vec::new(), events: 0, bytes: 0, opened: None }
+        Self {
+            config,
+            items: Vec::new(),
+            events: 0,
+            bytes: 0,
+            opened: None,
+        }
     }
 
     /// Adds a chunk; returns the batch if this chunk filled it. A chunk is never split, so one
@@ -74,7 +80,9 @@ impl<T: Weighed> Batcher<T> {
     /// The batch, if its first chunk has waited `timeout` by `now`.
     pub fn poll(&mut self, now: Instant) -> Option<Batch<T>> {
         match self.opened {
-            Some(t) if now.duration_since(t) >= self.config.timeout => self.take(FlushReason::Timeout),
+            Some(t) if now.duration_since(t) >= self.config.timeout => {
+                self.take(FlushReason::Timeout)
+            }
             _ => None,
         }
     }
@@ -94,7 +102,12 @@ impl<T: Weighed> Batcher<T> {
     }
 
     fn take(&mut self, reason: FlushReason) -> Option<Batch<T>> {
-        let batch = Batch { items: std::mem::take(&mut self.items), events: self.events, bytes: self.bytes, reason };
+        let batch = Batch {
+            items: std::mem::take(&mut self.items),
+            events: self.events,
+            bytes: self.bytes,
+            reason,
+        };
         self.events = 0;
         self.bytes = 0;
         self.opened = None;
@@ -105,7 +118,9 @@ impl<T: Weighed> Batcher<T> {
 /// The latest vote of each (poll, voter) in a batch, sorted by (poll, voter): what the upsert
 /// needs (one row per voter, or PostgreSQL refuses to touch a row twice in one statement), in the
 /// ballots index's order. Latest is the greatest `(cast_at, vote id)`, as in PostgreSQL.
-pub fn latest_per_voter<'a>(votes: impl IntoIterator<Item = &'a model::Vote>) -> Vec<&'a model::Vote> {
+pub fn latest_per_voter<'a>(
+    votes: impl IntoIterator<Item = &'a model::Vote>,
+) -> Vec<&'a model::Vote> {
     let mut all: Vec<&model::Vote> = votes.into_iter().collect();
     all.sort_unstable_by(|a, b| {
         (a.poll.as_str(), a.voter.as_str())
@@ -165,7 +180,11 @@ mod tests {
     }
 
     fn cfg() -> BatchConfig {
-        BatchConfig { max_events: 100, max_bytes: 1_000, timeout: Duration::from_millis(10) }
+        BatchConfig {
+            max_events: 100,
+            max_bytes: 1_000,
+            timeout: Duration::from_millis(10),
+        }
     }
 
     #[test]
@@ -181,7 +200,10 @@ mod tests {
         assert_eq!(big.reason, FlushReason::Bytes);
         b.push(C(1, 1, 3), t0);
         assert!(b.poll(t0 + Duration::from_millis(9)).is_none());
-        assert_eq!(b.poll(t0 + Duration::from_millis(10)).unwrap().reason, FlushReason::Timeout);
+        assert_eq!(
+            b.poll(t0 + Duration::from_millis(10)).unwrap().reason,
+            FlushReason::Timeout
+        );
         assert!(b.flush().is_none());
     }
 

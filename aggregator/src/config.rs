@@ -55,7 +55,11 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_events: DEFAULT_MAX_EVENTS, max_bytes: DEFAULT_MAX_BYTES, timeout: DEFAULT_TIMEOUT }
+        Self {
+            max_events: DEFAULT_MAX_EVENTS,
+            max_bytes: DEFAULT_MAX_BYTES,
+            timeout: DEFAULT_TIMEOUT,
+        }
     }
 }
 
@@ -76,7 +80,12 @@ pub enum ConfigError {
 }
 
 impl Config {
-    pub fn new(region: RegionName, worker_id: String, redis_urls: Vec<String>, postgres_url: String) -> Self {
+    pub fn new(
+        region: RegionName,
+        worker_id: String,
+        redis_urls: Vec<String>,
+        postgres_url: String,
+    ) -> Self {
         Self {
             region,
             worker_id,
@@ -105,7 +114,10 @@ impl Config {
             .map_err(|e| ConfigError::BadPostgresUrl(e.to_string()))?;
         let id_ok = !self.worker_id.is_empty()
             && self.worker_id.len() <= 64
-            && self.worker_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            && self
+                .worker_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if !id_ok {
             return Err(ConfigError::BadWorkerId);
         }
@@ -123,7 +135,10 @@ impl Config {
             return Err(ConfigError::Zero("batch timeout"));
         }
         if self.pop_size > self.batch.max_events {
-            return Err(ConfigError::PopLargerThanBatch { pop: self.pop_size, max: self.batch.max_events });
+            return Err(ConfigError::PopLargerThanBatch {
+                pop: self.pop_size,
+                max: self.batch.max_events,
+            });
         }
         Ok(())
     }
@@ -134,7 +149,12 @@ mod tests {
     use super::*;
 
     fn config() -> Config {
-        Config::new(RegionName::new("us-east-1").unwrap(), "w-1".into(), vec!["redis://127.0.0.1:1/".into()], "host=127.0.0.1 user=x".into())
+        Config::new(
+            RegionName::new("us-east-1").unwrap(),
+            "w-1".into(),
+            vec!["redis://127.0.0.1:1/".into()],
+            "host=127.0.0.1 user=x".into(),
+        )
     }
 
     #[test]
@@ -148,7 +168,13 @@ mod tests {
         assert_eq!(c.validate(), Err(ConfigError::BadWorkerId));
         let mut c = config();
         c.batch.max_events = 10;
-        assert_eq!(c.validate(), Err(ConfigError::PopLargerThanBatch { pop: DEFAULT_POP_SIZE, max: 10 }));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::PopLargerThanBatch {
+                pop: DEFAULT_POP_SIZE,
+                max: 10
+            })
+        );
         let mut c = config();
         c.writers = 0;
         assert_eq!(c.validate(), Err(ConfigError::Zero("writers")));

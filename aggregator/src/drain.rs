@@ -59,7 +59,10 @@ pub struct Reader {
 
 impl Reader {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let labels = [("region", self.region.clone()), ("shard", self.shard.to_string())];
+        let labels = [
+            ("region", self.region.clone()),
+            ("shard", self.shard.to_string()),
+        ];
         let drained = metrics::counter!("tally_aggregator_votes_drained_total", &labels);
         // Keys of this run never collide with a previous run's, whose lists are recovered first.
         let epoch = model::Stamp::now().0;
@@ -73,7 +76,11 @@ impl Reader {
                         recovered = true;
                         self.up.store(true, Ordering::Relaxed);
                         if n > 0 {
-                            tracing::info!(shard = self.shard, chunks = n, "recovered in-flight votes from a previous run");
+                            tracing::info!(
+                                shard = self.shard,
+                                chunks = n,
+                                "recovered in-flight votes from a previous run"
+                            );
                         }
                     }
                     Err(e) => {
@@ -112,7 +119,12 @@ impl Reader {
         }
     }
 
-    async fn down(&self, e: &redis::RedisError, backoff: &mut Duration, stop: &mut watch::Receiver<bool>) {
+    async fn down(
+        &self,
+        e: &redis::RedisError,
+        backoff: &mut Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) {
         self.up.store(false, Ordering::Relaxed);
         tracing::warn!(shard = self.shard, error = %e, "shard unavailable; retrying");
         tokio::select! {
@@ -125,8 +137,12 @@ impl Reader {
     /// Up to `pop_size` votes, moved into `key`; blocks up to `block` when the queue is empty.
     async fn take(&mut self, key: &str) -> redis::RedisResult<Vec<Vec<u8>>> {
         let script = redis::Script::new(MOVE);
-        let items: Vec<Vec<u8>> =
-            script.key(queue::VOTES).key(key).arg(self.pop_size).invoke_async(&mut self.conn).await?;
+        let items: Vec<Vec<u8>> = script
+            .key(queue::VOTES)
+            .key(key)
+            .arg(self.pop_size)
+            .invoke_async(&mut self.conn)
+            .await?;
         if !items.is_empty() {
             return Ok(items);
         }
@@ -138,9 +154,15 @@ impl Reader {
             .arg(self.block.as_secs_f64())
             .query_async(&mut self.blocking)
             .await?;
-        let Some(first) = first else { return Ok(Vec::new()) };
-        let mut rest: Vec<Vec<u8>> =
-            script.key(queue::VOTES).key(key).arg(self.pop_size - 1).invoke_async(&mut self.conn).await?;
+        let Some(first) = first else {
+            return Ok(Vec::new());
+        };
+        let mut rest: Vec<Vec<u8>> = script
+            .key(queue::VOTES)
+            .key(key)
+            .arg(self.pop_size - 1)
+            .invoke_async(&mut self.conn)
+            .await?;
         rest.insert(0, first);
         Ok(rest)
     }
@@ -167,11 +189,21 @@ impl Reader {
         }
         let mut n = 0;
         for key in keys {
-            let items: Vec<Vec<u8>> = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).query_async(&mut self.conn).await?;
+            let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.conn)
+                .await?;
             if items.is_empty() {
                 continue;
             }
-            let permit = self.permits.clone().acquire_owned().await.expect("semaphore never closed");
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
             let chunk = self.chunk(key, items, permit).await;
             self.push(chunk);
             n += 1;
@@ -191,7 +223,10 @@ impl Reader {
             }
         }
         // A vote may name a poll created after our catalog was read: look again before refusing it.
-        let unknown = |c: &model::Catalog, v: &Vote| c.get(v.poll.as_str()).is_none_or(|p| !p.has_option(v.option.as_str()));
+        let unknown = |c: &model::Catalog, v: &Vote| {
+            c.get(v.poll.as_str())
+                .is_none_or(|p| !p.has_option(v.option.as_str()))
+        };
         if votes.iter().any(|(v, _)| unknown(&self.catalog.get(), v)) {
             if let Err(e) = self.catalog.reload(&self.postgres_url).await {
                 tracing::warn!(error = %e, "catalog reload failed");
@@ -203,11 +238,20 @@ impl Reader {
         for (v, payload) in votes {
             match catalog.get(v.poll.as_str()) {
                 None => dead.push(("unknown poll", payload)),
-                Some(p) if !p.has_option(v.option.as_str()) => dead.push(("unknown option", payload)),
+                Some(p) if !p.has_option(v.option.as_str()) => {
+                    dead.push(("unknown option", payload))
+                }
                 Some(_) => good.push(v),
             }
         }
-        Chunk { shard: self.shard, key, votes: good, dead, bytes, _permit: permit }
+        Chunk {
+            shard: self.shard,
+            key,
+            votes: good,
+            dead,
+            bytes,
+            _permit: permit,
+        }
     }
 
     fn push(&self, chunk: Chunk) {
@@ -252,7 +296,8 @@ impl Chunk {
     pub fn split(self, lanes: usize) -> (Vec<(usize, Part)>, Option<Arc<Pending>>) {
         let mut by_lane: Vec<Vec<Vote>> = (0..lanes).map(|_| Vec::new()).collect();
         for v in self.votes {
-            by_lane[model::shard_of(v.poll.as_str(), v.voter.as_str(), lanes as u32) as usize].push(v);
+            by_lane[model::shard_of(v.poll.as_str(), v.voter.as_str(), lanes as u32) as usize]
+                .push(v);
         }
         let used = by_lane.iter().filter(|v| !v.is_empty()).count();
         let per_vote = self.bytes / (by_lane.iter().map(Vec::len).sum::<usize>().max(1));
@@ -270,7 +315,16 @@ impl Chunk {
             .into_iter()
             .enumerate()
             .filter(|(_, v)| !v.is_empty())
-            .map(|(lane, votes)| (lane, Part { chunk: pending.clone(), bytes: votes.len() * per_vote, votes }))
+            .map(|(lane, votes)| {
+                (
+                    lane,
+                    Part {
+                        chunk: pending.clone(),
+                        bytes: votes.len() * per_vote,
+                        votes,
+                    },
+                )
+            })
             .collect();
         (parts, None)
     }
@@ -283,7 +337,10 @@ pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, re
     let mut pipe = redis::pipe();
     pipe.atomic();
     for (reason, payload) in &chunk.dead {
-        pipe.cmd("RPUSH").arg(queue::DEAD_LETTERS).arg(queue::dead_letter(reason, payload)).ignore();
+        pipe.cmd("RPUSH")
+            .arg(queue::DEAD_LETTERS)
+            .arg(queue::dead_letter(reason, payload))
+            .ignore();
     }
     pipe.cmd("DEL").arg(&chunk.key).ignore();
     let mut backoff = Duration::from_millis(20);

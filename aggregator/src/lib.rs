@@ -57,18 +57,31 @@ struct Http {
 impl web::Service for Http {
     async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            (&Method::GET, "/healthz") => {
+                json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            }
             (&Method::GET, "/readyz") => {
                 let down: Vec<usize> = (0..self.health.shards_up.len())
                     .filter(|&i| !self.health.shards_up[i].load(Ordering::Relaxed))
                     .collect();
                 let pg = self.health.postgres_up.load(Ordering::Relaxed);
                 let ok = down.is_empty() && pg;
-                let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                json(status, &serde_json::json!({"ready": ok, "postgres": pg, "shards_down": down}))
+                let status = if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json(
+                    status,
+                    &serde_json::json!({"ready": ok, "postgres": pg, "shards_down": down}),
+                )
             }
             (&Method::GET, "/metrics") => web::render_metrics(),
-            (_, "/healthz" | "/readyz" | "/metrics") => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+            (_, "/healthz" | "/readyz" | "/metrics") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            ),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
         }
     }
@@ -77,11 +90,19 @@ impl web::Service for Http {
 /// Runs the aggregator until `shutdown`; then stops taking votes, writes what it holds (or leaves
 /// it in Redis if PostgreSQL is away), and returns. Returns early with an error only when a
 /// write fails in a way retrying cannot fix.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AggregatorError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AggregatorError> {
     config.validate()?;
     web::metrics_handle();
     let health = Arc::new(Health {
-        shards_up: config.redis_urls.iter().map(|_| Arc::new(AtomicBool::new(false))).collect(),
+        shards_up: config
+            .redis_urls
+            .iter()
+            .map(|_| Arc::new(AtomicBool::new(false)))
+            .collect(),
         postgres_up: AtomicBool::new(false),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -113,17 +134,26 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     result
 }
 
-async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Receiver<bool>) -> Result<(), AggregatorError> {
+async fn pipeline(
+    config: Config,
+    health: Arc<Health>,
+    mut outer_stop: watch::Receiver<bool>,
+) -> Result<(), AggregatorError> {
     let region = config.region.to_string();
     // Stops every task on shutdown, or as soon as one writer meets an error retrying cannot fix.
     let (stop_tx, stop) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<write::FatalWrite>(config.writers);
     let catalog = Arc::new(db::CatalogCache::default());
-    tokio::spawn(db::CatalogCache::refresh_loop(Arc::downgrade(&catalog), config.postgres_url.clone(), Duration::from_secs(1)));
+    tokio::spawn(db::CatalogCache::refresh_loop(
+        Arc::downgrade(&catalog),
+        config.postgres_url.clone(),
+        Duration::from_secs(1),
+    ));
 
     // A chunk spans every lane and holds its permit until the last lane commits it, so each shard
     // may hold enough for every lane to have one batch writing and one filling.
-    let per_shard = (2 * config.writers * config.batch.max_events).div_ceil(config.pop_size) + config.writers;
+    let per_shard =
+        (2 * config.writers * config.batch.max_events).div_ceil(config.pop_size) + config.writers;
     let queue = Arc::new(ArrayQueue::new(per_shard * config.redis_urls.len()));
     let wake = Arc::new(Notify::new());
     let mut acks: Vec<ConnectionManager> = Vec::new();
@@ -137,7 +167,9 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), normal.clone())?;
         let blocking = ConnectionManager::new_lazy_with_config(
             client,
-            ConnectionManagerConfig::new().set_connection_timeout(Some(Duration::from_secs(1))).set_response_timeout(None),
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(None),
         )?;
         acks.push(conn.clone());
         let reader = Reader {
@@ -158,9 +190,18 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
             retry_max: config.retry_max,
         };
         readers.push(tokio::spawn(reader.run(stop.clone())));
-        tokio::spawn(backlog_probe(acks[shard].clone(), region.clone(), shard, stop.clone()));
+        tokio::spawn(backlog_probe(
+            acks[shard].clone(),
+            region.clone(),
+            shard,
+            stop.clone(),
+        ));
     }
-    tokio::spawn(primary_probe(config.postgres_url.clone(), health.clone(), stop.clone()));
+    tokio::spawn(primary_probe(
+        config.postgres_url.clone(),
+        health.clone(),
+        stop.clone(),
+    ));
 
     // One lane per writer, each with its own batcher and channel.
     let mut lanes_tx = Vec::with_capacity(config.writers);
@@ -169,11 +210,23 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
     // of different regions mostly land on different parts.
     let first_part = model::shard_of("tally-parts", &config.worker_id, write::TALLY_PARTS);
     for i in 0..config.writers {
-        let w = write::Writer::new(config.postgres_url.clone(), first_part + i as u32, config.retry_min, config.retry_max);
+        let w = write::Writer::new(
+            config.postgres_url.clone(),
+            first_part + i as u32,
+            config.retry_min,
+            config.retry_max,
+        );
         let (tx, rx) = mpsc::channel::<Batch<Part>>(1);
         lanes_tx.push(tx);
         let fatal_tx = fatal_tx.clone();
-        let task = write_loop(w, rx, acks.clone(), region.clone(), stop.clone(), config.retry_max);
+        let task = write_loop(
+            w,
+            rx,
+            acks.clone(),
+            region.clone(),
+            stop.clone(),
+            config.retry_max,
+        );
         writers.push(tokio::spawn(async move {
             if let Err(e) = task.await {
                 let _ = fatal_tx.send(e).await;
@@ -188,7 +241,9 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
         }
     };
     tokio::pin!(readers_done);
-    let mut lanes: Vec<Batcher<Part>> = (0..config.writers).map(|_| Batcher::new(config.batch)).collect();
+    let mut lanes: Vec<Batcher<Part>> = (0..config.writers)
+        .map(|_| Batcher::new(config.batch))
+        .collect();
     let mut readers_finished = false;
     let mut fatal = None;
     loop {
@@ -210,7 +265,9 @@ async fn pipeline(config: Config, health: Arc<Health>, mut outer_stop: watch::Re
                 let mut conn = acks[pending.shard].clone();
                 let region = region.clone();
                 let retry_max = config.retry_max;
-                tokio::spawn(async move { drain::ack(&mut conn, &pending, &region, retry_max).await });
+                tokio::spawn(
+                    async move { drain::ack(&mut conn, &pending, &region, retry_max).await },
+                );
             }
             for (lane, part) in parts {
                 if let Some(b) = lanes[lane].push(part, now) {
@@ -252,18 +309,29 @@ async fn write_loop(
     stop: watch::Receiver<bool>,
     retry_max: Duration,
 ) -> Result<(), write::FatalWrite> {
-    let committed = metrics::counter!("tally_aggregator_votes_committed_total", "region" => region.clone());
+    let committed =
+        metrics::counter!("tally_aggregator_votes_committed_total", "region" => region.clone());
     let batch_size = metrics::histogram!("tally_aggregator_batch_size", "region" => region.clone());
-    let write_seconds = metrics::histogram!("tally_aggregator_write_seconds", "region" => region.clone());
-    let commit_lag = metrics::histogram!("tally_aggregator_commit_lag_seconds", "region" => region.clone());
+    let write_seconds =
+        metrics::histogram!("tally_aggregator_write_seconds", "region" => region.clone());
+    let commit_lag =
+        metrics::histogram!("tally_aggregator_commit_lag_seconds", "region" => region.clone());
     let mut copy = bytes::BytesMut::new();
     loop {
-        let Some(batch) = batches.recv().await else { return Ok(()) };
+        let Some(batch) = batches.recv().await else {
+            return Ok(());
+        };
         metrics::counter!("tally_aggregator_flushes_total", "region" => region.clone(), "reason" => batch.reason.as_str()).increment(1);
         let count = batch.items.iter().map(|c| c.votes.len()).sum::<usize>();
         if count > 0 {
             let latest = batch::latest_per_voter(batch.items.iter().flat_map(|c| c.votes.iter()));
-            let oldest = batch.items.iter().flat_map(|c| c.votes.iter()).map(|v| v.cast_at.0).min().unwrap_or(0);
+            let oldest = batch
+                .items
+                .iter()
+                .flat_map(|c| c.votes.iter())
+                .map(|v| v.cast_at.0)
+                .min()
+                .unwrap_or(0);
             copy.clear();
             copy::encode(latest, &mut copy);
             let started = Instant::now();
@@ -277,7 +345,13 @@ async fn write_loop(
                 }
             }
             write_seconds.record(started.elapsed().as_secs_f64());
-            tracing::debug!(votes = count, chunks = batch.items.len(), reason = batch.reason.as_str(), seconds = started.elapsed().as_secs_f64(), "batch committed");
+            tracing::debug!(
+                votes = count,
+                chunks = batch.items.len(),
+                reason = batch.reason.as_str(),
+                seconds = started.elapsed().as_secs_f64(),
+                "batch committed"
+            );
             let lag = model::Stamp::now().0.saturating_sub(oldest) as f64 / 1e6;
             commit_lag.record(lag);
             committed.increment(count as u64);
@@ -304,7 +378,10 @@ async fn primary_probe(url: String, health: Arc<Health>, mut stop: watch::Receiv
     let mut client: Option<db::Client> = None;
     loop {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = tokio::time::timeout(Duration::from_secs(2), db::connect(&url)).await.ok().and_then(Result::ok);
+            client = tokio::time::timeout(Duration::from_secs(2), db::connect(&url))
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         let writable = match &client {
             Some(c) => matches!(
@@ -322,10 +399,19 @@ async fn primary_probe(url: String, health: Arc<Health>, mut stop: watch::Receiv
 }
 
 /// Exports each shard's queue length, so operators see a backlog build.
-async fn backlog_probe(mut conn: ConnectionManager, region: String, shard: usize, mut stop: watch::Receiver<bool>) {
+async fn backlog_probe(
+    mut conn: ConnectionManager,
+    region: String,
+    shard: usize,
+    mut stop: watch::Receiver<bool>,
+) {
     let gauge = metrics::gauge!("tally_aggregator_backlog", "region" => region, "shard" => shard.to_string());
     loop {
-        if let Ok(n) = redis::cmd("LLEN").arg(model::queue::VOTES).query_async::<u64>(&mut conn).await {
+        if let Ok(n) = redis::cmd("LLEN")
+            .arg(model::queue::VOTES)
+            .query_async::<u64>(&mut conn)
+            .await
+        {
             gauge.set(n as f64);
         }
         tokio::select! {

@@ -68,7 +68,12 @@ pub struct FatalWrite(#[from] tokio_postgres::Error);
 /// tokio-postgres prints only "db error"; the server's own words are what an operator needs.
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{} ({}): {}", db.message(), db.code().code(), db.detail().unwrap_or("")),
+        Some(db) => format!(
+            "{} ({}): {}",
+            db.message(),
+            db.code().code(),
+            db.detail().unwrap_or("")
+        ),
         None => e.to_string(),
     }
 }
@@ -84,7 +89,13 @@ pub struct Writer {
 impl Writer {
     /// A writer adding its tally deltas to `part` (taken modulo [`TALLY_PARTS`]).
     pub fn new(url: String, part: u32, retry_min: Duration, retry_max: Duration) -> Self {
-        Self { url, part: (part % TALLY_PARTS) as i16, conn: None, retry_min, retry_max }
+        Self {
+            url,
+            part: (part % TALLY_PARTS) as i16,
+            conn: None,
+            retry_min,
+            retry_max,
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -92,7 +103,8 @@ impl Writer {
     }
 
     async fn connect(&mut self) -> Result<(), tokio_postgres::Error> {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+        let (client, connection) =
+            tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -104,7 +116,11 @@ impl Writer {
 
     /// Commits `copy` (a whole binary COPY stream) or keeps trying while the failure is
     /// retriable. Returns the number of attempts it took.
-    pub async fn write(&mut self, copy: Bytes, stop_retrying: &tokio::sync::watch::Receiver<bool>) -> Result<u32, WriteOutcome> {
+    pub async fn write(
+        &mut self,
+        copy: Bytes,
+        stop_retrying: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<u32, WriteOutcome> {
         let mut backoff = self.retry_min;
         let mut attempts = 0;
         loop {

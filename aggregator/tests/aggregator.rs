@@ -61,7 +61,9 @@ async fn start(config: Config) -> anyhow::Result<Running> {
 /// Spreads votes over shards by the real shard function, as ingest would.
 async fn enqueue(shards: &[RedisServer], votes: &[Vote]) -> anyhow::Result<()> {
     for (i, s) in shards.iter().enumerate() {
-        let mine = votes.iter().filter(|v| model::shard_of(v.poll.as_str(), v.voter.as_str(), shards.len() as u32) as usize == i);
+        let mine = votes.iter().filter(|v| {
+            model::shard_of(v.poll.as_str(), v.voter.as_str(), shards.len() as u32) as usize == i
+        });
         s.enqueue(mine).await?;
     }
     Ok(())
@@ -70,9 +72,21 @@ async fn enqueue(shards: &[RedisServer], votes: &[Vote]) -> anyhow::Result<()> {
 async fn assert_exact(pg: &PgCluster, reference: &Reference) -> anyhow::Result<()> {
     let client = pg.client().await?;
     let tallies = votes::tallies(&client).await?;
-    assert_eq!(tallies, votes::recount(&client).await?, "tallies differ from a recount of the ballots");
-    assert_eq!(tallies, reference.tallies(), "tallies differ from the reference");
-    assert_eq!(votes::ballots(&client).await?, reference.ballots(), "ballots differ from the reference");
+    assert_eq!(
+        tallies,
+        votes::recount(&client).await?,
+        "tallies differ from a recount of the ballots"
+    );
+    assert_eq!(
+        tallies,
+        reference.tallies(),
+        "tallies differ from the reference"
+    );
+    assert_eq!(
+        votes::ballots(&client).await?,
+        reference.ballots(),
+        "ballots differ from the reference"
+    );
     Ok(())
 }
 
@@ -111,7 +125,10 @@ async fn redelivery_and_shuffled_order_change_nothing() -> anyhow::Result<()> {
         agg.stop().await?;
         assert_exact(&pg, &reference).await?;
         let client = pg.client().await?;
-        results.push((votes::ballots(&client).await?, votes::tallies(&client).await?));
+        results.push((
+            votes::ballots(&client).await?,
+            votes::tallies(&client).await?,
+        ));
     }
     assert_eq!(results[0], results[1]);
     Ok(())
@@ -131,12 +148,20 @@ async fn crashes_at_random_instants_lose_nothing_and_double_nothing() -> anyhow:
         tokio::spawn(async move {
             let mut cons = Vec::new();
             for u in &urls {
-                cons.push(redis::Client::open(u.as_str())?.get_multiplexed_async_connection().await?);
+                cons.push(
+                    redis::Client::open(u.as_str())?
+                        .get_multiplexed_async_connection()
+                        .await?,
+                );
             }
             for part in votes.chunks(600) {
                 for v in part {
-                    let shard = model::shard_of(v.poll.as_str(), v.voter.as_str(), urls.len() as u32) as usize;
-                    let _: () = cons[shard].rpush(model::queue::VOTES, model::wire::encode(v)).await?;
+                    let shard =
+                        model::shard_of(v.poll.as_str(), v.voter.as_str(), urls.len() as u32)
+                            as usize;
+                    let _: () = cons[shard]
+                        .rpush(model::queue::VOTES, model::wire::encode(v))
+                        .await?;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -169,8 +194,16 @@ async fn a_primary_restart_mid_drain_is_waited_out() -> anyhow::Result<()> {
     // Wait until it is visibly mid-drain, then crash and restart the primary.
     let client = pg.client().await?;
     let start_wait = std::time::Instant::now();
-    while client.query_one("SELECT count(*) FROM ballots", &[]).await?.get::<_, i64>(0) == 0 {
-        anyhow::ensure!(start_wait.elapsed() < Duration::from_secs(30), "nothing was written");
+    while client
+        .query_one("SELECT count(*) FROM ballots", &[])
+        .await?
+        .get::<_, i64>(0)
+        == 0
+    {
+        anyhow::ensure!(
+            start_wait.elapsed() < Duration::from_secs(30),
+            "nothing was written"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     drop(client);
@@ -216,8 +249,19 @@ async fn poison_goes_to_the_dead_letter_list_with_a_reason() -> anyhow::Result<(
         .iter()
         .map(|d| String::from_utf8_lossy(d.split(|&b| b == b'\n').next().unwrap()).into_owned())
         .collect();
-    assert_eq!(reasons, ["undecodable", "undecodable", "unknown poll", "unknown option"]);
-    assert!(dead[0].ends_with(b"{\"voter_id\":\"x\",\"vote\":\"a\"}"), "the payload is kept as it was");
+    assert_eq!(
+        reasons,
+        [
+            "undecodable",
+            "undecodable",
+            "unknown poll",
+            "unknown option"
+        ]
+    );
+    assert!(
+        dead[0].ends_with(b"{\"voter_id\":\"x\",\"vote\":\"a\"}"),
+        "the payload is kept as it was"
+    );
     Ok(())
 }
 
@@ -225,14 +269,25 @@ async fn poison_goes_to_the_dead_letter_list_with_a_reason() -> anyhow::Result<(
 async fn an_error_retrying_cannot_fix_stops_the_worker_and_keeps_the_votes() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?;
     polls(&pg).await?;
-    pg.client().await?.batch_execute("REVOKE INSERT ON ballots FROM tally_aggregator").await?;
+    pg.client()
+        .await?
+        .batch_execute("REVOKE INSERT ON ballots FROM tally_aggregator")
+        .await?;
     let shards = harness::redis_shards(1).await?;
     let votes = votes::generate(500, 200, POLLS, 6);
     shards[0].enqueue(&votes).await?;
     let agg = start(config(&pg, &shards, "w1")).await?;
-    let outcome = tokio::time::timeout(Duration::from_secs(30), agg.task).await?.expect("no panic");
-    let err = outcome.expect_err("the worker must stop on a permission error").to_string();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), agg.task)
+        .await?
+        .expect("no panic");
+    let err = outcome
+        .expect_err("the worker must stop on a permission error")
+        .to_string();
     assert!(err.contains("permission denied for table ballots"), "{err}");
-    assert_eq!(shards[0].outstanding().await?, 500, "every vote stays in Redis");
+    assert_eq!(
+        shards[0].outstanding().await?,
+        500,
+        "every vote stays in Redis"
+    );
     Ok(())
 }

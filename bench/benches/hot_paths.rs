@@ -1,5 +1,5 @@
 //! Criterion benches of the hot paths: a vote's decode/validate/encode, shard choice, batch
-//! assembly and COPY encoding.
+//! assembly and COPY encoding. Gate a change with `tally bench gate` (see the README).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -9,11 +9,23 @@ use aggregator::BatchConfig;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use model::{Catalog, OptionId, Poll, PollId, RegionName, Stamp, Vote, VoteId, VoterId};
 
+/// One measured iteration. Built with `--features slowdown`, it does the work four times: the
+/// deliberately slowed build that proves the regression gate fails (tally/tests/gate.rs).
+#[inline(always)]
+fn work<T>(mut f: impl FnMut() -> T) -> T {
+    if cfg!(feature = "slowdown") {
+        for _ in 0..3 {
+            black_box(f());
+        }
+    }
+    f()
+}
+
 fn vote(i: u64) -> Vote {
     Vote {
         id: VoteId::generate(1_763_000_000_000_000 + i),
         poll: PollId::new("default").unwrap(),
-        option: OptionId::new(if i % 2 == 0 { "a" } else { "b" }).unwrap(),
+        option: OptionId::new(if i.is_multiple_of(2) { "a" } else { "b" }).unwrap(),
         voter: VoterId::new(format!("voter-{i}")).unwrap(),
         cast_at: Stamp(1_763_000_000_000_000 + i),
         region: RegionName::new("eu-west-1").unwrap(),
@@ -28,16 +40,27 @@ fn wire(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("parse_validate_encode", |b| {
         b.iter(|| {
-            let body: serde_json::Value = serde_json::from_slice(black_box(br#"{"option":"a"}"#)).unwrap();
-            let option = body["option"].as_str().unwrap();
-            let poll = catalog.check("default", option).unwrap();
-            let voter = VoterId::new("voter-123456").unwrap();
-            let v = Vote { voter, option: poll.options[0].clone(), ..v.clone() };
-            black_box(model::wire::encode(&v))
+            work(|| {
+                let body: serde_json::Value =
+                    serde_json::from_slice(black_box(br#"{"option":"a"}"#)).unwrap();
+                let option = body["option"].as_str().unwrap();
+                let poll = catalog.check("default", option).unwrap();
+                let voter = VoterId::new("voter-123456").unwrap();
+                let v = Vote {
+                    voter,
+                    option: poll.options[0].clone(),
+                    ..v.clone()
+                };
+                black_box(model::wire::encode(&v))
+            })
         })
     });
-    g.bench_function("decode", |b| b.iter(|| model::wire::decode(black_box(&bytes)).unwrap()));
-    g.bench_function("shard_of", |b| b.iter(|| model::shard_of(black_box("default"), black_box("voter-123456"), 16)));
+    g.bench_function("decode", |b| {
+        b.iter(|| work(|| model::wire::decode(black_box(&bytes)).unwrap()))
+    });
+    g.bench_function("shard_of", |b| {
+        b.iter(|| work(|| model::shard_of(black_box("default"), black_box("voter-123456"), 16)))
+    });
     g.finish();
 }
 
@@ -58,24 +81,32 @@ fn batching(c: &mut Criterion) {
     g.bench_function("copy_encode_10k", |b| {
         let mut out = bytes::BytesMut::with_capacity(1 << 20);
         b.iter(|| {
-            out.clear();
-            aggregator::copy::encode(black_box(&votes), &mut out);
-            black_box(out.len())
+            work(|| {
+                out.clear();
+                aggregator::copy::encode(black_box(&votes), &mut out);
+                black_box(out.len())
+            })
         })
     });
     g.throughput(Throughput::Elements(1_000));
     g.bench_function("batch_assembly_1k_chunks", |b| {
-        let config = BatchConfig { max_events: 20_000, max_bytes: 8 << 20, timeout: Duration::from_millis(20) };
+        let config = BatchConfig {
+            max_events: 20_000,
+            max_bytes: 8 << 20,
+            timeout: Duration::from_millis(20),
+        };
         b.iter(|| {
-            let mut batcher = Batcher::new(config);
-            let now = Instant::now();
-            let mut batches = 0;
-            for i in 0..1_000 {
-                if batcher.push(Chunk(100 + i % 7), now).is_some() {
-                    batches += 1;
+            work(|| {
+                let mut batcher = Batcher::new(config);
+                let now = Instant::now();
+                let mut batches = 0;
+                for i in 0..1_000 {
+                    if batcher.push(Chunk(100 + i % 7), now).is_some() {
+                        batches += 1;
+                    }
                 }
-            }
-            black_box(batches)
+                black_box(batches)
+            })
         })
     });
     g.finish();

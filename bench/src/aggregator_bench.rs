@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use harness::votes::{self, Reference};
-use model::{Poll, Vote};
+use model::Poll;
 
 use crate::Comparison;
 
@@ -37,7 +37,10 @@ const POLLS: &[&str] = &["final", "semi-1", "semi-2", "audience"];
 
 pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let server_rt = crate::server_runtime(2)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let pg = harness::PgCluster::start().await?;
         let mut client = pg.client().await?;
@@ -46,9 +49,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         }
         let shards = harness::redis_shards(opts.shards).await?;
         let all = votes::generate(opts.votes, opts.voters, POLLS, 42);
-        eprintln!("bench aggregator: filling {} votes from {} voters into {} shards", all.len(), opts.voters, opts.shards);
+        eprintln!(
+            "bench aggregator: filling {} votes from {} voters into {} shards",
+            all.len(),
+            opts.voters,
+            opts.shards
+        );
         for (i, s) in shards.iter().enumerate() {
-            let mine = all.iter().filter(|v| model::shard_of(v.poll.as_str(), v.voter.as_str(), opts.shards as u32) as usize == i);
+            let mine = all.iter().filter(|v| {
+                model::shard_of(v.poll.as_str(), v.voter.as_str(), opts.shards as u32) as usize == i
+            });
             s.enqueue(mine).await?;
         }
 
@@ -80,7 +90,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         let exact = votes::tallies(&client).await? == reference.tallies();
         anyhow::ensure!(exact, "the drained tallies differ from the reference");
 
-        let baseline = original_worker(&pg, &shards[0], &all[..opts.baseline_votes.min(all.len())]).await?;
+        let baseline =
+            crate::original::worker(&pg, &shards[0], &all[..opts.baseline_votes.min(all.len())])
+                .await?;
         Ok(Comparison::new(
             "aggregator",
             rate,
@@ -97,29 +109,4 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             }),
         ))
     })
-}
-
-/// The original worker, reproduced: pop one vote, `INSERT`, and `UPDATE` when the voter exists.
-async fn original_worker(pg: &harness::PgCluster, redis: &harness::RedisServer, votes: &[Vote]) -> anyhow::Result<f64> {
-    let client = pg.client().await?;
-    client.batch_execute("CREATE TABLE votes (id text PRIMARY KEY, vote text NOT NULL)").await?;
-    let mut con = redis.connection().await?;
-    const KEY: &str = "baseline:votes";
-    for chunk in votes.chunks(10_000) {
-        let payloads: Vec<Vec<u8>> = chunk.iter().map(model::wire::encode).collect();
-        let _: () = redis::cmd("RPUSH").arg(KEY).arg(payloads).query_async(&mut con).await?;
-    }
-    let insert = client.prepare("INSERT INTO votes (id, vote) VALUES ($1, $2)").await?;
-    let update = client.prepare("UPDATE votes SET vote = $2 WHERE id = $1").await?;
-    let started = Instant::now();
-    loop {
-        let popped: Option<Vec<u8>> = redis::cmd("LPOP").arg(KEY).query_async(&mut con).await?;
-        let Some(payload) = popped else { break };
-        let v = model::wire::decode(&payload)?;
-        let (id, vote) = (v.voter.as_str(), v.option.as_str());
-        if client.execute(&insert, &[&id, &vote]).await.is_err() {
-            client.execute(&update, &[&id, &vote]).await?;
-        }
-    }
-    Ok(votes.len() as f64 / started.elapsed().as_secs_f64())
 }

@@ -1,5 +1,6 @@
-//! `tally bench ingest`: ingest backed by real Redis shards against a bare hyper server that only
-//! reads the body and answers 202, under the same load, alternating rounds in one run.
+//! `tally bench ingest`: ingest backed by real Redis shards against a baseline under the same
+//! load, alternating rounds in one run. The baseline is a bare hyper server that only reads the
+//! body and answers 202 (the ceiling), or the original app's vote service (`tally bench original`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,20 +20,43 @@ pub struct Options {
     pub voters: u64,
     pub shards: usize,
     pub redis_fsync: servers::Fsync,
+    pub baseline: Baseline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Baseline {
+    #[default]
+    BareHyper,
+    /// A new Redis connection and one `RPUSH` per request, against the same Redis.
+    OriginalVoteService,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { round: Duration::from_secs(5), connections: 32, voters: 1_000_000, shards: 2, redis_fsync: servers::Fsync::Everysec }
+        Self {
+            round: Duration::from_secs(5),
+            connections: 32,
+            voters: 1_000_000,
+            shards: 2,
+            redis_fsync: servers::Fsync::Everysec,
+            baseline: Baseline::BareHyper,
+        }
     }
 }
 
 fn votes(voters: u64) -> MakeRequest {
     Arc::new(move |n| {
-        let option = if n % 3 == 0 { &b"{\"option\":\"b\"}"[..] } else { &b"{\"option\":\"a\"}"[..] };
+        let option = if n % 3 == 0 {
+            &b"{\"option\":\"b\"}"[..]
+        } else {
+            &b"{\"option\":\"a\"}"[..]
+        };
         Request::post("/v1/polls/default/votes")
             .header("content-type", "application/json")
-            .header("x-voter-id", format!("voter-{}", n.wrapping_mul(2_654_435_761) % voters))
+            .header(
+                "x-voter-id",
+                format!("voter-{}", n.wrapping_mul(2_654_435_761) % voters),
+            )
             .body(Full::new(Bytes::from_static(option)))
             .expect("static request")
     })
@@ -40,7 +64,10 @@ fn votes(voters: u64) -> MakeRequest {
 
 pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let server_rt = crate::server_runtime(2)?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     client_rt.block_on(async {
         let pg = harness::PgCluster::start().await?;
         let mut shards = Vec::new();
@@ -63,18 +90,52 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             })
             .await
         });
-        server_rt.spawn(async move { crate::bare::accept_votes(crate::tokio_listener(bare_listener)).await });
-        harness::http::Client::new(format!("http://{ingest_addr}")).wait_ready(Duration::from_secs(15)).await?;
+        let baseline_name = match opts.baseline {
+            Baseline::BareHyper => {
+                server_rt.spawn(async move {
+                    crate::bare::accept_votes(crate::tokio_listener(bare_listener)).await
+                });
+                "bare-hyper"
+            }
+            Baseline::OriginalVoteService => {
+                let url = shards[0].url();
+                server_rt.spawn(async move {
+                    crate::original::vote_service(crate::tokio_listener(bare_listener), url).await
+                });
+                "original-vote-service"
+            }
+        };
+        harness::http::Client::new(format!("http://{ingest_addr}"))
+            .wait_ready(Duration::from_secs(15))
+            .await?;
 
         let make = votes(opts.voters);
-        let (bare_rate, ingest_rate, last) = alternate(bare_addr, ingest_addr, opts.connections, opts.round, make.clone()).await;
+        let (bare_rate, ingest_rate, last) = alternate(
+            bare_addr,
+            ingest_addr,
+            opts.connections,
+            opts.round,
+            make.clone(),
+        )
+        .await;
 
         // The latency target is at a sustained rate, so measure it open loop at 0.8x bare.
         let target = 0.8 * bare_rate;
-        let (open, _) = open_loop(ingest_addr, target, opts.round, opts.connections * 4, make.clone(), Arc::new(|_, _, _| {})).await;
+        let (open, _) = open_loop(
+            ingest_addr,
+            target,
+            opts.round,
+            opts.connections * 4,
+            make.clone(),
+            Arc::new(|_, _, _| {}),
+        )
+        .await;
         let open_summary = open.summary();
 
-        let acked: u64 = [&last, &open].iter().map(|o| o.statuses.get(&202).copied().unwrap_or(0)).sum::<u64>();
+        let acked: u64 = [&last, &open]
+            .iter()
+            .map(|o| o.statuses.get(&202).copied().unwrap_or(0))
+            .sum::<u64>();
         let _ = stop.send(());
         server.await??;
         let mut stored = 0;
@@ -85,7 +146,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         Ok(Comparison::new(
             "ingest",
             ingest_rate,
-            "bare-hyper",
+            baseline_name,
             bare_rate,
             serde_json::json!({
                 "connections": opts.connections,

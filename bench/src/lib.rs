@@ -5,8 +5,10 @@
 
 pub mod aggregator_bench;
 pub mod bare;
+pub mod gate;
 pub mod ingest_bench;
 pub mod load;
+pub mod original;
 pub mod reader_bench;
 
 use serde::Serialize;
@@ -24,27 +26,44 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    pub fn new(role: &str, rate: f64, baseline: &str, baseline_rate: f64, details: serde_json::Value) -> Self {
+    pub fn new(
+        role: &str,
+        rate: f64,
+        baseline: &str,
+        baseline_rate: f64,
+        details: serde_json::Value,
+    ) -> Self {
         Self {
             role: role.into(),
             rate,
             baseline: baseline.into(),
             baseline_rate,
-            ratio: if baseline_rate > 0.0 { rate / baseline_rate } else { 0.0 },
+            ratio: if baseline_rate > 0.0 {
+                rate / baseline_rate
+            } else {
+                0.0
+            },
             details,
         }
     }
 
     /// `<role>: <rate>/s vs <baseline>: <rate>/s = <ratio>x`
     pub fn line(&self) -> String {
-        format!("{}: {:.0}/s vs {}: {:.0}/s = {:.2}x", self.role, self.rate, self.baseline, self.baseline_rate, self.ratio)
+        format!(
+            "{}: {:.0}/s vs {}: {:.0}/s = {:.2}x",
+            self.role, self.rate, self.baseline, self.baseline_rate, self.ratio
+        )
     }
 }
 
 /// A runtime for a server under test, on its own threads, so the load generator's work is not
 /// scheduled on the server's workers.
 pub fn server_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name("server").enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("server")
+        .enable_all()
+        .build()
 }
 
 /// A listener on a free loopback port, to be handed to a task on another runtime (which turns it

@@ -18,6 +18,9 @@ use tokio::net::TcpStream;
 /// Builds the `n`th request.
 pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
 
+/// Sees the `n`th request's answer: its sample and body.
+pub type OnAnswer = Arc<dyn Fn(u64, Sample, &[u8]) + Send + Sync>;
+
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub statuses: BTreeMap<u16, u64>,
@@ -43,7 +46,12 @@ pub struct Summary {
 
 impl Outcome {
     fn new() -> Self {
-        Self { statuses: BTreeMap::new(), transport_errors: 0, elapsed: Duration::ZERO, latency: histogram() }
+        Self {
+            statuses: BTreeMap::new(),
+            transport_errors: 0,
+            elapsed: Duration::ZERO,
+            latency: histogram(),
+        }
     }
 
     fn merge(&mut self, other: &Outcome) {
@@ -60,7 +68,11 @@ impl Outcome {
 
     /// Answers with a 2xx status.
     pub fn ok(&self) -> u64 {
-        self.statuses.iter().filter(|(s, _)| (200..300).contains(*s)).map(|(_, n)| n).sum()
+        self.statuses
+            .iter()
+            .filter(|(s, _)| (200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     pub fn summary(&self) -> Summary {
@@ -89,7 +101,8 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -108,7 +121,12 @@ async fn send(sender: &mut Sender, req: Request<Full<Bytes>>) -> Option<u16> {
 }
 
 /// `connections` keep-alive connections, each sending back to back for `duration`.
-pub async fn closed_loop(addr: SocketAddr, connections: usize, duration: Duration, make: MakeRequest) -> Outcome {
+pub async fn closed_loop(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    make: MakeRequest,
+) -> Outcome {
     let start = Instant::now();
     let deadline = start + duration;
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -172,7 +190,12 @@ pub async fn alternate(
         base_runs.push(closed_loop(baseline, connections, round, make.clone()).await);
         tally_runs.push(closed_loop(tally, connections, round, make.clone()).await);
     }
-    let rate = |runs: &[Outcome]| runs.iter().map(|o| o.ok() as f64 / o.elapsed.as_secs_f64()).sum::<f64>() / runs.len() as f64;
+    let rate = |runs: &[Outcome]| {
+        runs.iter()
+            .map(|o| o.ok() as f64 / o.elapsed.as_secs_f64())
+            .sum::<f64>()
+            / runs.len() as f64
+    };
     let (b, t) = (rate(&base_runs), rate(&tally_runs));
     (b, t, tally_runs.pop().expect("two rounds"))
 }
@@ -195,7 +218,7 @@ pub async fn open_loop(
     duration: Duration,
     connections: usize,
     make: MakeRequest,
-    on_answer: Arc<dyn Fn(u64, Sample, &[u8]) + Send + Sync>,
+    on_answer: OnAnswer,
 ) -> (Outcome, Vec<Sample>) {
     let start = Instant::now();
     let total = (rate * duration.as_secs_f64()).round() as u64;
@@ -211,7 +234,9 @@ pub async fn open_loop(
                 let mut samples = Vec::new();
                 let mut sender: Option<Sender> = None;
                 loop {
-                    let Some((n, due)) = rx.lock().await.recv().await else { break };
+                    let Some((n, due)) = rx.lock().await.recv().await else {
+                        break;
+                    };
                     if sender.is_none() {
                         sender = connect(addr).await.ok();
                     }
@@ -221,7 +246,12 @@ pub async fn open_loop(
                         if s.ready().await.is_ok() {
                             if let Ok(resp) = s.send_request(make(n)).await {
                                 status = Some(resp.status().as_u16());
-                                body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                                body = resp
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
                             }
                         }
                     }
@@ -236,7 +266,11 @@ pub async fn open_loop(
                             sender = None;
                         }
                     }
-                    let sample = Sample { due: due.duration_since(start).as_secs_f64(), status, latency_us };
+                    let sample = Sample {
+                        due: due.duration_since(start).as_secs_f64(),
+                        status,
+                        latency_us,
+                    };
                     on_answer(n, sample, &body);
                     samples.push(sample);
                 }

@@ -22,16 +22,26 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { round: Duration::from_secs(5), connections: 32, subscribers: 1_000 }
+        Self {
+            round: Duration::from_secs(5),
+            connections: 32,
+            subscribers: 1_000,
+        }
     }
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let server_rt = crate::server_runtime(2)?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     client_rt.block_on(async {
         let pg = harness::PgCluster::start_with_replica().await?;
-        let sources = vec![reader::Source { name: "replica".into(), url: pg.replica().url(db::READER_ROLE, db::DATABASE) }];
+        let sources = vec![reader::Source {
+            name: "replica".into(),
+            url: pg.replica().url(db::READER_ROLE, db::DATABASE),
+        }];
         let config = reader::Config::new(model::RegionName::new("eu-west-1")?, sources);
         let (reader_listener, reader_addr) = crate::loopback_listener()?;
         let (bare_listener, bare_addr) = crate::loopback_listener()?;
@@ -46,12 +56,17 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         client.wait_ready(Duration::from_secs(15)).await?;
         // The baseline answers with exactly the body the reader serves.
         let body = client.get("/v1/polls/default/results").await?.body;
-        server_rt.spawn(async move { crate::bare::fixed_json(crate::tokio_listener(bare_listener), body).await });
+        server_rt.spawn(async move {
+            crate::bare::fixed_json(crate::tokio_listener(bare_listener), body).await
+        });
 
         let make: MakeRequest = Arc::new(|_| {
-            Request::get("/v1/polls/default/results").body(Full::new(Bytes::new())).expect("static request")
+            Request::get("/v1/polls/default/results")
+                .body(Full::new(Bytes::new()))
+                .expect("static request")
         });
-        let (bare_rate, reader_rate, last) = alternate(bare_addr, reader_addr, opts.connections, opts.round, make).await;
+        let (bare_rate, reader_rate, last) =
+            alternate(bare_addr, reader_addr, opts.connections, opts.round, make).await;
 
         let fanout = fanout(&pg, reader_addr, opts.subscribers).await?;
         let _ = stop.send(());
@@ -76,14 +91,19 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
 
 /// Opens `n` event streams, changes a tally on the primary, and returns how long until every
 /// subscriber had the change: (from when the replica had replayed it, from the commit), in ms.
-async fn fanout(pg: &harness::PgCluster, addr: std::net::SocketAddr, n: usize) -> anyhow::Result<(f64, f64)> {
+async fn fanout(
+    pg: &harness::PgCluster,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Instant>(n);
     for _ in 0..n {
         let (ready_tx, done_tx) = (ready_tx.clone(), done_tx.clone());
         tokio::spawn(async move {
             let mut s = tokio::net::TcpStream::connect(addr).await?;
-            s.write_all(b"GET /v1/polls/default/results/stream HTTP/1.1\r\nHost: bench\r\n\r\n").await?;
+            s.write_all(b"GET /v1/polls/default/results/stream HTTP/1.1\r\nHost: bench\r\n\r\n")
+                .await?;
             let mut seen = String::new();
             let mut buf = vec![0u8; 4096];
             let mut events = 0;
@@ -106,11 +126,17 @@ async fn fanout(pg: &harness::PgCluster, addr: std::net::SocketAddr, n: usize) -
     }
     drop((ready_tx, done_tx));
     for _ in 0..n {
-        tokio::time::timeout(Duration::from_secs(30), ready_rx.recv()).await?.ok_or_else(|| anyhow::anyhow!("a subscriber failed"))?;
+        tokio::time::timeout(Duration::from_secs(30), ready_rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("a subscriber failed"))?;
     }
     let primary = pg.client().await?;
     let replica = db::connect(&pg.replica_url()).await?;
-    primary.batch_execute("UPDATE tally_parts SET count = count + 1 WHERE poll_id = 'default' AND option = 'a'").await?;
+    primary
+        .batch_execute(
+            "UPDATE tally_parts SET count = count + 1 WHERE poll_id = 'default' AND option = 'a'",
+        )
+        .await?;
     let committed = Instant::now();
     let lsn = replication::current_lsn(&primary).await?;
     while !replication::has_replayed(&replica, &lsn).await? {
@@ -119,7 +145,9 @@ async fn fanout(pg: &harness::PgCluster, addr: std::net::SocketAddr, n: usize) -
     let replayed = Instant::now();
     let mut last = replayed;
     for _ in 0..n {
-        let t = tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await?.ok_or_else(|| anyhow::anyhow!("a subscriber failed"))?;
+        let t = tokio::time::timeout(Duration::from_secs(30), done_rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("a subscriber failed"))?;
         last = last.max(t);
     }
     Ok((

@@ -45,7 +45,10 @@ impl CatalogCache {
                 return;
             }
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = crate::connect(&url).await.map_err(|e| tracing::warn!(error = %e, "catalog: cannot connect")).ok();
+                client = crate::connect(&url)
+                    .await
+                    .map_err(|e| tracing::warn!(error = %e, "catalog: cannot connect"))
+                    .ok();
             }
             if let Some(c) = &client {
                 match crate::load_polls(c).await {

@@ -6,15 +6,24 @@ use tokio_postgres::Client;
 use crate::DbError;
 
 pub async fn load_polls(client: &Client) -> Result<Vec<Poll>, DbError> {
-    let rows = client.query("SELECT id, options, open FROM polls ORDER BY id", &[]).await?;
+    let rows = client
+        .query("SELECT id, options, open FROM polls ORDER BY id", &[])
+        .await?;
     rows.iter()
         .map(|r| {
             let id: String = r.get(0);
             let options: Vec<String> = r.get(1);
-            let bad = |e: model::IdError| DbError::BadPoll { id: id.clone(), reason: e.to_string() };
+            let bad = |e: model::IdError| DbError::BadPoll {
+                id: id.clone(),
+                reason: e.to_string(),
+            };
             Ok(Poll {
                 id: PollId::new(id.clone()).map_err(bad)?,
-                options: options.into_iter().map(OptionId::new).collect::<Result<_, _>>().map_err(bad)?,
+                options: options
+                    .into_iter()
+                    .map(OptionId::new)
+                    .collect::<Result<_, _>>()
+                    .map_err(bad)?,
                 open: r.get(2),
             })
         })
@@ -44,7 +53,9 @@ pub async fn create_poll(client: &mut Client, poll: &Poll) -> Result<(), DbError
 }
 
 pub async fn set_poll_open(client: &Client, poll: &str, open: bool) -> Result<(), DbError> {
-    let n = client.execute("UPDATE polls SET open = $2 WHERE id = $1", &[&poll, &open]).await?;
+    let n = client
+        .execute("UPDATE polls SET open = $2 WHERE id = $1", &[&poll, &open])
+        .await?;
     if n == 0 {
         return Err(DbError::NoSuchPoll(poll.to_string()));
     }

@@ -47,10 +47,16 @@ pub const DATABASE: &str = "tally";
 /// Creates `name` through the server at `admin_url` unless it exists.
 pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), DbError> {
     let client = connect(admin_url).await?;
-    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
     if !exists {
         // Identifiers cannot be bound as parameters; `name` is one of our constants or a test's.
-        match client.batch_execute(&format!("CREATE DATABASE \"{}\"", name.replace('"', ""))).await {
+        match client
+            .batch_execute(&format!("CREATE DATABASE \"{}\"", name.replace('"', "")))
+            .await
+        {
             Ok(()) => {}
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
             Err(e) => return Err(e.into()),

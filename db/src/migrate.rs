@@ -17,7 +17,8 @@ const MIGRATION_LOCK: i64 = 0x7a11_7a11;
 /// Safe to run concurrently and repeatedly: the second run applies nothing and changes nothing.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    integer PRIMARY KEY,
@@ -38,8 +39,11 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
             continue;
         }
         tx.batch_execute(sql).await?;
-        tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[&version, &name])
-            .await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&version, &name],
+        )
+        .await?;
         now_applied.push(version);
     }
     tx.commit().await?;

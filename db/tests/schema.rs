@@ -18,7 +18,11 @@ async fn schema_fingerprint(client: &db::Client) -> anyhow::Result<String> {
         UNION ALL SELECT format('tally %s %s %s', poll_id, option, count) FROM tallies
         UNION ALL SELECT format('migration %s %s', version, name) FROM schema_migrations
       ) t";
-    Ok(client.query_one(q, &[]).await?.get::<_, Option<String>>(0).unwrap_or_default())
+    Ok(client
+        .query_one(q, &[])
+        .await?
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default())
 }
 
 #[tokio::test]
@@ -37,7 +41,12 @@ async fn migrations_are_idempotent() -> anyhow::Result<()> {
 #[tokio::test]
 async fn concurrent_migrators_apply_each_migration_once() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?;
-    pg.client().await?.batch_execute("DROP VIEW tallies; DROP TABLE schema_migrations, ballots, tally_parts, polls").await?;
+    pg.client()
+        .await?
+        .batch_execute(
+            "DROP VIEW tallies; DROP TABLE schema_migrations, ballots, tally_parts, polls",
+        )
+        .await?;
     let runs = (0..4).map(|_| {
         let url = pg.url();
         tokio::spawn(async move {
@@ -60,14 +69,26 @@ async fn polls_created_on_the_primary_reach_the_replica() -> anyhow::Result<()> 
     let mut client = pg.client().await?;
     db::create_poll(&mut client, &Poll::new("final", &["x", "y", "z"])?).await?;
     let again = db::create_poll(&mut client, &Poll::new("final", &["x", "y"])?).await;
-    assert!(matches!(again, Err(db::DbError::PollExists(ref id)) if id == "final"), "{again:?}");
+    assert!(
+        matches!(again, Err(db::DbError::PollExists(ref id)) if id == "final"),
+        "{again:?}"
+    );
     pg.wait_replica_caught_up(Duration::from_secs(5)).await?;
     let replica = db::connect(&pg.replica_url()).await?;
     let polls = db::load_polls(&replica).await?;
-    let fin = polls.iter().find(|p| p.id.as_str() == "final").expect("final on the replica");
-    assert_eq!(fin.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(), ["x", "y", "z"]);
+    let fin = polls
+        .iter()
+        .find(|p| p.id.as_str() == "final")
+        .expect("final on the replica");
+    assert_eq!(
+        fin.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+        ["x", "y", "z"]
+    );
     let zeros: i64 = replica
-        .query_one("SELECT count(*) FROM tallies WHERE poll_id = 'final' AND count = 0", &[])
+        .query_one(
+            "SELECT count(*) FROM tallies WHERE poll_id = 'final' AND count = 0",
+            &[],
+        )
         .await?
         .get(0);
     assert_eq!(zeros, 3);
@@ -87,10 +108,17 @@ async fn the_reader_role_cannot_write() -> anyhow::Result<()> {
         "INSERT INTO polls (id, options) VALUES ('x', ARRAY['a','b'])",
     ] {
         let err = reader.execute(sql, &[]).await.expect_err(sql);
-        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{sql}: {err}");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
     }
     let ingest = db::connect(&pg.primary.url(db::INGEST_ROLE, db::DATABASE)).await?;
-    assert!(ingest.query("SELECT * FROM tallies", &[]).await.is_err(), "ingest may read polls only");
+    assert!(
+        ingest.query("SELECT * FROM tallies", &[]).await.is_err(),
+        "ingest may read polls only"
+    );
     Ok(())
 }
 
@@ -100,6 +128,9 @@ async fn closing_a_poll_and_unknown_polls() -> anyhow::Result<()> {
     let client = pg.client().await?;
     db::set_poll_open(&client, "default", false).await?;
     assert!(!db::load_polls(&client).await?[0].open);
-    assert!(matches!(db::set_poll_open(&client, "nope", false).await, Err(db::DbError::NoSuchPoll(_))));
+    assert!(matches!(
+        db::set_poll_open(&client, "nope", false).await,
+        Err(db::DbError::NoSuchPoll(_))
+    ));
     Ok(())
 }

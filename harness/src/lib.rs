@@ -17,7 +17,8 @@ use tempfile::TempDir;
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_test_writer()
         .try_init();
@@ -45,7 +46,11 @@ impl PgCluster {
         let dir = tempfile::Builder::new().prefix("tally-pg-").tempdir()?;
         let bin = PgBin::find()?;
         let primary = Postgres::new(bin.clone(), dir.path().join("primary"), free_port());
-        let mut cluster = PgCluster { primary, replica: None, dir };
+        let mut cluster = PgCluster {
+            primary,
+            replica: None,
+            dir,
+        };
         let p = cluster.primary.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             p.init_primary()?;
@@ -81,7 +86,9 @@ impl PgCluster {
     }
 
     pub fn replica(&self) -> &Postgres {
-        self.replica.as_ref().expect("cluster started without a replica")
+        self.replica
+            .as_ref()
+            .expect("cluster started without a replica")
     }
 
     /// A connection to the primary as the superuser.
@@ -99,7 +106,10 @@ impl PgCluster {
             if replication::has_replayed(&replica, &lsn).await? {
                 return Ok(());
             }
-            anyhow::ensure!(start.elapsed() < limit, "replica did not reach {lsn} within {limit:?}");
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "replica did not reach {lsn} within {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -128,9 +138,14 @@ impl RedisServer {
 
     pub async fn start_with(fsync: servers::Fsync) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
-        let server = Redis { fsync, ..Redis::new(dir.path(), free_port()) };
+        let server = Redis {
+            fsync,
+            ..Redis::new(dir.path(), free_port())
+        };
         let s = server.clone();
-        tokio::task::spawn_blocking(move || s.start()).await?.context("starting redis")?;
+        tokio::task::spawn_blocking(move || s.start())
+            .await?
+            .context("starting redis")?;
         Ok(Self { server, _dir: dir })
     }
 
@@ -152,11 +167,18 @@ impl Drop for RedisServer {
 
 impl RedisServer {
     /// Appends encoded votes to this shard's queue, in pipelined chunks.
-    pub async fn enqueue<'a>(&self, votes: impl IntoIterator<Item = &'a model::Vote>) -> anyhow::Result<()> {
+    pub async fn enqueue<'a>(
+        &self,
+        votes: impl IntoIterator<Item = &'a model::Vote>,
+    ) -> anyhow::Result<()> {
         let mut con = self.connection().await?;
         let payloads: Vec<Vec<u8>> = votes.into_iter().map(model::wire::encode).collect();
         for chunk in payloads.chunks(10_000) {
-            let _: () = redis::cmd("RPUSH").arg(model::queue::VOTES).arg(chunk).query_async(&mut con).await?;
+            let _: () = redis::cmd("RPUSH")
+                .arg(model::queue::VOTES)
+                .arg(chunk)
+                .query_async(&mut con)
+                .await?;
         }
         Ok(())
     }
@@ -164,11 +186,19 @@ impl RedisServer {
     /// Votes waiting plus votes some aggregator holds in flight.
     pub async fn outstanding(&self) -> anyhow::Result<u64> {
         let mut con = self.connection().await?;
-        let mut n: u64 = redis::cmd("LLEN").arg(model::queue::VOTES).query_async(&mut con).await?;
-        let keys: Vec<String> =
-            redis::cmd("KEYS").arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX)).query_async(&mut con).await?;
+        let mut n: u64 = redis::cmd("LLEN")
+            .arg(model::queue::VOTES)
+            .query_async(&mut con)
+            .await?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX))
+            .query_async(&mut con)
+            .await?;
         for k in keys {
-            n += redis::cmd("LLEN").arg(&k).query_async::<u64>(&mut con).await?;
+            n += redis::cmd("LLEN")
+                .arg(&k)
+                .query_async::<u64>(&mut con)
+                .await?;
         }
         Ok(n)
     }
@@ -185,7 +215,10 @@ pub async fn wait_drained(shards: &[RedisServer], limit: Duration) -> anyhow::Re
         if total == 0 {
             return Ok(());
         }
-        anyhow::ensure!(start.elapsed() < limit, "{total} votes still outstanding after {limit:?}");
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "{total} votes still outstanding after {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

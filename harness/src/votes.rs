@@ -64,14 +64,20 @@ impl Reference {
 
     /// (poll, voter) -> option.
     pub fn ballots(&self) -> BTreeMap<(String, String), String> {
-        self.latest.iter().map(|(k, (_, _, o))| (k.clone(), o.clone())).collect()
+        self.latest
+            .iter()
+            .map(|(k, (_, _, o))| (k.clone(), o.clone()))
+            .collect()
     }
 }
 
 /// Tallies in PostgreSQL, zero counts left out.
 pub async fn tallies(client: &db::Client) -> anyhow::Result<BTreeMap<(String, String), i64>> {
     Ok(client
-        .query("SELECT poll_id, option, count FROM tallies WHERE count <> 0", &[])
+        .query(
+            "SELECT poll_id, option, count FROM tallies WHERE count <> 0",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
@@ -81,7 +87,10 @@ pub async fn tallies(client: &db::Client) -> anyhow::Result<BTreeMap<(String, St
 /// Tallies recounted from the ballots table.
 pub async fn recount(client: &db::Client) -> anyhow::Result<BTreeMap<(String, String), i64>> {
     Ok(client
-        .query("SELECT poll_id, option, count(*) FROM ballots GROUP BY 1, 2", &[])
+        .query(
+            "SELECT poll_id, option, count(*) FROM ballots GROUP BY 1, 2",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))

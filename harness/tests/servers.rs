@@ -6,10 +6,17 @@ use harness::{PgCluster, RedisServer};
 async fn replica_streams_from_primary() -> anyhow::Result<()> {
     let pg = PgCluster::start_with_replica().await?;
     let replica = db::connect(&pg.replica_url()).await?;
-    let in_recovery: bool = replica.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+    let in_recovery: bool = replica
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
     assert!(in_recovery, "the replica must be a hot standby");
-    pg.client().await?.batch_execute("CREATE TABLE probe(x int); INSERT INTO probe VALUES (42)").await?;
-    pg.wait_replica_caught_up(std::time::Duration::from_secs(5)).await?;
+    pg.client()
+        .await?
+        .batch_execute("CREATE TABLE probe(x int); INSERT INTO probe VALUES (42)")
+        .await?;
+    pg.wait_replica_caught_up(std::time::Duration::from_secs(5))
+        .await?;
     let x: i32 = replica.query_one("SELECT x FROM probe", &[]).await?.get(0);
     assert_eq!(x, 42);
     Ok(())
@@ -22,7 +29,11 @@ async fn servers_stop_when_the_fixture_drops_even_on_panic() -> anyhow::Result<(
     let redis_pid = redis.server.pid().expect("redis writes its pid file");
     let postmaster_pid = {
         let pg = PgCluster::start().await?;
-        let pid: u32 = std::fs::read_to_string(pg.primary.data_dir.join("postmaster.pid"))?.lines().next().unwrap().parse()?;
+        let pid: u32 = std::fs::read_to_string(pg.primary.data_dir.join("postmaster.pid"))?
+            .lines()
+            .next()
+            .unwrap()
+            .parse()?;
         assert!(servers::pid_alive(pid));
         pid
     };
@@ -32,7 +43,13 @@ async fn servers_stop_when_the_fixture_drops_even_on_panic() -> anyhow::Result<(
     })
     .await;
     assert!(panicked.is_err());
-    assert!(!servers::pid_alive(redis_pid), "redis (pid {redis_pid}) outlived its fixture");
-    assert!(!servers::pid_alive(postmaster_pid), "postgres (pid {postmaster_pid}) outlived its fixture");
+    assert!(
+        !servers::pid_alive(redis_pid),
+        "redis (pid {redis_pid}) outlived its fixture"
+    );
+    assert!(
+        !servers::pid_alive(postmaster_pid),
+        "postgres (pid {postmaster_pid}) outlived its fixture"
+    );
     Ok(())
 }

@@ -47,19 +47,29 @@ struct Claims {
 
 impl AuthConfig {
     pub fn from_file(path: &Path, issuer: String, audience: String) -> Result<Self, AuthError> {
-        let bad = |reason: String| AuthError::Jwks { path: path.display().to_string(), reason };
+        let bad = |reason: String| AuthError::Jwks {
+            path: path.display().to_string(),
+            reason,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let jwks: JwkSet = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if jwks.keys.is_empty() {
             return Err(bad("no keys".into()));
         }
-        Ok(Self { jwks, issuer, audience })
+        Ok(Self {
+            jwks,
+            issuer,
+            audience,
+        })
     }
 
     /// The voter a bearer token speaks for.
     pub fn voter(&self, authorization: Option<&str>) -> Result<VoterId, AuthError> {
         let token = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .ok_or(AuthError::Missing)?
             .trim();
         let header = decode_header(token)?;

@@ -11,14 +11,14 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use metrics::{Counter, Histogram};
-use model::{Clock, Rejection, RegionName, VoteId, VoterId};
+use model::{Clock, RegionName, Rejection, VoteId, VoterId};
 use web::{error, json, Body};
 
 use crate::auth::AuthConfig;
-use db::CatalogCache;
 use crate::limit::Limiter;
 use crate::request;
 use crate::shards::{Shards, StoreError};
+use db::CatalogCache;
 
 /// The cookie holding a voter's id when there is no token or header.
 pub const VOTER_COOKIE: &str = "voter_id";
@@ -71,7 +71,12 @@ struct Refusal {
 
 impl Refusal {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     fn retry(mut self, after: Duration) -> Self {
@@ -83,7 +88,8 @@ impl Refusal {
         let mut resp = error(self.status, self.code, self.message);
         if let Some(after) = self.retry_after {
             let secs = after.as_secs_f64().ceil().max(1.0) as u64;
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -92,25 +98,43 @@ impl Refusal {
 impl From<Rejection> for Refusal {
     fn from(r: Rejection) -> Self {
         match r {
-            Rejection::UnknownPoll => Refusal::new(StatusCode::NOT_FOUND, "unknown_poll", r.to_string()),
-            Rejection::PollClosed => Refusal::new(StatusCode::CONFLICT, "poll_closed", r.to_string()),
-            Rejection::UnknownOption => Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_option", r.to_string()),
+            Rejection::UnknownPoll => {
+                Refusal::new(StatusCode::NOT_FOUND, "unknown_poll", r.to_string())
+            }
+            Rejection::PollClosed => {
+                Refusal::new(StatusCode::CONFLICT, "poll_closed", r.to_string())
+            }
+            Rejection::UnknownOption => Refusal::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_option",
+                r.to_string(),
+            ),
         }
     }
 }
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
-        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{e}; the vote was not recorded, retry"))
-            .retry(Duration::from_secs(1))
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{e}; the vote was not recorded, retry"),
+        )
+        .retry(Duration::from_secs(1))
     }
 }
 
 impl From<request::DecodeError> for Refusal {
     fn from(e: request::DecodeError) -> Self {
         match e {
-            request::DecodeError::ContentType(_) => Refusal::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", e.to_string()),
-            request::DecodeError::Malformed(_) => Refusal::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()),
+            request::DecodeError::ContentType(_) => Refusal::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                e.to_string(),
+            ),
+            request::DecodeError::Malformed(_) => {
+                Refusal::new(StatusCode::BAD_REQUEST, "malformed", e.to_string())
+            }
         }
     }
 }
@@ -126,7 +150,9 @@ impl web::Service for Ingest {
             return self.api_vote(req, peer, poll).await;
         }
         match (req.method(), path) {
-            (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            (&Method::GET, "/healthz") => {
+                json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            }
             (&Method::GET, "/readyz") => self.readyz(),
             (&Method::GET, "/metrics") => web::render_metrics(),
             (&Method::GET, "/") => self.page(req.headers(), None),
@@ -139,26 +165,60 @@ impl web::Service for Ingest {
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("use {allow}"));
-    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    let mut resp = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("use {allow}"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     resp
 }
 
 impl Ingest {
     fn readyz(&self) -> Response<Body> {
-        let down: Vec<u32> = self.shards.iter().filter(|s| !s.is_up()).map(|s| s.index()).collect();
+        let down: Vec<u32> = self
+            .shards
+            .iter()
+            .filter(|s| !s.is_up())
+            .map(|s| s.index())
+            .collect();
         let catalog = self.catalog.is_loaded();
-        let status = if down.is_empty() && catalog { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        json(status, &serde_json::json!({"ready": status == StatusCode::OK, "catalog_loaded": catalog, "shards_down": down}))
+        let status = if down.is_empty() && catalog {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json(
+            status,
+            &serde_json::json!({"ready": status == StatusCode::OK, "catalog_loaded": catalog, "shards_down": down}),
+        )
     }
 
-    async fn api_vote(&self, req: Request<Incoming>, peer: SocketAddr, poll: &str) -> Response<Body> {
+    async fn api_vote(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        poll: &str,
+    ) -> Response<Body> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
-        match self.take_vote(&parts, body, peer, poll, "application/json", request::json_vote).await {
+        match self
+            .take_vote(
+                &parts,
+                body,
+                peer,
+                poll,
+                "application/json",
+                request::json_vote,
+            )
+            .await
+        {
             Ok((id, _, new_cookie)) => {
                 self.metrics.accepted.increment(1);
-                self.metrics.ack_seconds.record(started.elapsed().as_secs_f64());
+                self.metrics
+                    .ack_seconds
+                    .record(started.elapsed().as_secs_f64());
                 let mut body = Vec::with_capacity(50);
                 body.extend_from_slice(b"{\"vote_id\":\"");
                 body.extend_from_slice(&id.to_uuid_text());
@@ -180,15 +240,30 @@ impl Ingest {
     async fn form_vote(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let form = "application/x-www-form-urlencoded";
-        match self.take_vote(&parts, body, peer, model::DEFAULT_POLL, form, request::form_vote).await {
+        match self
+            .take_vote(
+                &parts,
+                body,
+                peer,
+                model::DEFAULT_POLL,
+                form,
+                request::form_vote,
+            )
+            .await
+        {
             Ok((_, option, new_cookie)) => {
                 self.metrics.accepted.increment(1);
                 let mut resp = self.page(&parts.headers, Some(&option));
                 if let Some(c) = new_cookie {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
-                let choice = format!("{CHOICE_COOKIE}={option}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; SameSite=Lax");
-                resp.headers_mut().append(header::SET_COOKIE, HeaderValue::from_str(&choice).expect("option ids are header-safe"));
+                let choice = format!(
+                    "{CHOICE_COOKIE}={option}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; SameSite=Lax"
+                );
+                resp.headers_mut().append(
+                    header::SET_COOKIE,
+                    HeaderValue::from_str(&choice).expect("option ids are header-safe"),
+                );
                 resp
             }
             Err(r) => {
@@ -212,7 +287,13 @@ impl Ingest {
     ) -> Result<(VoteId, String, Option<HeaderValue>), Refusal> {
         self.check_ip(peer)?;
         let (voter, new_cookie) = self.voter(&parts.headers)?;
-        if !request::content_type_is(parts.headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes), content_type) {
+        if !request::content_type_is(
+            parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .map(HeaderValue::as_bytes),
+            content_type,
+        ) {
             return Err(request::DecodeError::ContentType(content_type).into());
         }
         let body = self.read_body(body).await?;
@@ -224,11 +305,21 @@ impl Ingest {
     fn page(&self, headers: &HeaderMap, just_voted: Option<&str>) -> Response<Body> {
         let catalog = self.catalog.get();
         let Some(poll) = catalog.get(model::DEFAULT_POLL) else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the poll catalog is not loaded yet");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the poll catalog is not loaded yet",
+            );
         };
-        let choice = just_voted.map(str::to_string).or_else(|| cookie(headers, CHOICE_COOKIE).map(str::to_string));
+        let choice = just_voted
+            .map(str::to_string)
+            .or_else(|| cookie(headers, CHOICE_COOKIE).map(str::to_string));
         let choice = choice.filter(|c| poll.has_option(c));
-        web::text(StatusCode::OK, "text/html; charset=utf-8", crate::page::render(poll, choice.as_deref()))
+        web::text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::page::render(poll, choice.as_deref()),
+        )
     }
 
     fn check_ip(&self, peer: SocketAddr) -> Result<(), Refusal> {
@@ -238,7 +329,12 @@ impl Ingest {
                 std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
             };
             limit.check(&key, Instant::now()).map_err(|wait| {
-                Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many votes from this address").retry(wait)
+                Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many votes from this address",
+                )
+                .retry(wait)
             })?;
         }
         Ok(())
@@ -247,13 +343,20 @@ impl Ingest {
     /// Who is voting, validated: the token's `sub` when auth is on, else `X-Voter-Id`, else the
     /// cookie, else a new id (returned with the `Set-Cookie` to send). Borrowed from the headers
     /// where possible: this is on every vote's path.
-    fn voter<'h>(&self, headers: &'h HeaderMap) -> Result<(Cow<'h, str>, Option<HeaderValue>), Refusal> {
+    fn voter<'h>(
+        &self,
+        headers: &'h HeaderMap,
+    ) -> Result<(Cow<'h, str>, Option<HeaderValue>), Refusal> {
         if let Some(auth) = &self.auth {
-            let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let value = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
             return auth
                 .voter(value)
                 .map(|v| (Cow::Owned(String::from(v)), None))
-                .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()));
+                .map_err(|e| {
+                    Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+                });
         }
         let checked = |s: &'h str| {
             VoterId::validate(s)
@@ -261,22 +364,41 @@ impl Ingest {
                 .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", e.to_string()))
         };
         if let Some(h) = headers.get("x-voter-id") {
-            return checked(h.to_str().map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", "X-Voter-Id is not ASCII"))?);
+            return checked(h.to_str().map_err(|_| {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_voter",
+                    "X-Voter-Id is not ASCII",
+                )
+            })?);
         }
         if let Some(c) = cookie(headers, VOTER_COOKIE) {
             return checked(c);
         }
         let id = format!("{:032x}", rand::random::<u128>());
-        let set = format!("{VOTER_COOKIE}={id}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; HttpOnly; SameSite=Lax");
-        Ok((Cow::Owned(id), Some(HeaderValue::from_str(&set).expect("ascii"))))
+        let set = format!(
+            "{VOTER_COOKIE}={id}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; HttpOnly; SameSite=Lax"
+        );
+        Ok((
+            Cow::Owned(id),
+            Some(HeaderValue::from_str(&set).expect("ascii")),
+        ))
     }
 
     async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {
-        web::read_body(body, self.body_limit, self.body_timeout).await.map_err(|e| match e {
-            web::BodyError::TooLarge(_) => Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string()),
-            web::BodyError::Timeout(_) => Refusal::new(StatusCode::REQUEST_TIMEOUT, "timeout", e.to_string()),
-            web::BodyError::Read(_) => Refusal::new(StatusCode::BAD_REQUEST, "malformed", e.to_string()),
-        })
+        web::read_body(body, self.body_limit, self.body_timeout)
+            .await
+            .map_err(|e| match e {
+                web::BodyError::TooLarge(_) => {
+                    Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+                }
+                web::BodyError::Timeout(_) => {
+                    Refusal::new(StatusCode::REQUEST_TIMEOUT, "timeout", e.to_string())
+                }
+                web::BodyError::Read(_) => {
+                    Refusal::new(StatusCode::BAD_REQUEST, "malformed", e.to_string())
+                }
+            })
     }
 
     /// Validates against the catalog, applies the voter limit, stamps, and stores on the voter's
@@ -285,13 +407,27 @@ impl Ingest {
         // Checked against the catalog, `poll` and `option` are valid ids too.
         self.catalog.get().check(poll, option)?;
         if let Some(limit) = &self.voter_limit {
-            limit.check(voter.as_bytes(), Instant::now()).map_err(|wait| {
-                Refusal::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many votes from this voter").retry(wait)
-            })?;
+            limit
+                .check(voter.as_bytes(), Instant::now())
+                .map_err(|wait| {
+                    Refusal::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limited",
+                        "too many votes from this voter",
+                    )
+                    .retry(wait)
+                })?;
         }
         let cast_at = self.clock.stamp();
         let id = VoteId::generate(cast_at.0);
-        let fields = model::wire::Fields { id, cast_at, poll, option, voter, region: self.region.as_str() };
+        let fields = model::wire::Fields {
+            id,
+            cast_at,
+            poll,
+            option,
+            voter,
+            region: self.region.as_str(),
+        };
         let mut payload = Vec::new();
         fields.encode_into(&mut payload);
         let shard = model::shard_of(poll, voter, self.shards.count());
@@ -318,7 +454,10 @@ mod tests {
     #[test]
     fn cookies_are_parsed_without_surprises() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; voter_id=abc; b=2"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; voter_id=abc; b=2"),
+        );
         assert_eq!(cookie(&h, "voter_id"), Some("abc"));
         assert_eq!(cookie(&h, "voter"), None);
     }

@@ -30,7 +30,11 @@ pub enum IngestError {
 
 /// Serves ingest on `listener` until `shutdown` completes; then stops accepting, answers every
 /// request in flight (their writes complete first) and returns.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), IngestError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), IngestError> {
     config.validate()?;
     // Before any metric handle is registered, or it would go to the no-op recorder.
     web::metrics_handle();

@@ -25,7 +25,10 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(rate: Rate) -> Self {
-        Self { rate, shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        Self {
+            rate,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
     }
 
     /// Takes a token for `key`, or says how long until one is available.
@@ -33,11 +36,16 @@ impl Limiter {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         let hash = h.finish();
-        let mut shard = self.shards[(hash as usize) % SHARDS].lock().expect("limiter lock");
+        let mut shard = self.shards[(hash as usize) % SHARDS]
+            .lock()
+            .expect("limiter lock");
         if shard.len() > 100_000 {
             shard.retain(|_, b| now.duration_since(b.at) < FORGET_AFTER);
         }
-        let b = shard.entry(hash).or_insert(Bucket { tokens: self.rate.burst, at: now });
+        let b = shard.entry(hash).or_insert(Bucket {
+            tokens: self.rate.burst,
+            at: now,
+        });
         let refill = now.saturating_duration_since(b.at).as_secs_f64() * self.rate.per_second;
         b.tokens = (b.tokens + refill).min(self.rate.burst);
         b.at = now;
@@ -45,7 +53,9 @@ impl Limiter {
             b.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate.per_second))
+            Err(Duration::from_secs_f64(
+                (1.0 - b.tokens) / self.rate.per_second,
+            ))
         }
     }
 }
@@ -57,7 +67,10 @@ mod tests {
 
     #[test]
     fn burst_then_refill() {
-        let l = Limiter::new(Rate { per_second: 2.0, burst: 3.0 });
+        let l = Limiter::new(Rate {
+            per_second: 2.0,
+            burst: 3.0,
+        });
         let t0 = Instant::now();
         for _ in 0..3 {
             assert!(l.check(b"v", t0).is_ok());

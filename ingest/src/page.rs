@@ -6,7 +6,11 @@ use model::Poll;
 pub fn render(poll: &Poll, choice: Option<&str>) -> String {
     let mut buttons = String::new();
     for o in &poll.options {
-        let chosen = if choice == Some(o.as_str()) { " chosen" } else { "" };
+        let chosen = if choice == Some(o.as_str()) {
+            " chosen"
+        } else {
+            ""
+        };
         // Option ids are [A-Za-z0-9_-] (validated in the model), so they need no escaping.
         buttons.push_str(&format!(
             "<button class=\"option{chosen}\" type=\"submit\" name=\"vote\" value=\"{o}\">{o}</button>\n"
@@ -14,7 +18,10 @@ pub fn render(poll: &Poll, choice: Option<&str>) -> String {
     }
     let status = match choice {
         Some(c) => format!("<p id=\"choice\">Your vote: <b>{c}</b>. You can change your vote.</p>"),
-        None => "<p id=\"choice\">You have not voted yet. You can change your vote at any time.</p>".to_string(),
+        None => {
+            "<p id=\"choice\">You have not voted yet. You can change your vote at any time.</p>"
+                .to_string()
+        }
     };
     format!(
         r#"<!doctype html>

@@ -12,7 +12,9 @@ pub enum DecodeError {
 
 /// The poll of `POST /v1/polls/{poll}/votes`, if that is the route (the id is checked later).
 pub fn vote_route(path: &str) -> Option<&str> {
-    path.strip_prefix("/v1/polls/")?.strip_suffix("/votes").filter(|p| !p.is_empty() && !p.contains('/'))
+    path.strip_prefix("/v1/polls/")?
+        .strip_suffix("/votes")
+        .filter(|p| !p.is_empty() && !p.contains('/'))
 }
 
 /// Is the media type (parameters ignored) `want`?
@@ -40,7 +42,11 @@ pub fn json_vote(body: &[u8]) -> Result<String, DecodeError> {
 pub fn form_vote(body: &[u8]) -> Result<String, DecodeError> {
     std::str::from_utf8(body)
         .ok()
-        .and_then(|b| b.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == "vote"))
+        .and_then(|b| {
+            b.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "vote")
+        })
         .map(|(_, v)| v.to_string())
         .ok_or_else(|| DecodeError::Malformed("the form needs a vote field".into()))
 }
@@ -56,12 +62,21 @@ mod tests {
         assert_eq!(vote_route("/v1/polls//votes"), None);
         assert_eq!(vote_route("/v1/polls/a/b/votes"), None);
         assert_eq!(vote_route("/v1/polls/default/results"), None);
-        assert!(content_type_is(Some(b"Application/JSON; charset=utf-8"), "application/json"));
+        assert!(content_type_is(
+            Some(b"Application/JSON; charset=utf-8"),
+            "application/json"
+        ));
         assert!(!content_type_is(Some(b"text/plain"), "application/json"));
         assert!(!content_type_is(None, "application/json"));
         assert_eq!(json_vote(br#"{"option":"a","extra":1}"#), Ok("a".into()));
-        assert!(matches!(json_vote(br#"{"option":7}"#), Err(DecodeError::Malformed(_))));
-        assert!(matches!(json_vote(&[b'['; 10_000]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            json_vote(br#"{"option":7}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            json_vote(&[b'['; 10_000]),
+            Err(DecodeError::Malformed(_))
+        ));
         assert_eq!(form_vote(b"x=1&vote=b"), Ok("b".into()));
         assert!(form_vote(b"vote").is_err());
         assert!(form_vote(&[0xff, b'=']).is_err());

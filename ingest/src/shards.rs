@@ -67,7 +67,9 @@ impl Shard {
             return Err(StoreError::Full);
         }
         let (done, confirmed) = oneshot::channel();
-        self.tx.try_send(Pending { payload, done }).map_err(|_| StoreError::Full)?;
+        self.tx
+            .try_send(Pending { payload, done })
+            .map_err(|_| StoreError::Full)?;
         match tokio::time::timeout(self.store_timeout, confirmed).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(StoreError::Unavailable),
@@ -150,12 +152,20 @@ async fn write_loop(
     region: RegionName,
 ) {
     let slots = Arc::new(Semaphore::new(group.max_in_flight));
-    let index = shard.upgrade().map(|s| s.index).unwrap_or_default().to_string();
+    let index = shard
+        .upgrade()
+        .map(|s| s.index)
+        .unwrap_or_default()
+        .to_string();
     let batch_size = metrics::histogram!("tally_ingest_group_commit_size", "region" => region.to_string(), "shard" => index);
     while let Some(first) = rx.recv().await {
         // Take a write slot before collecting: while all slots are busy, votes pile up in the
         // channel and the next write carries them all.
-        let slot = slots.clone().acquire_owned().await.expect("semaphore never closed");
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let mut batch = vec![first];
         while batch.len() < group.max_votes {
             match rx.try_recv() {
@@ -173,11 +183,16 @@ async fn write_loop(
                 push.arg(&p.payload);
             }
             if wait_replicas > 0 {
-                pipe.cmd("WAIT").arg(wait_replicas).arg(RESPONSE_TIMEOUT.as_millis() as u64 / 2);
+                pipe.cmd("WAIT")
+                    .arg(wait_replicas)
+                    .arg(RESPONSE_TIMEOUT.as_millis() as u64 / 2);
             }
             let reply: redis::RedisResult<Vec<u64>> = pipe.query_async(&mut conn).await;
             let outcome = match reply {
-                Ok(r) if wait_replicas > 0 && r.get(1).copied().unwrap_or(0) < wait_replicas as u64 => {
+                Ok(r)
+                    if wait_replicas > 0
+                        && r.get(1).copied().unwrap_or(0) < wait_replicas as u64 =>
+                {
                     // Stored on the primary but not on enough replicas: not acknowledged.
                     Err(StoreError::Unavailable)
                 }
@@ -211,10 +226,15 @@ async fn probe_loop(shard: std::sync::Weak<Shard>, region: RegionName) {
         let mut conn = s.conn.clone();
         let probe = tokio::time::timeout(
             RESPONSE_TIMEOUT,
-            redis::cmd("LLEN").arg(model::queue::VOTES).query_async::<u64>(&mut conn),
+            redis::cmd("LLEN")
+                .arg(model::queue::VOTES)
+                .query_async::<u64>(&mut conn),
         )
         .await;
-        let labels = [("region", region.to_string()), ("shard", s.index.to_string())];
+        let labels = [
+            ("region", region.to_string()),
+            ("shard", s.index.to_string()),
+        ];
         match probe {
             Ok(Ok(depth)) => {
                 s.depth.store(depth, Ordering::Relaxed);

@@ -39,7 +39,14 @@ impl Stack {
             let _ = stopped.await;
         }));
         let base = format!("http://{addr}");
-        let stack = Stack { pg, shards, client: Client::new(base.clone()), base, stop: Some(stop), task };
+        let stack = Stack {
+            pg,
+            shards,
+            client: Client::new(base.clone()),
+            base,
+            stop: Some(stop),
+            task,
+        };
         stack.client.wait_ready(Duration::from_secs(10)).await?;
         Ok(stack)
     }
@@ -64,8 +71,19 @@ impl Stack {
     }
 }
 
-async fn vote(client: &Client, poll: &str, option: &str, voter: &str) -> anyhow::Result<harness::http::Reply> {
-    client.post_json(&format!("/v1/polls/{poll}/votes"), &[("x-voter-id", voter)], &format!(r#"{{"option":"{option}"}}"#)).await
+async fn vote(
+    client: &Client,
+    poll: &str,
+    option: &str,
+    voter: &str,
+) -> anyhow::Result<harness::http::Reply> {
+    client
+        .post_json(
+            &format!("/v1/polls/{poll}/votes"),
+            &[("x-voter-id", voter)],
+            &format!(r#"{{"option":"{option}"}}"#),
+        )
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,62 +113,156 @@ async fn ten_thousand_votes_land_exactly_once_on_the_right_shard() -> anyhow::Re
     let queued = stack.queued().await?;
     let mut by_id: HashMap<String, (usize, model::Vote)> = HashMap::new();
     for (shard, v) in queued {
-        assert!(by_id.insert(v.id.to_string(), (shard, v)).is_none(), "a vote is queued twice");
+        assert!(
+            by_id.insert(v.id.to_string(), (shard, v)).is_none(),
+            "a vote is queued twice"
+        );
     }
-    assert_eq!(by_id.len(), 10_000, "Redis holds exactly the acknowledged votes");
+    assert_eq!(
+        by_id.len(),
+        10_000,
+        "Redis holds exactly the acknowledged votes"
+    );
     for (id, voter) in &acked {
-        let (shard, v) = by_id.get(id).unwrap_or_else(|| panic!("acknowledged vote {id} is not in Redis"));
+        let (shard, v) = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged vote {id} is not in Redis"));
         assert_eq!(v.voter.as_str(), voter);
-        assert_eq!(*shard as u32, model::shard_of("default", voter, 2), "vote on the wrong shard");
+        assert_eq!(
+            *shard as u32,
+            model::shard_of("default", voter, 2),
+            "vote on the wrong shard"
+        );
         assert_eq!(v.region.as_str(), "load-test");
     }
     let metrics = stack.client.get("/metrics").await?.text();
-    assert!(metrics.contains(r#"tally_ingest_votes_total{region="load-test",outcome="accepted"} 10000"#), "{metrics}");
-    assert!(metrics.contains("tally_ingest_group_commit_size_bucket"), "group commit histogram missing");
+    assert!(
+        metrics
+            .contains(r#"tally_ingest_votes_total{region="load-test",outcome="accepted"} 10000"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_ingest_group_commit_size_bucket"),
+        "group commit histogram missing"
+    );
     assert!(metrics.contains("tally_ingest_ack_seconds_bucket"));
     stack.shutdown().await
 }
-
 
 #[tokio::test]
 async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> anyhow::Result<()> {
     let stack = Stack::start(2, |c| {
         c.body_limit = 256;
-        c.voter_limit = Some(ingest::Rate { per_second: 0.01, burst: 1.0 });
+        c.voter_limit = Some(ingest::Rate {
+            per_second: 0.01,
+            burst: 1.0,
+        });
     })
     .await?;
     let c = &stack.client;
-    stack.pg.client().await?.batch_execute(
-        "INSERT INTO polls (id, options, open) VALUES ('closed', ARRAY['a','b'], false)").await?;
+    stack
+        .pg
+        .client()
+        .await?
+        .batch_execute(
+            "INSERT INTO polls (id, options, open) VALUES ('closed', ARRAY['a','b'], false)",
+        )
+        .await?;
     // Let the catalog refresh pick up the closed poll.
     let start = std::time::Instant::now();
     while vote(c, "closed", "a", "probe").await?.status != 409 {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(5), "catalog never refreshed");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "catalog never refreshed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let cases: Vec<(u16, &str, harness::http::Reply)> = vec![
-        (400, "malformed", c.post_json("/v1/polls/default/votes", &[("x-voter-id", "v1")], r#"{"option":"#).await?),
-        (400, "malformed", c.post_json("/v1/polls/default/votes", &[("x-voter-id", "v1")], r#"{"option":7}"#).await?),
-        (400, "malformed", c.post_json("/v1/polls/default/votes", &[("x-voter-id", "v1")], "[[[[[[[[]]]]]]]]").await?),
+        (
+            400,
+            "malformed",
+            c.post_json(
+                "/v1/polls/default/votes",
+                &[("x-voter-id", "v1")],
+                r#"{"option":"#,
+            )
+            .await?,
+        ),
+        (
+            400,
+            "malformed",
+            c.post_json(
+                "/v1/polls/default/votes",
+                &[("x-voter-id", "v1")],
+                r#"{"option":7}"#,
+            )
+            .await?,
+        ),
+        (
+            400,
+            "malformed",
+            c.post_json(
+                "/v1/polls/default/votes",
+                &[("x-voter-id", "v1")],
+                "[[[[[[[[]]]]]]]]",
+            )
+            .await?,
+        ),
         (404, "unknown_poll", vote(c, "nope", "a", "v1").await?),
         (404, "unknown_poll", vote(c, "..%2Fetc", "a", "v1").await?),
         (409, "poll_closed", vote(c, "closed", "a", "v1").await?),
         (422, "unknown_option", vote(c, "default", "c", "v1").await?),
-        (422, "unknown_option", vote(c, "default", "a' OR 1=1 --", "v1").await?),
-        (413, "too_large", c.post_json("/v1/polls/default/votes", &[("x-voter-id", "v1")], &format!(r#"{{"option":"{}"}}"#, "a".repeat(300))).await?),
-        (415, "unsupported_media_type", c.request(hyper::Method::POST, "/v1/polls/default/votes", &[("x-voter-id", "v1"), ("content-type", "text/plain")], r#"{"option":"a"}"#).await?),
-        (400, "bad_voter", vote(c, "default", "a", "has space").await?),
-        (405, "method_not_allowed", c.get("/v1/polls/default/votes").await?),
+        (
+            422,
+            "unknown_option",
+            vote(c, "default", "a' OR 1=1 --", "v1").await?,
+        ),
+        (
+            413,
+            "too_large",
+            c.post_json(
+                "/v1/polls/default/votes",
+                &[("x-voter-id", "v1")],
+                &format!(r#"{{"option":"{}"}}"#, "a".repeat(300)),
+            )
+            .await?,
+        ),
+        (
+            415,
+            "unsupported_media_type",
+            c.request(
+                hyper::Method::POST,
+                "/v1/polls/default/votes",
+                &[("x-voter-id", "v1"), ("content-type", "text/plain")],
+                r#"{"option":"a"}"#,
+            )
+            .await?,
+        ),
+        (
+            400,
+            "bad_voter",
+            vote(c, "default", "a", "has space").await?,
+        ),
+        (
+            405,
+            "method_not_allowed",
+            c.get("/v1/polls/default/votes").await?,
+        ),
         (404, "not_found", c.get("/nope").await?),
     ];
     for (status, code, reply) in &cases {
         assert_eq!(reply.status.as_u16(), *status, "{code}: {}", reply.text());
         assert_eq!(reply.error_code(), *code, "{}", reply.text());
-        assert!(reply.json()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(reply.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
         assert_eq!(reply.headers["content-type"], "application/json");
     }
-    assert!(stack.queued().await?.is_empty(), "a refused vote was enqueued");
+    assert!(
+        stack.queued().await?.is_empty(),
+        "a refused vote was enqueued"
+    );
 
     // Rate limit: the first vote of a voter passes, the second is 429 with Retry-After.
     assert_eq!(vote(c, "default", "a", "limited").await?.status, 202);
@@ -158,7 +270,11 @@ async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> an
     assert_eq!(limited.status, 429);
     assert_eq!(limited.error_code(), "rate_limited");
     assert!(limited.headers["retry-after"].to_str()?.parse::<u64>()? >= 1);
-    assert_eq!(stack.queued().await?.len(), 1, "only the accepted vote is queued");
+    assert_eq!(
+        stack.queued().await?.len(),
+        1,
+        "only the accepted vote is queued"
+    );
     stack.shutdown().await
 }
 
@@ -178,7 +294,10 @@ async fn a_dead_shard_gets_503_while_the_other_keeps_taking_votes() -> anyhow::R
         match r.status.as_u16() {
             202 => {
                 accepted_on[shard] += 1;
-                acked.push((r.json()["vote_id"].as_str().unwrap().to_string(), voter.clone()));
+                acked.push((
+                    r.json()["vote_id"].as_str().unwrap().to_string(),
+                    voter.clone(),
+                ));
             }
             503 => {
                 assert!(round >= 200, "503 before the kill");
@@ -190,23 +309,46 @@ async fn a_dead_shard_gets_503_while_the_other_keeps_taking_votes() -> anyhow::R
             s => panic!("unexpected status {s}: {}", r.text()),
         }
     }
-    assert!(unavailable_on[1] > 50, "the dead shard's votes were not refused: {unavailable_on:?}");
-    assert!(accepted_on[0] > 150, "the live shard stopped taking votes: {accepted_on:?}");
+    assert!(
+        unavailable_on[1] > 50,
+        "the dead shard's votes were not refused: {unavailable_on:?}"
+    );
+    assert!(
+        accepted_on[0] > 150,
+        "the live shard stopped taking votes: {accepted_on:?}"
+    );
     let ready = stack.client.get("/readyz").await?;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["shards_down"], serde_json::json!([1]));
     // Bring the dead shard back from its append-only file: every acknowledged vote is there.
     stack.shards[1].server.start()?;
-    let queued: HashMap<String, usize> =
-        stack.queued().await?.into_iter().map(|(s, v)| (v.id.to_string(), s)).collect();
+    let queued: HashMap<String, usize> = stack
+        .queued()
+        .await?
+        .into_iter()
+        .map(|(s, v)| (v.id.to_string(), s))
+        .collect();
     for (id, voter) in &acked {
-        assert_eq!(queued.get(id).copied(), Some(model::shard_of("default", voter, 2) as usize), "acknowledged {id} lost");
+        assert_eq!(
+            queued.get(id).copied(),
+            Some(model::shard_of("default", voter, 2) as usize),
+            "acknowledged {id} lost"
+        );
     }
     stack.shutdown().await
 }
 
-fn token(key_file: &str, kid: &str, alg: jsonwebtoken::Algorithm, claims: serde_json::Value) -> String {
-    let pem = std::fs::read(format!("{}/tests/fixtures/{key_file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+fn token(
+    key_file: &str,
+    kid: &str,
+    alg: jsonwebtoken::Algorithm,
+    claims: serde_json::Value,
+) -> String {
+    let pem = std::fs::read(format!(
+        "{}/tests/fixtures/{key_file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
     let key = match alg {
         jsonwebtoken::Algorithm::ES256 => jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
         _ => jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
@@ -220,36 +362,105 @@ fn token(key_file: &str, kid: &str, alg: jsonwebtoken::Algorithm, claims: serde_
 async fn jwt_voters_are_their_subject_and_bad_tokens_get_401() -> anyhow::Result<()> {
     let jwks = format!("{}/tests/fixtures/jwks.json", env!("CARGO_MANIFEST_DIR"));
     let stack = Stack::start(1, |c| {
-        c.auth = Some(ingest::auth::AuthConfig::from_file(jwks.as_ref(), "https://auth.tally.test/".into(), "tally".into()).unwrap());
+        c.auth = Some(
+            ingest::auth::AuthConfig::from_file(
+                jwks.as_ref(),
+                "https://auth.tally.test/".into(),
+                "tally".into(),
+            )
+            .unwrap(),
+        );
     })
     .await?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let claims = |sub: &str, aud: &str, exp: u64| {
-        serde_json::json!({"sub": sub, "iss": "https://auth.tally.test/", "aud": aud, "exp": exp})
-    };
+    let claims = |sub: &str, aud: &str, exp: u64| serde_json::json!({"sub": sub, "iss": "https://auth.tally.test/", "aud": aud, "exp": exp});
     use jsonwebtoken::Algorithm::{ES256, RS256};
     let cases = [
-        ("bad signature", token("rsa_forger.pem", "test-rsa", RS256, claims("mallory", "tally", now + 600))),
-        ("wrong audience", token("rsa_private.pem", "test-rsa", RS256, claims("alice", "other", now + 600))),
-        ("expired", token("rsa_private.pem", "test-rsa", RS256, claims("alice", "tally", now - 600))),
-        ("unknown key", token("rsa_private.pem", "nope", RS256, claims("alice", "tally", now + 600))),
+        (
+            "bad signature",
+            token(
+                "rsa_forger.pem",
+                "test-rsa",
+                RS256,
+                claims("mallory", "tally", now + 600),
+            ),
+        ),
+        (
+            "wrong audience",
+            token(
+                "rsa_private.pem",
+                "test-rsa",
+                RS256,
+                claims("alice", "other", now + 600),
+            ),
+        ),
+        (
+            "expired",
+            token(
+                "rsa_private.pem",
+                "test-rsa",
+                RS256,
+                claims("alice", "tally", now - 600),
+            ),
+        ),
+        (
+            "unknown key",
+            token(
+                "rsa_private.pem",
+                "nope",
+                RS256,
+                claims("alice", "tally", now + 600),
+            ),
+        ),
     ];
     for (what, t) in &cases {
         let auth = format!("Bearer {t}");
-        let r = stack.client.post_json("/v1/polls/default/votes", &[("authorization", &auth)], r#"{"option":"a"}"#).await?;
+        let r = stack
+            .client
+            .post_json(
+                "/v1/polls/default/votes",
+                &[("authorization", &auth)],
+                r#"{"option":"a"}"#,
+            )
+            .await?;
         assert_eq!(r.status, 401, "{what}: {}", r.text());
         assert_eq!(r.error_code(), "unauthorized");
     }
-    let missing = stack.client.post_json("/v1/polls/default/votes", &[("x-voter-id", "bob")], r#"{"option":"a"}"#).await?;
+    let missing = stack
+        .client
+        .post_json(
+            "/v1/polls/default/votes",
+            &[("x-voter-id", "bob")],
+            r#"{"option":"a"}"#,
+        )
+        .await?;
     assert_eq!(missing.status, 401, "with auth on, a header is no identity");
     assert!(stack.queued().await?.is_empty());
 
-    for (sub, key, kid, alg) in [("auth0|alice", "rsa_private.pem", "test-rsa", RS256), ("carol", "ec_private.pem", "test-ec", ES256)] {
-        let auth = format!("Bearer {}", token(key, kid, alg, claims(sub, "tally", now + 600)));
-        let r = stack.client.post_json("/v1/polls/default/votes", &[("authorization", &auth)], r#"{"option":"b"}"#).await?;
+    for (sub, key, kid, alg) in [
+        ("auth0|alice", "rsa_private.pem", "test-rsa", RS256),
+        ("carol", "ec_private.pem", "test-ec", ES256),
+    ] {
+        let auth = format!(
+            "Bearer {}",
+            token(key, kid, alg, claims(sub, "tally", now + 600))
+        );
+        let r = stack
+            .client
+            .post_json(
+                "/v1/polls/default/votes",
+                &[("authorization", &auth)],
+                r#"{"option":"b"}"#,
+            )
+            .await?;
         assert_eq!(r.status, 202, "{}", r.text());
     }
-    let voters: Vec<String> = stack.queued().await?.into_iter().map(|(_, v)| v.voter.to_string()).collect();
+    let voters: Vec<String> = stack
+        .queued()
+        .await?
+        .into_iter()
+        .map(|(_, v)| v.voter.to_string())
+        .collect();
     assert_eq!(voters, ["auth0|alice", "carol"]);
     stack.shutdown().await
 }
@@ -260,27 +471,65 @@ async fn the_original_apps_form_and_page_and_voter_cookie() -> anyhow::Result<()
     let page = stack.client.get("/").await?;
     assert_eq!(page.status, 200);
     let html = page.text();
-    assert!(html.contains(r#"value="a""#) && html.contains(r#"value="b""#), "{html}");
+    assert!(
+        html.contains(r#"value="a""#) && html.contains(r#"value="b""#),
+        "{html}"
+    );
     assert!(html.contains("You can change your vote"));
 
     // No identity at all: a voter id is issued in a long-lived HttpOnly cookie.
-    let r = stack.client.post_json("/v1/polls/default/votes", &[], r#"{"option":"a"}"#).await?;
+    let r = stack
+        .client
+        .post_json("/v1/polls/default/votes", &[], r#"{"option":"a"}"#)
+        .await?;
     assert_eq!(r.status, 202);
     let set = r.headers["set-cookie"].to_str()?.to_string();
-    assert!(set.starts_with("voter_id=") && set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Max-Age="), "{set}");
-    let issued = set.trim_start_matches("voter_id=").split(';').next().unwrap().to_string();
+    assert!(
+        set.starts_with("voter_id=")
+            && set.contains("HttpOnly")
+            && set.contains("SameSite=Lax")
+            && set.contains("Max-Age="),
+        "{set}"
+    );
+    let issued = set
+        .trim_start_matches("voter_id=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
 
     // The form post, as the original vote page sends it, with the cookie.
     let cookie = format!("voter_id={issued}");
-    let r = stack.client.request(hyper::Method::POST, "/",
-        &[("content-type", "application/x-www-form-urlencoded"), ("cookie", &cookie)], "vote=b").await?;
+    let r = stack
+        .client
+        .request(
+            hyper::Method::POST,
+            "/",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("cookie", &cookie),
+            ],
+            "vote=b",
+        )
+        .await?;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("Your vote: <b>b</b>"));
     let queued = stack.queued().await?;
     assert_eq!(queued.len(), 2);
-    assert!(queued.iter().all(|(_, v)| v.voter.as_str() == issued), "both votes are the cookie's voter");
+    assert!(
+        queued.iter().all(|(_, v)| v.voter.as_str() == issued),
+        "both votes are the cookie's voter"
+    );
     assert_eq!(queued[1].1.option.as_str(), "b");
-    let bad = stack.client.request(hyper::Method::POST, "/", &[("content-type", "application/x-www-form-urlencoded")], "vote=zzz").await?;
+    let bad = stack
+        .client
+        .request(
+            hyper::Method::POST,
+            "/",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "vote=zzz",
+        )
+        .await?;
     assert_eq!(bad.status, 422);
     stack.shutdown().await
 }

@@ -13,7 +13,10 @@ pub enum IdError {
     #[error("{kind} is longer than {max} bytes")]
     TooLong { kind: &'static str, max: usize },
     #[error("{kind} contains a character outside {allowed}")]
-    BadChar { kind: &'static str, allowed: &'static str },
+    BadChar {
+        kind: &'static str,
+        allowed: &'static str,
+    },
 }
 
 /// Poll, option and region names: short, URL- and SQL-safe.
@@ -168,7 +171,10 @@ mod tests {
             assert!(PollId::new(bad).is_err(), "{bad:?} accepted");
             assert!(OptionId::new(bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(PollId::new("").unwrap_err(), IdError::Empty { kind: "poll id" });
+        assert_eq!(
+            PollId::new("").unwrap_err(),
+            IdError::Empty { kind: "poll id" }
+        );
         assert_eq!(
             PollId::new("x".repeat(65)).unwrap_err().to_string(),
             "poll id is longer than 64 bytes"
@@ -187,8 +193,18 @@ mod tests {
     fn uuid_text_matches_the_formatter() {
         for v in [0u128, 1, u128::MAX, 0x0123456789abcdef_fedcba9876543210] {
             let want = format!("{v:032x}");
-            let want = format!("{}-{}-{}-{}-{}", &want[0..8], &want[8..12], &want[12..16], &want[16..20], &want[20..]);
-            assert_eq!(std::str::from_utf8(&VoteId(v).to_uuid_text()).unwrap(), want);
+            let want = format!(
+                "{}-{}-{}-{}-{}",
+                &want[0..8],
+                &want[8..12],
+                &want[12..16],
+                &want[16..20],
+                &want[20..]
+            );
+            assert_eq!(
+                std::str::from_utf8(&VoteId(v).to_uuid_text()).unwrap(),
+                want
+            );
         }
     }
 

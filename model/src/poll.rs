@@ -48,7 +48,11 @@ impl Poll {
                 return Err(PollError::DuplicateOption(o.to_string()));
             }
         }
-        Ok(Poll { id, options, open: true })
+        Ok(Poll {
+            id,
+            options,
+            open: true,
+        })
     }
 
     pub fn has_option(&self, option: &str) -> bool {
@@ -75,7 +79,9 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(polls: impl IntoIterator<Item = Poll>) -> Self {
-        Self { polls: polls.into_iter().map(|p| (p.id.to_string(), p)).collect() }
+        Self {
+            polls: polls.into_iter().map(|p| (p.id.to_string(), p)).collect(),
+        }
     }
 
     pub fn get(&self, poll: &str) -> Option<&Poll> {
@@ -102,15 +108,24 @@ mod tests {
     #[test]
     fn poll_definitions_are_checked() {
         assert!(Poll::new("p", &["a", "b"]).is_ok());
-        assert_eq!(Poll::new("p", &["a"]).unwrap_err(), PollError::TooFewOptions);
+        assert_eq!(
+            Poll::new("p", &["a"]).unwrap_err(),
+            PollError::TooFewOptions
+        );
         assert_eq!(
             Poll::new("p", &["a", "a"]).unwrap_err(),
             PollError::DuplicateOption("a".into())
         );
-        assert!(matches!(Poll::new("p/../x", &["a", "b"]), Err(PollError::Id(_))));
+        assert!(matches!(
+            Poll::new("p/../x", &["a", "b"]),
+            Err(PollError::Id(_))
+        ));
         let many: Vec<String> = (0..65).map(|i| format!("o{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(Poll::new("p", &many).unwrap_err(), PollError::TooManyOptions);
+        assert_eq!(
+            Poll::new("p", &many).unwrap_err(),
+            PollError::TooManyOptions
+        );
     }
 
     #[test]

@@ -10,7 +10,12 @@ fn key_hash(poll: &str, voter: &str) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h = OFFSET;
-    for &b in poll.as_bytes().iter().chain(&[0xff]).chain(voter.as_bytes()) {
+    for &b in poll
+        .as_bytes()
+        .iter()
+        .chain(&[0xff])
+        .chain(voter.as_bytes())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(PRIME);
     }
@@ -53,7 +58,10 @@ mod tests {
             ("p", "v", 1, 0),
             ("p", "v", 1000, 718),
         ];
-        let got: Vec<_> = table.iter().map(|&(p, v, n, _)| (p, v, n, shard_of(p, v, n))).collect();
+        let got: Vec<_> = table
+            .iter()
+            .map(|&(p, v, n, _)| (p, v, n, shard_of(p, v, n)))
+            .collect();
         let want: Vec<_> = table.to_vec();
         assert_eq!(got, want);
     }
@@ -71,7 +79,11 @@ mod tests {
         let even = 1_000_000.0 / 16.0;
         for (shard, &c) in counts.iter().enumerate() {
             let off = (c as f64 - even).abs() / even;
-            assert!(off < 0.02, "shard {shard} has {c} voters, {:.2}% off even", off * 100.0);
+            assert!(
+                off < 0.02,
+                "shard {shard} has {c} voters, {:.2}% off even",
+                off * 100.0
+            );
         }
     }
 

@@ -26,7 +26,10 @@ pub enum WireError {
     #[error("{field} is not UTF-8")]
     NotUtf8 { field: &'static str },
     #[error("invalid {field}: {source}")]
-    Invalid { field: &'static str, source: IdError },
+    Invalid {
+        field: &'static str,
+        source: IdError,
+    },
     #[error("{0} unexpected bytes after the vote")]
     TrailingBytes(usize),
 }
@@ -58,7 +61,9 @@ pub struct Fields<'a> {
 
 impl Fields<'_> {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.reserve(FIXED + 4 + self.poll.len() + self.option.len() + self.voter.len() + self.region.len());
+        out.reserve(
+            FIXED + 4 + self.poll.len() + self.option.len() + self.voter.len() + self.region.len(),
+        );
         out.push(VERSION);
         out.extend_from_slice(&self.id.0.to_be_bytes());
         out.extend_from_slice(&self.cast_at.0.to_be_bytes());
@@ -77,7 +82,11 @@ pub fn encode(vote: &Vote) -> Vec<u8> {
 }
 
 pub fn encoded_len(vote: &Vote) -> usize {
-    FIXED + 4 + vote.poll.as_str().len() + vote.option.as_str().len() + vote.voter.as_str().len()
+    FIXED
+        + 4
+        + vote.poll.as_str().len()
+        + vote.option.as_str().len()
+        + vote.voter.as_str().len()
         + vote.region.as_str().len()
 }
 
@@ -89,14 +98,33 @@ pub fn decode(bytes: &[u8]) -> Result<Vote, WireError> {
     let mut r = Reader { rest };
     let id = VoteId(u128::from_be_bytes(r.array("vote id")?));
     let cast_at = Stamp(u64::from_be_bytes(r.array("timestamp")?));
-    let poll = PollId::new(r.string("poll id")?).map_err(|source| WireError::Invalid { field: "poll id", source })?;
-    let option = OptionId::new(r.string("option")?).map_err(|source| WireError::Invalid { field: "option", source })?;
-    let voter = VoterId::new(r.string("voter id")?).map_err(|source| WireError::Invalid { field: "voter id", source })?;
-    let region = RegionName::new(r.string("region")?).map_err(|source| WireError::Invalid { field: "region", source })?;
+    let poll = PollId::new(r.string("poll id")?).map_err(|source| WireError::Invalid {
+        field: "poll id",
+        source,
+    })?;
+    let option = OptionId::new(r.string("option")?).map_err(|source| WireError::Invalid {
+        field: "option",
+        source,
+    })?;
+    let voter = VoterId::new(r.string("voter id")?).map_err(|source| WireError::Invalid {
+        field: "voter id",
+        source,
+    })?;
+    let region = RegionName::new(r.string("region")?).map_err(|source| WireError::Invalid {
+        field: "region",
+        source,
+    })?;
     if !r.rest.is_empty() {
         return Err(WireError::TrailingBytes(r.rest.len()));
     }
-    Ok(Vote { id, poll, option, voter, cast_at, region })
+    Ok(Vote {
+        id,
+        poll,
+        option,
+        voter,
+        cast_at,
+        region,
+    })
 }
 
 struct Reader<'a> {
@@ -114,13 +142,18 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], WireError> {
-        Ok(self.take(N, field)?.try_into().expect("take returned N bytes"))
+        Ok(self
+            .take(N, field)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
 
     fn string(&mut self, field: &'static str) -> Result<String, WireError> {
         let [len] = self.array::<1>(field)?;
         let bytes = self.take(len as usize, field)?;
-        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| WireError::NotUtf8 { field })
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| WireError::NotUtf8 { field })
     }
 }
 
@@ -145,7 +178,10 @@ mod tests {
         let bytes = encode(&vote());
         assert_eq!(bytes.len(), encoded_len(&vote()));
         assert_eq!(bytes[0], 1);
-        assert_eq!(&bytes[1..17], &0x0102030405060708090a0b0c0d0e0f10u128.to_be_bytes());
+        assert_eq!(
+            &bytes[1..17],
+            &0x0102030405060708090a0b0c0d0e0f10u128.to_be_bytes()
+        );
         assert_eq!(&bytes[25..33], b"\x07default");
     }
 
@@ -153,21 +189,45 @@ mod tests {
     fn garbage_truncated_and_future_payloads_are_typed_errors() {
         assert_eq!(decode(b""), Err(WireError::Empty));
         assert_eq!(decode(b"\x02rest"), Err(WireError::UnsupportedVersion(2)));
-        assert_eq!(decode(b"{\"voter_id\":\"x\"}"), Err(WireError::UnsupportedVersion(b'{')));
+        assert_eq!(
+            decode(b"{\"voter_id\":\"x\"}"),
+            Err(WireError::UnsupportedVersion(b'{'))
+        );
         let full = encode(&vote());
-        assert_eq!(decode(&full[..10]), Err(WireError::Truncated { field: "vote id" }));
-        assert_eq!(decode(&full[..20]), Err(WireError::Truncated { field: "timestamp" }));
-        assert_eq!(decode(&full[..30]), Err(WireError::Truncated { field: "poll id" }));
-        assert_eq!(decode(&full[..full.len() - 1]), Err(WireError::Truncated { field: "region" }));
+        assert_eq!(
+            decode(&full[..10]),
+            Err(WireError::Truncated { field: "vote id" })
+        );
+        assert_eq!(
+            decode(&full[..20]),
+            Err(WireError::Truncated { field: "timestamp" })
+        );
+        assert_eq!(
+            decode(&full[..30]),
+            Err(WireError::Truncated { field: "poll id" })
+        );
+        assert_eq!(
+            decode(&full[..full.len() - 1]),
+            Err(WireError::Truncated { field: "region" })
+        );
         let mut long = full.clone();
         long.push(0);
         assert_eq!(decode(&long), Err(WireError::TrailingBytes(1)));
         let mut bad_utf8 = full.clone();
         bad_utf8[26] = 0xff;
-        assert_eq!(decode(&bad_utf8), Err(WireError::NotUtf8 { field: "poll id" }));
+        assert_eq!(
+            decode(&bad_utf8),
+            Err(WireError::NotUtf8 { field: "poll id" })
+        );
         let mut bad_id = full;
         bad_id[26] = b'/';
-        assert!(matches!(decode(&bad_id), Err(WireError::Invalid { field: "poll id", .. })));
+        assert!(matches!(
+            decode(&bad_id),
+            Err(WireError::Invalid {
+                field: "poll id",
+                ..
+            })
+        ));
     }
 
     fn name() -> impl Strategy<Value = String> {

@@ -36,11 +36,18 @@ impl Source {
     pub fn parse(spec: &str, position: usize) -> Self {
         match spec.split_once('=') {
             Some((name, url))
-                if !name.is_empty() && (url.starts_with("postgres://") || url.starts_with("postgresql://")) =>
+                if !name.is_empty()
+                    && (url.starts_with("postgres://") || url.starts_with("postgresql://")) =>
             {
-                Source { name: name.to_string(), url: url.to_string() }
+                Source {
+                    name: name.to_string(),
+                    url: url.to_string(),
+                }
             }
-            _ => Source { name: format!("source-{position}"), url: spec.to_string() },
+            _ => Source {
+                name: format!("source-{position}"),
+                url: spec.to_string(),
+            },
         }
     }
 }
@@ -74,7 +81,10 @@ impl Config {
         for s in &self.sources {
             s.url
                 .parse::<tokio_postgres::Config>()
-                .map_err(|e| ConfigError::BadUrl { name: s.name.clone(), reason: e.to_string() })?;
+                .map_err(|e| ConfigError::BadUrl {
+                    name: s.name.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         for (name, d) in [("cache ttl", self.cache_ttl), ("heartbeat", self.heartbeat)] {
             if d.is_zero() {
@@ -93,7 +103,10 @@ mod tests {
     fn sources_parse_with_or_without_a_name() {
         assert_eq!(
             Source::parse("eu-west-1=postgres://r@127.0.0.1:5/tally", 0),
-            Source { name: "eu-west-1".into(), url: "postgres://r@127.0.0.1:5/tally".into() }
+            Source {
+                name: "eu-west-1".into(),
+                url: "postgres://r@127.0.0.1:5/tally".into()
+            }
         );
         assert_eq!(Source::parse("postgres://r@h/db", 2).name, "source-2");
         assert_eq!(Source::parse("host=a user=b", 1).url, "host=a user=b");

@@ -60,26 +60,50 @@ impl web::Service for Reader {
                 return self.results(poll);
             }
             if let Some(poll) = rest.strip_suffix("/results/stream") {
-                let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let last = req
+                    .headers()
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 return self.stream(poll.to_string(), last);
             }
-            return self.counted("other", error(StatusCode::NOT_FOUND, "not_found", "no such path"));
+            return self.counted(
+                "other",
+                error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+            );
         }
         match (req.method(), path) {
             (&Method::GET, "/v1/polls") => self.counted("polls", self.open_polls()),
-            (&Method::GET, "/") => self.counted("page", web::text(StatusCode::OK, "text/html; charset=utf-8", crate::page::PAGE)),
-            (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            (&Method::GET, "/") => self.counted(
+                "page",
+                web::text(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    crate::page::PAGE,
+                ),
+            ),
+            (&Method::GET, "/healthz") => {
+                json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            }
             (&Method::GET, "/readyz") => self.readyz(),
             (&Method::GET, "/metrics") => web::render_metrics(),
             (_, "/" | "/v1/polls" | "/healthz" | "/readyz" | "/metrics") => method_not_allowed(),
-            _ => self.counted("other", error(StatusCode::NOT_FOUND, "not_found", "no such path")),
+            _ => self.counted(
+                "other",
+                error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+            ),
         }
     }
 }
 
 fn method_not_allowed() -> Response<Body> {
-    let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET");
-    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    let mut resp = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "use GET",
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET"));
     resp
 }
 
@@ -98,10 +122,16 @@ impl Reader {
             Some(view) => {
                 self.metrics.results_ok.increment(1);
                 let mut resp = web::text(StatusCode::OK, "application/json", view.json.clone());
-                resp.headers_mut().insert(header::ETAG, HeaderValue::from_str(&format!("\"{}\"", view.etag)).expect("hex"));
+                resp.headers_mut().insert(
+                    header::ETAG,
+                    HeaderValue::from_str(&format!("\"{}\"", view.etag)).expect("hex"),
+                );
                 resp
             }
-            None => self.counted("results", error(StatusCode::NOT_FOUND, "unknown_poll", "no such poll")),
+            None => self.counted(
+                "results",
+                error(StatusCode::NOT_FOUND, "unknown_poll", "no such poll"),
+            ),
         }
     }
 
@@ -116,7 +146,11 @@ impl Reader {
     fn readyz(&self) -> Response<Body> {
         let snap = self.snapshots.borrow().clone();
         let fresh = snap.refreshed.is_some_and(|t| t.elapsed() < STALE_AFTER);
-        let status = if fresh { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let status = if fresh {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         json(status, &serde_json::json!({"ready": fresh}))
     }
 
@@ -125,7 +159,10 @@ impl Reader {
     fn stream(&self, poll: String, last_event_id: Option<String>) -> Response<Body> {
         let snap = self.snapshots.borrow().clone();
         if snap.refreshed.is_some() && !snap.polls.contains_key(&poll) {
-            return self.counted("stream", error(StatusCode::NOT_FOUND, "unknown_poll", "no such poll"));
+            return self.counted(
+                "stream",
+                error(StatusCode::NOT_FOUND, "unknown_poll", "no such poll"),
+            );
         }
         self.metrics.request("stream", StatusCode::OK);
         struct Subscriber {
@@ -144,7 +181,9 @@ impl Reader {
             last: last_event_id,
             heartbeat: self.heartbeat,
             preamble: true,
-            _subscriber: Subscriber { gauge: self.metrics.subscribers.clone() },
+            _subscriber: Subscriber {
+                gauge: self.metrics.subscribers.clone(),
+            },
         };
         struct State<S> {
             rx: watch::Receiver<Arc<Snapshot>>,
@@ -184,10 +223,15 @@ impl Reader {
                 }
             }
         });
-        let body = BodyExt::boxed(StreamBody::new(events.map(|b| Ok::<_, Infallible>(Frame::data(b)))));
+        let body = BodyExt::boxed(StreamBody::new(
+            events.map(|b| Ok::<_, Infallible>(Frame::data(b))),
+        ));
         let mut resp = Response::new(body);
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
         resp
@@ -195,7 +239,12 @@ impl Reader {
 }
 
 fn unavailable() -> Response<Body> {
-    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no results source has answered yet");
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "no results source has answered yet",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
 }

@@ -24,12 +24,20 @@ pub enum ReaderError {
 }
 
 /// Serves results on `listener` until `shutdown`; event streams are ended so the drain is quick.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ReaderError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ReaderError> {
     config.validate()?;
     web::metrics_handle();
     let (snap_tx, snap_rx) = watch::channel(Arc::new(snapshot::Snapshot::default()));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let refresher = tokio::spawn(snapshot::refresh_loop(config.clone(), snap_tx, stop_rx.clone()));
+    let refresher = tokio::spawn(snapshot::refresh_loop(
+        config.clone(),
+        snap_tx,
+        stop_rx.clone(),
+    ));
     let app = Arc::new(http::Reader {
         snapshots: snap_rx,
         stop: stop_rx,

@@ -58,7 +58,10 @@ impl Conn {
             self.client = None;
         }
         if self.client.is_none() {
-            if self.failed_at.is_some_and(|t| t.elapsed() < RECONNECT_AFTER) {
+            if self
+                .failed_at
+                .is_some_and(|t| t.elapsed() < RECONNECT_AFTER)
+            {
                 return None;
             }
             match tokio::time::timeout(CONNECT_TIMEOUT, db::connect(&self.url)).await {
@@ -78,10 +81,21 @@ impl Conn {
 
 /// Refreshes the snapshot every `cache_ttl` until `stop`. One loop per reader, however many
 /// requests and subscribers it has.
-pub async fn refresh_loop(config: Config, tx: watch::Sender<Arc<Snapshot>>, mut stop: watch::Receiver<bool>) {
+pub async fn refresh_loop(
+    config: Config,
+    tx: watch::Sender<Arc<Snapshot>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let region = config.region.to_string();
-    let mut conns: Vec<Conn> =
-        config.sources.iter().map(|s| Conn { url: s.url.clone(), client: None, failed_at: None }).collect();
+    let mut conns: Vec<Conn> = config
+        .sources
+        .iter()
+        .map(|s| Conn {
+            url: s.url.clone(),
+            client: None,
+            failed_at: None,
+        })
+        .collect();
     let fallback_gauge = metrics::gauge!("tally_reader_fallback", "region" => region.clone());
     let fallbacks = metrics::counter!("tally_reader_fallbacks_total", "region" => region.clone());
     let mut last_source: Option<usize> = None;
@@ -95,7 +109,9 @@ pub async fn refresh_loop(config: Config, tx: watch::Sender<Arc<Snapshot>>, mut 
         let mut probes = vec![Probe::Down; conns.len()];
         let mut found = vec![None; conns.len()];
         for (i, conn) in conns.iter_mut().enumerate() {
-            let Some(client) = conn.client().await else { continue };
+            let Some(client) = conn.client().await else {
+                continue;
+            };
             match tokio::time::timeout(QUERY_TIMEOUT, replication::freshness(client)).await {
                 Ok(Ok(f)) => {
                     let lag = f.lag_ms;
@@ -115,8 +131,15 @@ pub async fn refresh_loop(config: Config, tx: watch::Sender<Arc<Snapshot>>, mut 
             continue;
         };
         let freshness = found[chosen].take().expect("chosen sources answered");
-        let Some(client) = conns[chosen].client.as_ref() else { continue };
-        let snapshot = match tokio::time::timeout(QUERY_TIMEOUT, load(client, &config, chosen, &freshness, &region)).await {
+        let Some(client) = conns[chosen].client.as_ref() else {
+            continue;
+        };
+        let snapshot = match tokio::time::timeout(
+            QUERY_TIMEOUT,
+            load(client, &config, chosen, &freshness, &region),
+        )
+        .await
+        {
             Ok(Ok(s)) => s,
             _ => {
                 conns[chosen].client = None;
@@ -150,7 +173,10 @@ async fn load(
     )?;
     let mut counts: HashMap<String, BTreeMap<String, i64>> = HashMap::new();
     for r in &tallies {
-        counts.entry(r.get(0)).or_default().insert(r.get(1), r.get(2));
+        counts
+            .entry(r.get(0))
+            .or_default()
+            .insert(r.get(1), r.get(2));
     }
     let mut views = HashMap::with_capacity(polls.len());
     let mut open = Vec::new();
@@ -175,14 +201,22 @@ async fn load(
             lsn: &f.lsn,
         })
         .expect("results serialize");
-        views.insert(id.clone(), PollView { json: json.into(), etag: etag(&c) });
+        views.insert(
+            id.clone(),
+            PollView {
+                json: json.into(),
+                etag: etag(&c),
+            },
+        );
         if is_open {
             open.push(serde_json::json!({"id": id, "options": options}));
         }
     }
     Ok(Snapshot {
         polls: views,
-        open_polls: serde_json::to_vec(&serde_json::json!({"polls": open})).expect("serializes").into(),
+        open_polls: serde_json::to_vec(&serde_json::json!({"polls": open}))
+            .expect("serializes")
+            .into(),
         refreshed: Some(Instant::now()),
     })
 }

@@ -8,13 +8,17 @@ use std::time::Duration;
 pub enum Probe {
     Down,
     /// Answered; `lag_ms` is `None` when the server cannot tell how stale it is.
-    Up { lag_ms: Option<f64> },
+    Up {
+        lag_ms: Option<f64>,
+    },
 }
 
 /// The index of the source to serve from, or `None` if none answers.
 pub fn choose(probes: &[Probe], max_lag: Duration) -> Option<usize> {
     let bound = max_lag.as_secs_f64() * 1000.0;
-    let fresh = probes.iter().position(|p| matches!(p, Probe::Up { lag_ms: Some(l) } if *l <= bound));
+    let fresh = probes
+        .iter()
+        .position(|p| matches!(p, Probe::Up { lag_ms: Some(l) } if *l <= bound));
     fresh.or_else(|| {
         probes
             .iter()
@@ -38,11 +42,49 @@ mod tests {
     #[test]
     fn prefers_the_first_fresh_source_then_the_freshest() {
         use Probe::*;
-        assert_eq!(choose(&[Up { lag_ms: Some(1.0) }, Up { lag_ms: Some(0.0) }], BOUND), Some(0));
+        assert_eq!(
+            choose(&[Up { lag_ms: Some(1.0) }, Up { lag_ms: Some(0.0) }], BOUND),
+            Some(0)
+        );
         assert_eq!(choose(&[Down, Up { lag_ms: Some(10.0) }], BOUND), Some(1));
-        assert_eq!(choose(&[Up { lag_ms: Some(9_000.0) }, Up { lag_ms: Some(0.0) }], BOUND), Some(1));
-        assert_eq!(choose(&[Up { lag_ms: None }, Up { lag_ms: Some(7_000.0) }], BOUND), Some(1));
-        assert_eq!(choose(&[Up { lag_ms: Some(8_000.0) }, Up { lag_ms: Some(7_000.0) }], BOUND), Some(1));
+        assert_eq!(
+            choose(
+                &[
+                    Up {
+                        lag_ms: Some(9_000.0)
+                    },
+                    Up { lag_ms: Some(0.0) }
+                ],
+                BOUND
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            choose(
+                &[
+                    Up { lag_ms: None },
+                    Up {
+                        lag_ms: Some(7_000.0)
+                    }
+                ],
+                BOUND
+            ),
+            Some(1)
+        );
+        assert_eq!(
+            choose(
+                &[
+                    Up {
+                        lag_ms: Some(8_000.0)
+                    },
+                    Up {
+                        lag_ms: Some(7_000.0)
+                    }
+                ],
+                BOUND
+            ),
+            Some(1)
+        );
         assert_eq!(choose(&[Up { lag_ms: None }], BOUND), Some(0));
         assert_eq!(choose(&[Down, Down], BOUND), None);
     }

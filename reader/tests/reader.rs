@@ -23,8 +23,14 @@ async fn start(pg: &PgCluster) -> anyhow::Result<Running> {
 async fn start_in(pg: &PgCluster, region: &str) -> anyhow::Result<Running> {
     harness::init_logs();
     let sources = vec![
-        Source { name: "eu-west-1".into(), url: pg.replica().url(db::READER_ROLE, db::DATABASE) },
-        Source { name: "us-east-1".into(), url: pg.primary.url(db::READER_ROLE, db::DATABASE) },
+        Source {
+            name: "eu-west-1".into(),
+            url: pg.replica().url(db::READER_ROLE, db::DATABASE),
+        },
+        Source {
+            name: "us-east-1".into(),
+            url: pg.primary.url(db::READER_ROLE, db::DATABASE),
+        },
     ];
     let mut config = Config::new(RegionName::new(region)?, sources);
     config.heartbeat = Duration::from_millis(300);
@@ -36,7 +42,12 @@ async fn start_in(pg: &PgCluster, region: &str) -> anyhow::Result<Running> {
     }));
     let client = Client::new(base.clone());
     client.wait_ready(Duration::from_secs(10)).await?;
-    Ok(Running { client, base, stop, task })
+    Ok(Running {
+        client,
+        base,
+        stop,
+        task,
+    })
 }
 
 impl Running {
@@ -47,7 +58,10 @@ impl Running {
     }
 
     async fn results(&self, poll: &str) -> anyhow::Result<serde_json::Value> {
-        let r = self.client.get(&format!("/v1/polls/{poll}/results")).await?;
+        let r = self
+            .client
+            .get(&format!("/v1/polls/{poll}/results"))
+            .await?;
         anyhow::ensure!(r.status == 200, "status {}: {}", r.status, r.text());
         Ok(r.json())
     }
@@ -63,13 +77,17 @@ where
         if check().await.unwrap_or(false) {
             return Ok(start.elapsed());
         }
-        anyhow::ensure!(start.elapsed() < limit, "condition not met within {limit:?}");
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_on_the_primary_is_served_from_the_replica_within_a_second() -> anyhow::Result<()> {
+async fn a_change_on_the_primary_is_served_from_the_replica_within_a_second() -> anyhow::Result<()>
+{
     let pg = PgCluster::start_with_replica().await?;
     let r = start(&pg).await?;
     let first = r.results("default").await?;
@@ -77,10 +95,22 @@ async fn a_change_on_the_primary_is_served_from_the_replica_within_a_second() ->
     assert_eq!(first["region"], "eu-west-1");
     assert_eq!(first["source"], "eu-west-1");
     assert_eq!(first["fallback"], false);
-    for key in ["poll", "counts", "total", "as_of", "region", "replica_lag_ms"] {
+    for key in [
+        "poll",
+        "counts",
+        "total",
+        "as_of",
+        "region",
+        "replica_lag_ms",
+    ] {
         assert!(first.get(key).is_some(), "{key} missing from {first}");
     }
-    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 41 WHERE poll_id = 'default' AND option = 'a'").await?;
+    pg.client()
+        .await?
+        .batch_execute(
+            "UPDATE tally_parts SET count = 41 WHERE poll_id = 'default' AND option = 'a'",
+        )
+        .await?;
     let took = wait_for(Duration::from_secs(5), || async {
         let v = r.results("default").await?;
         Ok(v["counts"]["a"] == 41)
@@ -89,10 +119,21 @@ async fn a_change_on_the_primary_is_served_from_the_replica_within_a_second() ->
     assert!(took < Duration::from_secs(1), "took {took:?}");
     let v = r.results("default").await?;
     assert_eq!(v["total"], 41);
-    assert!(v["replica_lag_ms"].as_f64().is_some_and(|l| l >= 0.0), "{v}");
+    assert!(
+        v["replica_lag_ms"].as_f64().is_some_and(|l| l >= 0.0),
+        "{v}"
+    );
     // Caught up and streaming: the replica itself says it is current, not "as old as the last commit".
-    wait_for(Duration::from_secs(5), || async { Ok(r.results("default").await?["replica_lag_ms"] == 0.0) }).await?;
-    assert!(v["as_of"].as_str().is_some_and(|s| s.ends_with('Z') && s.contains('T')), "{v}");
+    wait_for(Duration::from_secs(5), || async {
+        Ok(r.results("default").await?["replica_lag_ms"] == 0.0)
+    })
+    .await?;
+    assert!(
+        v["as_of"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z') && s.contains('T')),
+        "{v}"
+    );
     r.stop().await
 }
 
@@ -103,14 +144,20 @@ async fn falls_back_when_the_replica_stops_and_returns_to_it() -> anyhow::Result
     assert_eq!(r.results("default").await?["source"], "eu-west-1");
     let replica = pg.replica().clone();
     tokio::task::spawn_blocking(move || replica.stop(servers::StopMode::Fast)).await??;
-    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 7 WHERE option = 'b'").await?;
+    pg.client()
+        .await?
+        .batch_execute("UPDATE tally_parts SET count = 7 WHERE option = 'b'")
+        .await?;
     wait_for(Duration::from_secs(5), || async {
         let v = r.results("default").await?;
         Ok(v["source"] == "us-east-1" && v["fallback"] == true && v["counts"]["b"] == 7)
     })
     .await?;
     let metrics = r.client.get("/metrics").await?.text();
-    assert!(metrics.contains(r#"tally_reader_fallback{region="fallback-test"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"tally_reader_fallback{region="fallback-test"} 1"#),
+        "{metrics}"
+    );
     let replica = pg.replica().clone();
     tokio::task::spawn_blocking(move || replica.start()).await??;
     wait_for(Duration::from_secs(15), || async {
@@ -133,27 +180,42 @@ async fn event_stream_sends_changes_and_resumes_from_last_event_id() -> anyhow::
             if let Some(id) = last {
                 req = req.header("last-event-id", id);
             }
-            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Empty<bytes::Bytes>>();
-            let resp = client.request(req.body(http_body_util::Empty::new())?).await?;
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let resp = client
+                .request(req.body(http_body_util::Empty::new())?)
+                .await?;
             anyhow::ensure!(resp.headers()["content-type"] == "text/event-stream");
             anyhow::Ok(resp.into_body())
         }
     };
     // Reads frames until one holds a results event; returns (id, data).
-    async fn next_event(body: &mut hyper::body::Incoming, limit: Duration) -> anyhow::Result<(String, serde_json::Value)> {
+    async fn next_event(
+        body: &mut hyper::body::Incoming,
+        limit: Duration,
+    ) -> anyhow::Result<(String, serde_json::Value)> {
         let deadline = Instant::now() + limit;
         let mut buf = String::new();
         loop {
-            let frame = tokio::time::timeout_at(deadline.into(), body.frame()).await?.expect("stream open")?;
+            let frame = tokio::time::timeout_at(deadline.into(), body.frame())
+                .await?
+                .expect("stream open")?;
             if let Some(data) = frame.data_ref() {
                 buf.push_str(std::str::from_utf8(data)?);
             }
             while let Some(end) = buf.find("\n\n") {
                 let event: String = buf.drain(..end + 2).collect();
                 if event.contains("event: results") {
-                    let id = event.lines().find_map(|l| l.strip_prefix("id: ")).unwrap().to_string();
-                    let data = event.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                    let id = event
+                        .lines()
+                        .find_map(|l| l.strip_prefix("id: "))
+                        .unwrap()
+                        .to_string();
+                    let data = event
+                        .lines()
+                        .find_map(|l| l.strip_prefix("data: "))
+                        .unwrap();
                     return Ok((id, serde_json::from_str(data)?));
                 }
             }
@@ -162,7 +224,10 @@ async fn event_stream_sends_changes_and_resumes_from_last_event_id() -> anyhow::
     let mut body = open(None).await?;
     let (id0, first) = next_event(&mut body, Duration::from_secs(5)).await?;
     assert_eq!(first["counts"]["a"], 0);
-    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 3 WHERE option = 'a'").await?;
+    pg.client()
+        .await?
+        .batch_execute("UPDATE tally_parts SET count = 3 WHERE option = 'a'")
+        .await?;
     let (id1, second) = next_event(&mut body, Duration::from_secs(2)).await?;
     assert_eq!(second["counts"]["a"], 3);
     assert_ne!(id0, id1);
@@ -171,9 +236,15 @@ async fn event_stream_sends_changes_and_resumes_from_last_event_id() -> anyhow::
     let mut stale = open(Some(id0)).await?;
     let (_, caught_up) = next_event(&mut stale, Duration::from_secs(2)).await?;
     assert_eq!(caught_up["counts"]["a"], 3);
-    pg.client().await?.batch_execute("UPDATE tally_parts SET count = 4 WHERE option = 'a'").await?;
+    pg.client()
+        .await?
+        .batch_execute("UPDATE tally_parts SET count = 4 WHERE option = 'a'")
+        .await?;
     let (_, after) = next_event(&mut resumed, Duration::from_secs(2)).await?;
-    assert_eq!(after["counts"]["a"], 4, "a resumed stream must not repeat what it had seen");
+    assert_eq!(
+        after["counts"]["a"], 4,
+        "a resumed stream must not repeat what it had seen"
+    );
     drop((body, resumed, stale));
     r.stop().await
 }
@@ -183,16 +254,32 @@ async fn errors_are_json_with_the_right_status() -> anyhow::Result<()> {
     let pg = PgCluster::start_with_replica().await?;
     let r = start(&pg).await?;
     let unknown = r.client.get("/v1/polls/nope/results").await?;
-    assert_eq!((unknown.status.as_u16(), unknown.error_code().as_str()), (404, "unknown_poll"));
+    assert_eq!(
+        (unknown.status.as_u16(), unknown.error_code().as_str()),
+        (404, "unknown_poll")
+    );
     let stream = r.client.get("/v1/polls/nope/results/stream").await?;
     assert_eq!(stream.status, 404);
     let path = r.client.get("/v1/polls/default/nothing").await?;
-    assert_eq!((path.status.as_u16(), path.error_code().as_str()), (404, "not_found"));
-    let method = r.client.request(hyper::Method::POST, "/v1/polls/default/results", &[], "").await?;
-    assert_eq!((method.status.as_u16(), method.error_code().as_str()), (405, "method_not_allowed"));
+    assert_eq!(
+        (path.status.as_u16(), path.error_code().as_str()),
+        (404, "not_found")
+    );
+    let method = r
+        .client
+        .request(hyper::Method::POST, "/v1/polls/default/results", &[], "")
+        .await?;
+    assert_eq!(
+        (method.status.as_u16(), method.error_code().as_str()),
+        (405, "method_not_allowed")
+    );
     let polls = r.client.get("/v1/polls").await?.json();
     assert_eq!(polls["polls"][0]["id"], "default");
     let page = r.client.get("/").await?;
-    assert!(page.text().contains("EventSource") && !page.text().contains("http://") && !page.text().contains("https://"));
+    assert!(
+        page.text().contains("EventSource")
+            && !page.text().contains("http://")
+            && !page.text().contains("https://")
+    );
     r.stop().await
 }

@@ -40,7 +40,11 @@ impl Topology {
             shards,
         };
         Topology {
-            regions: vec![region("us-east-1", true, 2), region("eu-west-1", false, 1), region("ap-southeast-1", false, 1)],
+            regions: vec![
+                region("us-east-1", true, 2),
+                region("eu-west-1", false, 1),
+                region("ap-southeast-1", false, 1),
+            ],
         }
     }
 
@@ -64,7 +68,10 @@ impl Topology {
     }
 
     pub fn primary(&self) -> &Region {
-        self.regions.iter().find(|r| r.primary).expect("validated topology has a primary")
+        self.regions
+            .iter()
+            .find(|r| r.primary)
+            .expect("validated topology has a primary")
     }
 }
 
@@ -87,10 +94,19 @@ mod tests {
         assert_eq!(t.validate(), Err(TopologyError::PrimaryCount(2)));
         let mut t = Topology::standard();
         t.regions[2].name = t.regions[1].name.clone();
-        assert_eq!(t.validate(), Err(TopologyError::Duplicate("eu-west-1".into())));
+        assert_eq!(
+            t.validate(),
+            Err(TopologyError::Duplicate("eu-west-1".into()))
+        );
         let mut t = Topology::standard();
         t.regions[0].shards = 0;
-        assert_eq!(t.validate(), Err(TopologyError::NoShards("us-east-1".into())));
-        assert_eq!(Topology { regions: vec![] }.validate(), Err(TopologyError::Empty));
+        assert_eq!(
+            t.validate(),
+            Err(TopologyError::NoShards("us-east-1".into()))
+        );
+        assert_eq!(
+            Topology { regions: vec![] }.validate(),
+            Err(TopologyError::Empty)
+        );
     }
 }

@@ -60,12 +60,21 @@ pub async fn freshness(client: &Client) -> Result<Freshness, ReplicationError> {
 
 /// The primary's current WAL position, to wait for on a replica with [`has_replayed`].
 pub async fn current_lsn(primary: &Client) -> Result<String, ReplicationError> {
-    Ok(primary.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0))
+    Ok(primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0))
 }
 
 /// Has this replica replayed everything up to `lsn`?
 pub async fn has_replayed(replica: &Client, lsn: &str) -> Result<bool, ReplicationError> {
-    Ok(replica.query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn]).await?.get(0))
+    Ok(replica
+        .query_one(
+            "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+            &[&lsn],
+        )
+        .await?
+        .get(0))
 }
 
 /// A replica as the primary sees it, through its replication slot.

@@ -27,11 +27,18 @@ pub enum ServerError {
     #[error("{program} failed: {detail}")]
     CommandFailed { program: String, detail: String },
     #[error("{server} did not become ready within {seconds}s: {detail}")]
-    NotReady { server: String, seconds: u64, detail: String },
+    NotReady {
+        server: String,
+        seconds: u64,
+        detail: String,
+    },
     #[error("{server} exited during start-up: {detail}")]
     Crashed { server: String, detail: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl ServerError {

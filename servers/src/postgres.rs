@@ -61,12 +61,19 @@ impl PgBin {
             .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
             .collect();
         versions.sort();
-        if let Some((_, dir)) = versions.into_iter().rev().find(|(_, d)| d.join("initdb").exists()) {
+        if let Some((_, dir)) = versions
+            .into_iter()
+            .rev()
+            .find(|(_, d)| d.join("initdb").exists())
+        {
             return Self::checked(dir);
         }
         match which("initdb") {
             Some(p) => Self::checked(p.parent().unwrap_or(Path::new("/")).to_path_buf()),
-            None => Err(ServerError::MissingBinary { what: "PostgreSQL (initdb)".into(), hint: INSTALL_HINT }),
+            None => Err(ServerError::MissingBinary {
+                what: "PostgreSQL (initdb)".into(),
+                hint: INSTALL_HINT,
+            }),
         }
     }
 
@@ -104,7 +111,11 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn new(bin: PgBin, data_dir: impl Into<PathBuf>, port: u16) -> Self {
-        Self { bin, data_dir: data_dir.into(), port }
+        Self {
+            bin,
+            data_dir: data_dir.into(),
+            port,
+        }
     }
 
     pub fn url(&self, user: &str, db: &str) -> String {
@@ -132,10 +143,19 @@ impl Postgres {
         self.prepare_dir()?;
         run(self
             .as_server_user(self.bin.tool("initdb"))
-            .arg("-D").arg(&self.data_dir)
-            .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]))?;
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ]))?;
         append(&self.data_dir.join("postgresql.conf"), CONF)?;
-        std::fs::write(self.data_dir.join("pg_hba.conf"), HBA).map_err(ServerError::io(&self.data_dir))?;
+        std::fs::write(self.data_dir.join("pg_hba.conf"), HBA)
+            .map_err(ServerError::io(&self.data_dir))?;
         Ok(())
     }
 
@@ -153,11 +173,22 @@ impl Postgres {
         ]));
         run(self
             .as_server_user(self.bin.tool("pg_basebackup"))
-            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", SUPERUSER])
-            .arg("-D").arg(&self.data_dir)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .arg("-D")
+            .arg(&self.data_dir)
             .args(["-R", "-X", "stream", "-C", "-S", slot, "--checkpoint=fast"]))?;
         // The slot name must reach primary_slot_name; -R writes it, but be explicit for old versions.
-        append(&self.data_dir.join("postgresql.auto.conf"), &format!("primary_slot_name = '{slot}'\n"))?;
+        append(
+            &self.data_dir.join("postgresql.auto.conf"),
+            &format!("primary_slot_name = '{slot}'\n"),
+        )?;
         Ok(())
     }
 
@@ -168,11 +199,15 @@ impl Postgres {
         std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(ServerError::io(&self.data_dir))?;
         if running_as_root() {
-            run(Command::new("chown").args(["-R", &format!("{SERVER_USER}:")]).arg(&self.data_dir))?;
+            run(Command::new("chown")
+                .args(["-R", &format!("{SERVER_USER}:")])
+                .arg(&self.data_dir))?;
             // The log sits beside the data directory and is written by the server user.
             let log = self.logfile();
             std::fs::write(&log, b"").map_err(ServerError::io(&log))?;
-            run(Command::new("chown").arg(format!("{SERVER_USER}:")).arg(&log))?;
+            run(Command::new("chown")
+                .arg(format!("{SERVER_USER}:"))
+                .arg(&log))?;
             // The server user must be able to reach the directory.
             run(self.as_server_user("test").arg("-w").arg(&self.data_dir)).map_err(|_| {
                 ServerError::CommandFailed {
@@ -204,8 +239,10 @@ impl Postgres {
         ensure_port_free(self.port)?;
         run(self
             .as_server_user(self.bin.tool("pg_ctl"))
-            .arg("-D").arg(&self.data_dir)
-            .arg("-l").arg(self.logfile())
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.logfile())
             .args(["-w", "-t", &PG_CTL_WAIT_SECS.to_string()])
             .args(["-o", &format!("-p {}", self.port)])
             .arg("start"))
@@ -223,7 +260,8 @@ impl Postgres {
         self.is_initialized()
             && self
                 .as_server_user(self.bin.tool("pg_ctl"))
-                .arg("-D").arg(&self.data_dir)
+                .arg("-D")
+                .arg(&self.data_dir)
                 .arg("status")
                 .output()
                 .is_ok_and(|o| o.status.success())
@@ -239,8 +277,16 @@ impl Postgres {
         };
         run(self
             .as_server_user(self.bin.tool("pg_ctl"))
-            .arg("-D").arg(&self.data_dir)
-            .args(["-m", mode, "-w", "-t", &PG_CTL_WAIT_SECS.to_string(), "stop"]))?;
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args([
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                &PG_CTL_WAIT_SECS.to_string(),
+                "stop",
+            ]))?;
         Ok(())
     }
 }

@@ -9,7 +9,9 @@ use crate::ServerError;
 
 /// Are we root? PostgreSQL refuses to run as root, so then its commands run as `postgres`.
 pub fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// A port that was free a moment ago, for a server to listen on later. Racy by nature; callers
@@ -51,27 +53,38 @@ pub(crate) fn ensure_port_free(port: u16) -> Result<(), ServerError> {
 /// Runs a command to completion; a non-zero exit becomes an error carrying the last line of its output.
 pub(crate) fn run(cmd: &mut Command) -> Result<Output, ServerError> {
     let program = format!("{:?}", cmd.get_program());
-    let out = cmd
-        .output()
-        .map_err(|e| ServerError::CommandFailed { program: program.clone(), detail: e.to_string() })?;
+    let out = cmd.output().map_err(|e| ServerError::CommandFailed {
+        program: program.clone(),
+        detail: e.to_string(),
+    })?;
     if !out.status.success() {
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        return Err(ServerError::CommandFailed { program, detail: last_line(&text) });
+        return Err(ServerError::CommandFailed {
+            program,
+            detail: last_line(&text),
+        });
     }
     Ok(out)
 }
 
 pub(crate) fn last_line(text: &str) -> String {
-    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)").trim().to_string()
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(no output)")
+        .trim()
+        .to_string()
 }
 
 /// The last meaningful line of a log file, for "why did it not start" messages.
 pub(crate) fn log_tail(path: &Path) -> String {
-    std::fs::read_to_string(path).map(|t| last_line(&t)).unwrap_or_else(|_| "(no log)".into())
+    std::fs::read_to_string(path)
+        .map(|t| last_line(&t))
+        .unwrap_or_else(|_| "(no log)".into())
 }
 
 /// Is this process alive (and not a zombie)?
@@ -84,5 +97,7 @@ pub fn pid_alive(pid: u32) -> bool {
 
 /// Sends a signal by name (`TERM`, `KILL`).
 pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).output();
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .output();
 }

@@ -35,7 +35,9 @@ impl std::str::FromStr for Fsync {
         match s {
             "always" => Ok(Fsync::Always),
             "everysec" => Ok(Fsync::Everysec),
-            other => Err(format!("unknown fsync policy {other:?} (always or everysec)")),
+            other => Err(format!(
+                "unknown fsync policy {other:?} (always or everysec)"
+            )),
         }
     }
 }
@@ -51,7 +53,11 @@ impl Fsync {
 
 impl Redis {
     pub fn new(dir: impl Into<PathBuf>, port: u16) -> Self {
-        Self { dir: dir.into(), port, fsync: Fsync::Always }
+        Self {
+            dir: dir.into(),
+            port,
+            fsync: Fsync::Always,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -70,7 +76,10 @@ impl Redis {
         std::env::var_os("TALLY_REDIS_SERVER")
             .map(PathBuf::from)
             .or_else(|| which("redis-server"))
-            .ok_or(ServerError::MissingBinary { what: "redis-server".into(), hint: INSTALL_HINT })
+            .ok_or(ServerError::MissingBinary {
+                what: "redis-server".into(),
+                hint: INSTALL_HINT,
+            })
     }
 
     /// Starts it in the background, append-only file on, and waits until it answers PING.
@@ -82,13 +91,24 @@ impl Redis {
         ensure_port_free(self.port)?;
         std::fs::create_dir_all(&self.dir).map_err(ServerError::io(&self.dir))?;
         run(Command::new(bin)
-            .arg("--port").arg(self.port.to_string())
+            .arg("--port")
+            .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1"])
-            .arg("--dir").arg(&self.dir)
-            .args(["--appendonly", "yes", "--appendfsync", self.fsync.as_str(), "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.fsync.as_str(),
+                "--save",
+                "",
+            ])
             .args(["--daemonize", "yes"])
-            .arg("--pidfile").arg(self.pidfile())
-            .arg("--logfile").arg(self.logfile()))?;
+            .arg("--pidfile")
+            .arg(self.pidfile())
+            .arg("--logfile")
+            .arg(self.logfile()))?;
         self.wait_ready(Duration::from_secs(20))
     }
 
@@ -98,7 +118,9 @@ impl Redis {
             if ping(self.port) {
                 return Ok(());
             }
-            if start.elapsed() > Duration::from_millis(500) && self.pid().is_none_or(|p| !pid_alive(p)) {
+            if start.elapsed() > Duration::from_millis(500)
+                && self.pid().is_none_or(|p| !pid_alive(p))
+            {
                 return Err(ServerError::Crashed {
                     server: format!("redis on port {}", self.port),
                     detail: log_tail(&self.logfile()),
@@ -114,7 +136,11 @@ impl Redis {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.pidfile()).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn is_running(&self) -> bool {
@@ -156,7 +182,10 @@ fn wait_exit(pid: u32, limit: Duration) -> bool {
 }
 
 fn command(port: u16, cmd: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_millis(500))?;
+    let mut s = TcpStream::connect_timeout(
+        &(Ipv4Addr::LOCALHOST, port).into(),
+        Duration::from_millis(500),
+    )?;
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
     s.write_all(format!("{cmd}\r\n").as_bytes())?;
     let mut buf = [0u8; 64];
@@ -170,11 +199,14 @@ fn ping(port: u16) -> bool {
 
 pub(crate) fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| is_executable(p))
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| is_executable(p))
     })
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }

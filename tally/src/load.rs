@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::local::Stack;
+use crate::local::{slot_name, Stack};
+use crate::report::{RegionRecorder, Series, Timeline};
 
 /// Where voters are, and which region serves them (Route53's geolocation answer for the
 /// standard topology: the Americas to us-east-1, Europe and Africa to eu-west-1, Asia and
@@ -55,6 +56,7 @@ pub struct Report {
     /// Per region: acknowledged votes, and whether its reader shows the primary's counts.
     pub regions: Vec<RegionReport>,
     pub drained_in_seconds: f64,
+    pub timeline: Timeline,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,12 +81,22 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     let failed = Arc::new(AtomicU64::new(0));
     let window = Arc::new(Mutex::new(bench::load::histogram()));
     let started = Instant::now();
+    let (stop_sampling, sampling_stopped) = tokio::sync::oneshot::channel();
+    let sampler = tokio::spawn(sample_every_second(
+        stack.clone(),
+        started,
+        sampling_stopped,
+    ));
 
     let mut tasks = Vec::new();
     let mut region_acks: HashMap<String, Arc<AtomicU64>> = HashMap::new();
+    let mut recorders = Vec::new();
     for r in &stack.regions {
-        let continents: Vec<(&'static str, f64)> =
-            VOTER_MIX.iter().filter(|(_, _, region)| *region == r.name).map(|(c, share, _)| (*c, *share)).collect();
+        let continents: Vec<(&'static str, f64)> = VOTER_MIX
+            .iter()
+            .filter(|(_, _, region)| *region == r.name)
+            .map(|(c, share, _)| (*c, *share))
+            .collect();
         let share: f64 = continents.iter().map(|(_, s)| s).sum();
         if share == 0.0 {
             continue;
@@ -103,8 +115,15 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                     pick < 0.0
                 })
                 .map_or(continents[0].0, |(c, _)| *c);
-            let option: &'static [u8] = if (h >> 40) % 10 < 6 { br#"{"option":"a"}"# } else { br#"{"option":"b"}"# };
-            (format!("{tag}-{continent}-{}", (h >> 16) % voters_here), option)
+            let option: &'static [u8] = if (h >> 40) % 10 < 6 {
+                br#"{"option":"a"}"#
+            } else {
+                br#"{"option":"b"}"#
+            };
+            (
+                format!("{tag}-{continent}-{}", (h >> 16) % voters_here),
+                option,
+            )
         });
         let make: MakeRequest = {
             let vote_n = vote_n.clone();
@@ -119,17 +138,24 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         };
         let here = Arc::new(AtomicU64::new(0));
         region_acks.insert(r.name.clone(), here.clone());
-        let (acks, acked, failed, window) = (acks.clone(), acked.clone(), failed.clone(), window.clone());
+        let recorder = Arc::new(Mutex::new(RegionRecorder::new(&r.name)));
+        recorders.push(recorder.clone());
+        let (acks, acked, failed, window) =
+            (acks.clone(), acked.clone(), failed.clone(), window.clone());
         let on_answer = Arc::new(move |n: u64, s: Sample, body: &[u8]| {
             let _ = window.lock().expect("histogram").record(s.latency_us);
-            if s.status != Some(202) {
-                failed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            let Some(id) = serde_json::from_slice::<serde_json::Value>(body)
-                .ok()
-                .and_then(|v| v["vote_id"].as_str().and_then(parse_uuid))
-            else {
+            let id = (s.status == Some(202))
+                .then(|| {
+                    serde_json::from_slice::<serde_json::Value>(body).ok()?["vote_id"]
+                        .as_str()
+                        .and_then(parse_uuid)
+                })
+                .flatten();
+            recorder
+                .lock()
+                .expect("recorder")
+                .record(s.due, s.latency_us, id.is_some());
+            let Some(id) = id else {
                 failed.fetch_add(1, Ordering::Relaxed);
                 return;
             };
@@ -142,12 +168,14 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         });
         let rate = opts.rate * share;
         let (duration, connections) = (opts.duration, opts.connections_per_region);
-        tasks.push(tokio::spawn(async move { open_loop(addr, rate, duration, connections, make, on_answer).await }));
+        tasks.push(tokio::spawn(async move {
+            open_loop(addr, rate, duration, connections, make, on_answer).await
+        }));
     }
 
     let progress = {
         let (acked, failed, window) = (acked.clone(), failed.clone(), window.clone());
-        let show = opts.progress;
+        let (show, total) = (opts.progress, opts.duration);
         tokio::spawn(async move {
             let mut last = 0;
             loop {
@@ -160,8 +188,12 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                     p
                 };
                 if show {
+                    let done = (started.elapsed().as_secs_f64() / total.as_secs_f64()).min(1.0);
+                    let filled = (done * 20.0).round() as usize;
                     eprintln!(
-                        "[{:>4.0}s] {:>7} votes/s acknowledged, {} total, {} errors, p99 {:.1} ms",
+                        "[{}{}] {:>3.0}s {:>7} votes/s acknowledged, {} total, {} errors, p99 {:.1} ms",
+                        "#".repeat(filled),
+                        ".".repeat(20 - filled),
                         started.elapsed().as_secs_f64(),
                         now - last,
                         now,
@@ -195,6 +227,16 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     let drain_started = Instant::now();
     wait_drained(stack, Duration::from_secs(120)).await?;
     let drained_in = drain_started.elapsed();
+    let _ = stop_sampling.send(());
+    let mut timeline = sampler.await?;
+    for recorder in recorders {
+        let recorder = Arc::try_unwrap(recorder)
+            .ok()
+            .context("a load task outlived the load")?
+            .into_inner()
+            .expect("recorder");
+        recorder.finish(&mut timeline);
+    }
     let acks = std::mem::take(&mut *acks.lock().expect("acks"));
     let (lost, doubled) = verify(stack, &run_tag, &acks).await?;
     let regions = compare_readers(stack, &region_acks).await?;
@@ -204,7 +246,8 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         lost,
         doubled,
         rate_target: opts.rate,
-        rate_achieved: acks.count as f64 / outcome.elapsed.as_secs_f64(),
+        // Over the window the votes were due in: an open loop's rate is what it sent on schedule.
+        rate_achieved: acks.count as f64 / opts.duration.as_secs_f64(),
         seconds: outcome.elapsed.as_secs_f64(),
         statuses: summary.statuses,
         transport_errors: summary.transport_errors,
@@ -214,7 +257,94 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         voters: acks.latest.len(),
         regions,
         drained_in_seconds: drained_in.as_secs_f64(),
+        timeline,
     })
+}
+
+/// Every second until stopped: each shard's backlog and each replica's lag, for the report.
+/// A sample that fails (a server restarting) is left out rather than failing the load.
+async fn sample_every_second(
+    stack: Stack,
+    started: Instant,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Timeline {
+    let mut shards = Vec::new();
+    for r in &stack.regions {
+        for (i, port) in r.redis.iter().enumerate() {
+            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
+                continue;
+            };
+            if let Ok(con) = client.get_multiplexed_async_connection().await {
+                shards.push((
+                    Series {
+                        name: format!("{} shard {i}", r.name),
+                        points: Vec::new(),
+                    },
+                    con,
+                ));
+            }
+        }
+    }
+    let primary = db::connect(&stack.primary_url()).await.ok();
+    let mut lags: Vec<Series> = stack
+        .regions
+        .iter()
+        .filter(|r| !r.primary)
+        .map(|r| Series {
+            name: format!("{} replica", r.name),
+            points: Vec::new(),
+        })
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let at = started.elapsed().as_secs_f64();
+        for (series, con) in &mut shards {
+            if let Ok(n) = outstanding(con).await {
+                series.points.push([at, n as f64]);
+            }
+        }
+        let Some(primary) = &primary else { continue };
+        let Ok(now) = replication::replica_lags(primary).await else {
+            continue;
+        };
+        for (series, region) in lags
+            .iter_mut()
+            .zip(stack.regions.iter().filter(|r| !r.primary))
+        {
+            if let Some(bytes) = now
+                .iter()
+                .find(|l| l.slot == slot_name(&region.name))
+                .and_then(|l| l.lag_bytes)
+            {
+                series.points.push([at, bytes as f64 / 1024.0]);
+            }
+        }
+    }
+    Timeline {
+        backlog: shards.into_iter().map(|(s, _)| s).collect(),
+        replica_lag_kib: lags,
+        ..Timeline::default()
+    }
+}
+
+/// Votes in a shard: waiting, plus in every worker's in-flight list.
+async fn outstanding(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<u64> {
+    let mut n: u64 = redis::cmd("LLEN")
+        .arg(model::queue::VOTES)
+        .query_async(con)
+        .await?;
+    let inflight: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX))
+        .query_async(con)
+        .await?;
+    for key in inflight {
+        n += redis::cmd("LLEN").arg(key).query_async::<u64>(con).await?;
+    }
+    Ok(n)
 }
 
 fn parse_uuid(s: &str) -> Option<u128> {
@@ -226,28 +356,42 @@ async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut shards = Vec::new();
     for port in stack.regions.iter().flat_map(|r| &r.redis) {
-        shards.push(redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_multiplexed_async_connection().await?);
+        shards.push(
+            redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
+                .get_multiplexed_async_connection()
+                .await?,
+        );
     }
     loop {
-        let mut outstanding = 0u64;
+        let mut left = 0u64;
         for con in &mut shards {
-            outstanding += redis::cmd("LLEN").arg(model::queue::VOTES).query_async::<u64>(con).await?;
-            let inflight: Vec<String> =
-                redis::cmd("KEYS").arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX)).query_async(con).await?;
-            outstanding += inflight.len() as u64;
+            left += outstanding(con).await?;
         }
-        if outstanding == 0 {
+        if left == 0 {
             break;
         }
-        anyhow::ensure!(start.elapsed() < limit, "{outstanding} votes or batches still queued after {limit:?}");
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "{left} votes still queued after {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let primary = db::connect(&stack.primary_url()).await?;
     let lsn = replication::current_lsn(&primary).await?;
     for r in stack.regions.iter().filter(|r| !r.primary) {
-        let replica = db::connect(&format!("postgres://{}@127.0.0.1:{}/{}", servers::SUPERUSER, r.postgres, db::DATABASE)).await?;
+        let replica = db::connect(&format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            servers::SUPERUSER,
+            r.postgres,
+            db::DATABASE
+        ))
+        .await?;
         while !replication::has_replayed(&replica, &lsn).await? {
-            anyhow::ensure!(start.elapsed() < limit, "replica {} did not catch up", r.name);
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "replica {} did not catch up",
+                r.name
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -261,9 +405,15 @@ async fn verify(stack: &Stack, run_tag: &str, acks: &Acks) -> anyhow::Result<(u6
     let rows = client
         .query("SELECT voter_id, vote_id::text FROM ballots WHERE poll_id = 'default' AND voter_id LIKE $1", &[&format!("{run_tag}-%")])
         .await?;
-    let ballots: HashMap<String, u128> =
-        rows.iter().filter_map(|r| Some((r.get::<_, String>(0), parse_uuid(r.get::<_, &str>(1))?))).collect();
-    let lost = acks.latest.iter().filter(|(voter, id)| ballots.get(*voter).is_none_or(|b| b < *id)).count() as u64;
+    let ballots: HashMap<String, u128> = rows
+        .iter()
+        .filter_map(|r| Some((r.get::<_, String>(0), parse_uuid(r.get::<_, &str>(1))?)))
+        .collect();
+    let lost = acks
+        .latest
+        .iter()
+        .filter(|(voter, id)| ballots.get(*voter).is_none_or(|b| b < *id))
+        .count() as u64;
     let doubled: i64 = client
         .query_one(
             "SELECT COALESCE(sum(abs(t.count - COALESCE(r.n, 0))), 0)::int8
@@ -276,10 +426,16 @@ async fn verify(stack: &Stack, run_tag: &str, acks: &Acks) -> anyhow::Result<(u6
     Ok((lost, doubled as u64))
 }
 
-async fn compare_readers(stack: &Stack, acks: &HashMap<String, Arc<AtomicU64>>) -> anyhow::Result<Vec<RegionReport>> {
+async fn compare_readers(
+    stack: &Stack,
+    acks: &HashMap<String, Arc<AtomicU64>>,
+) -> anyhow::Result<Vec<RegionReport>> {
     let client = db::connect(&stack.primary_url()).await?;
     let primary: HashMap<String, i64> = client
-        .query("SELECT option, count FROM tallies WHERE poll_id = 'default'", &[])
+        .query(
+            "SELECT option, count FROM tallies WHERE poll_id = 'default'",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -287,10 +443,14 @@ async fn compare_readers(stack: &Stack, acks: &HashMap<String, Arc<AtomicU64>>) 
     let mut out = Vec::new();
     for r in &stack.regions {
         let reader = reader_results(r.reader).await?;
-        let counts: HashMap<String, i64> = serde_json::from_value(reader["counts"].clone()).unwrap_or_default();
+        let counts: HashMap<String, i64> =
+            serde_json::from_value(reader["counts"].clone()).unwrap_or_default();
         out.push(RegionReport {
             name: r.name.clone(),
-            acknowledged: acks.get(&r.name).map(|a| a.load(Ordering::Relaxed)).unwrap_or(0),
+            acknowledged: acks
+                .get(&r.name)
+                .map(|a| a.load(Ordering::Relaxed))
+                .unwrap_or(0),
             results_match_primary: counts == primary,
             reader_total: reader["total"].as_i64().unwrap_or(-1),
         });
@@ -303,10 +463,15 @@ async fn reader_results(port: u16) -> anyhow::Result<serde_json::Value> {
     // The reader refreshes every 100 ms; give it two intervals after the replicas caught up.
     tokio::time::sleep(Duration::from_millis(250)).await;
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get("/v1/polls/default/results").header("host", "localhost").body(Full::new(Bytes::new()))?;
+    let req = hyper::Request::get("/v1/polls/default/results")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;
-    let body = http_body_util::BodyExt::collect(resp.into_body()).await?.to_bytes();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await?
+        .to_bytes();
     Ok(serde_json::from_slice(&body)?)
 }

@@ -66,7 +66,11 @@ impl Stack {
     pub fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
         let path = dir.join(STATE_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?)),
+            Ok(text) => {
+                Ok(Some(serde_json::from_str(&text).with_context(|| {
+                    format!("{} is damaged", path.display())
+                })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
@@ -74,7 +78,12 @@ impl Stack {
 
     /// The stack in `dir`, or an error saying to run `tally local up` first.
     pub fn require(dir: &Path) -> anyhow::Result<Self> {
-        Self::load(dir)?.with_context(|| format!("no local stack in {}; run `tally local up` first", dir.display()))
+        Self::load(dir)?.with_context(|| {
+            format!(
+                "no local stack in {}; run `tally local up` first",
+                dir.display()
+            )
+        })
     }
 
     fn plan(dir: &Path, topology: &Topology) -> Self {
@@ -91,16 +100,23 @@ impl Stack {
                 reader: free_port(),
             })
             .collect();
-        Stack { dir: dir.to_path_buf(), regions }
+        Stack {
+            dir: dir.to_path_buf(),
+            regions,
+        }
     }
 
     fn save(&self) -> anyhow::Result<()> {
         let path = self.dir.join(STATE_FILE);
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", path.display()))
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     fn primary(&self) -> &RegionPorts {
-        self.regions.iter().find(|r| r.primary).expect("a stack has a primary region")
+        self.regions
+            .iter()
+            .find(|r| r.primary)
+            .expect("a stack has a primary region")
     }
 
     fn postgres(&self, bin: &PgBin, r: &RegionPorts) -> Postgres {
@@ -111,7 +127,10 @@ impl Stack {
         r.redis
             .iter()
             .enumerate()
-            .map(|(i, &p)| Redis { fsync, ..Redis::new(self.dir.join("redis").join(format!("{}-{i}", r.name)), p) })
+            .map(|(i, &p)| Redis {
+                fsync,
+                ..Redis::new(self.dir.join("redis").join(format!("{}-{i}", r.name)), p)
+            })
             .collect()
     }
 
@@ -126,25 +145,49 @@ impl Stack {
 
     /// Every region's server with `target_session_attrs=read-write`: whichever is primary.
     fn writer_url(&self, user: &str) -> String {
-        let ports: Vec<String> = self.regions.iter().map(|r| r.postgres.to_string()).collect();
+        let ports: Vec<String> = self
+            .regions
+            .iter()
+            .map(|r| r.postgres.to_string())
+            .collect();
         let hosts = vec!["127.0.0.1"; ports.len()].join(",");
-        format!("host={hosts} port={} user={user} dbname={} target_session_attrs=read-write", ports.join(","), db::DATABASE)
+        format!(
+            "host={hosts} port={} user={user} dbname={} target_session_attrs=read-write",
+            ports.join(","),
+            db::DATABASE
+        )
     }
 
     /// A reader's sources: its own region's server, the other replicas, the primary last.
     fn reader_sources(&self, region: &RegionPorts) -> String {
         let mut order: Vec<&RegionPorts> = vec![region];
-        order.extend(self.regions.iter().filter(|r| r.name != region.name && !r.primary));
+        order.extend(
+            self.regions
+                .iter()
+                .filter(|r| r.name != region.name && !r.primary),
+        );
         if !region.primary {
             order.push(self.primary());
         }
-        order.iter().map(|r| format!("{}={}", r.name, Self::pg_url(r.postgres, db::READER_ROLE))).collect::<Vec<_>>().join(",")
+        order
+            .iter()
+            .map(|r| format!("{}={}", r.name, Self::pg_url(r.postgres, db::READER_ROLE)))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn role_env(&self, r: &RegionPorts, role: &str) -> Vec<(&'static str, String)> {
         use crate::roles::*;
-        let redis = r.redis.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect::<Vec<_>>().join(",");
-        let mut env = vec![(ENV_LISTEN, format!("127.0.0.1:{}", r.role_port(role))), (ENV_REGION, r.name.clone())];
+        let redis = r
+            .redis
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut env = vec![
+            (ENV_LISTEN, format!("127.0.0.1:{}", r.role_port(role))),
+            (ENV_REGION, r.name.clone()),
+        ];
         match role {
             "ingest" => {
                 env.push((ENV_REDIS_URLS, redis));
@@ -171,7 +214,11 @@ impl Stack {
     }
 
     pub fn role_pid(&self, region: &str, role: &str) -> Option<u32> {
-        std::fs::read_to_string(self.pidfile(region, role)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.pidfile(region, role))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn role_running(&self, region: &str, role: &str) -> bool {
@@ -212,7 +259,9 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
     let primary = stack.postgres(&bin, &primary_region);
     primary.init_primary()?;
     primary.start()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         db::ensure_database(&primary.admin_url(), db::DATABASE).await?;
         let mut client = db::connect(&stack.primary_url()).await?;
@@ -256,13 +305,19 @@ fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> 
     if !servers::port_is_free(port) {
         bail!("port {port} for {} {role} is already in use", r.name);
     }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(stack.logfile(&r.name, role))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stack.logfile(&r.name, role))?;
     let exe = std::env::current_exe().context("locating the tally binary")?;
     use std::os::unix::process::CommandExt;
     let child = Command::new(exe)
         .arg(role)
         .envs(stack.role_env(r, role))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -282,10 +337,19 @@ fn wait_role_ready(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result
             return Ok(());
         }
         if !stack.role_running(&r.name, role) {
-            bail!("{} {role} exited during start-up: {}", r.name, last_line(&stack.logfile(&r.name, role)));
+            bail!(
+                "{} {role} exited during start-up: {}",
+                r.name,
+                last_line(&stack.logfile(&r.name, role))
+            );
         }
         if start.elapsed() > ROLE_READY_WITHIN {
-            bail!("{} {role} was not ready within {}s: {}", r.name, ROLE_READY_WITHIN.as_secs(), last_line(&stack.logfile(&r.name, role)));
+            bail!(
+                "{} {role} was not ready within {}s: {}",
+                r.name,
+                ROLE_READY_WITHIN.as_secs(),
+                last_line(&stack.logfile(&r.name, role))
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -294,16 +358,27 @@ fn wait_role_ready(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result
 fn last_line(path: &Path) -> String {
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|t| t.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "(no log)".into())
 }
 
 /// A minimal blocking HTTP GET, for readiness probes without a runtime.
 pub fn http_status(addr: &str, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300)).ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300))
+            .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = [0u8; 16];
     s.read_exact(&mut buf[..12]).ok()?;
     std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
@@ -335,7 +410,9 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn stop_role(stack: &Stack, region: &str, role: &str) {
-    let Some(pid) = stack.role_pid(region, role) else { return };
+    let Some(pid) = stack.role_pid(region, role) else {
+        return;
+    };
     if pid_alive(pid) {
         servers::signal(pid, "TERM");
         let start = Instant::now();
@@ -374,7 +451,9 @@ pub struct RegionStatus {
 
 pub fn status(dir: &Path) -> anyhow::Result<Status> {
     let stack = Stack::require(dir)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (lags, own): (Vec<replication::ReplicaLag>, Vec<Option<f64>>) = rt.block_on(async {
         let lags = match db::connect(&stack.primary_url()).await {
             Ok(c) => replication::replica_lags(&c).await.unwrap_or_default(),
@@ -402,20 +481,35 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
                 ingest_url: http(r.ingest),
                 reader_url: http(r.reader),
                 aggregator_url: http(r.aggregator),
-                metrics_urls: [r.ingest, r.aggregator, r.reader].iter().map(|&p| format!("{}/metrics", http(p))).collect(),
+                metrics_urls: [r.ingest, r.aggregator, r.reader]
+                    .iter()
+                    .map(|&p| format!("{}/metrics", http(p)))
+                    .collect(),
                 postgres_url: Stack::pg_url(r.postgres, servers::SUPERUSER),
-                redis_urls: r.redis.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect(),
+                redis_urls: r
+                    .redis
+                    .iter()
+                    .map(|p| format!("redis://127.0.0.1:{p}/"))
+                    .collect(),
                 replica_lag_bytes: if r.primary {
                     Some(0)
                 } else {
-                    lags.iter().find(|l| l.slot == slot_name(&r.name)).and_then(|l| l.lag_bytes)
+                    lags.iter()
+                        .find(|l| l.slot == slot_name(&r.name))
+                        .and_then(|l| l.lag_bytes)
                 },
                 replica_lag_ms: lag_ms,
-                processes: ROLES.iter().map(|role| (role.to_string(), stack.role_running(&r.name, role))).collect(),
+                processes: ROLES
+                    .iter()
+                    .map(|role| (role.to_string(), stack.role_running(&r.name, role)))
+                    .collect(),
             }
         })
         .collect();
-    Ok(Status { dir: stack.dir.clone(), regions })
+    Ok(Status {
+        dir: stack.dir.clone(),
+        regions,
+    })
 }
 
 pub fn print_status(s: &Status) {
@@ -426,7 +520,12 @@ pub fn print_status(s: &Status) {
             (Some(b), None) => format!("{b} bytes"),
             (None, _) => "unknown (replica not streaming)".into(),
         };
-        let down: Vec<&str> = r.processes.iter().filter(|(_, up)| !**up).map(|(n, _)| n.as_str()).collect();
+        let down: Vec<&str> = r
+            .processes
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(n, _)| n.as_str())
+            .collect();
         println!("{} ({}):", r.name, r.postgres_role);
         println!("  ingest     {}", r.ingest_url);
         println!("  results    {}/?poll=default", r.reader_url);

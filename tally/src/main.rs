@@ -1,9 +1,11 @@
 //! `tally`: one binary for every role of the data plane and the tools around it.
 #![forbid(unsafe_code)]
 
+mod capacity;
 mod load;
 mod local;
 mod poll;
+mod report;
 mod roles;
 
 use std::path::PathBuf;
@@ -15,7 +17,11 @@ use clap::{Parser, Subcommand};
 const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about = "Multi-region vote ingestion: every acknowledged vote counted exactly once")]
+#[command(
+    name = "tally",
+    version,
+    about = "Multi-region vote ingestion: every acknowledged vote counted exactly once"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -70,6 +76,25 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// How many pods of each role, Redis shards and PostgreSQL vCPUs three regions need for a
+    /// vote rate, from the per-core rates the benchmarks measured.
+    Capacity {
+        /// Peak votes per second, all regions together.
+        #[arg(long, default_value_t = 250_000.0)]
+        rate: f64,
+        /// Peak results requests per second, all regions together.
+        #[arg(long, default_value_t = 50_000.0)]
+        reads: f64,
+        /// Share of capacity busy at peak; the rest is headroom.
+        #[arg(long, default_value_t = 0.6)]
+        utilisation: f64,
+        /// Quiet hours' load as a share of the peak (the autoscalers' lower bound).
+        #[arg(long, default_value_t = 0.1)]
+        quiet: f64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmark a role against its baseline in one run, on real servers of its own.
     Bench {
         #[command(subcommand)]
@@ -97,6 +122,9 @@ struct LoadArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Where to write report.json and report.html (default: a new folder under the stack's `reports/`).
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 impl LoadArgs {
@@ -111,12 +139,31 @@ impl LoadArgs {
     }
 }
 
-fn print_report(report: &load::Report, json: bool) -> anyhow::Result<()> {
-    if json {
+/// Saves the JSON and HTML reports, then prints the summary (or the whole report as JSON).
+fn print_report(
+    report: &load::Report,
+    args: &LoadArgs,
+    stack: &local::Stack,
+) -> anyhow::Result<()> {
+    let dir = args.report.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        stack
+            .dir
+            .join("reports")
+            .join(format!("load-{}", now.as_secs()))
+    });
+    let page = report::save(report, &dir)?;
+    if args.json {
+        eprintln!("report: {}", page.display());
         println!("{}", serde_json::to_string(report)?);
         return Ok(());
     }
-    println!("acknowledged {}  counted {}  lost {}  doubled {}", report.acknowledged, report.counted, report.lost, report.doubled);
+    println!(
+        "acknowledged {}  counted {}  lost {}  doubled {}",
+        report.acknowledged, report.counted, report.lost, report.doubled
+    );
     println!(
         "rate {:.0}/s (target {:.0}/s) over {:.1}s; latency p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; statuses {:?}",
         report.rate_achieved, report.rate_target, report.seconds, report.p50_ms, report.p99_ms, report.p999_ms, report.statuses
@@ -127,16 +174,29 @@ fn print_report(report: &load::Report, json: bool) -> anyhow::Result<()> {
             r.name,
             r.acknowledged,
             r.reader_total,
-            if r.results_match_primary { "same as the primary" } else { "DIFFERENT from the primary" }
+            if r.results_match_primary {
+                "same as the primary"
+            } else {
+                "DIFFERENT from the primary"
+            }
         );
     }
-    println!("queues drained {:.1}s after the last vote", report.drained_in_seconds);
+    println!(
+        "queues drained {:.1}s after the last vote",
+        report.drained_in_seconds
+    );
+    println!("report: {} (and report.json beside it)", page.display());
     Ok(())
 }
 
 /// A load that lost or doubled a vote fails the command.
 fn check_report(report: &load::Report) -> anyhow::Result<()> {
-    anyhow::ensure!(report.lost == 0 && report.doubled == 0, "{} votes lost, {} doubled", report.lost, report.doubled);
+    anyhow::ensure!(
+        report.lost == 0 && report.doubled == 0,
+        "{} votes lost, {} doubled",
+        report.lost,
+        report.doubled
+    );
     Ok(())
 }
 
@@ -165,6 +225,34 @@ enum BenchCmd {
         writers: usize,
         #[arg(long, default_value_t = aggregator::config::DEFAULT_MAX_EVENTS)]
         max_events: usize,
+    },
+    /// The regression gate: the latest `cargo bench -p bench` run against a saved criterion
+    /// baseline; fails when a hot path got slower than the threshold.
+    Gate {
+        /// The baseline saved with `cargo bench -p bench -- --save-baseline NAME`.
+        #[arg(long, default_value = "main")]
+        baseline: String,
+        /// Slowdown (percent of the baseline's median) that fails the gate.
+        #[arg(long, default_value_t = bench::gate::DEFAULT_THRESHOLD_PERCENT)]
+        threshold: f64,
+        /// Criterion's results.
+        #[arg(long, env = "CRITERION_HOME", default_value = "target/criterion")]
+        criterion_dir: PathBuf,
+    },
+    /// Tally against the original app's design, in one run: its vote service (a new Redis
+    /// connection and one RPUSH per request) against ingest, its worker (one INSERT, then UPDATE
+    /// on conflict, per vote) against the aggregator.
+    Original {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 400_000)]
+        votes: usize,
+        #[arg(long, default_value_t = 200_000)]
+        voters: usize,
+        #[arg(long, default_value_t = 10_000)]
+        baseline_votes: usize,
     },
     /// Results from a replica vs a bare hyper server with a fixed body; SSE fan-out.
     Reader {
@@ -254,21 +342,32 @@ enum PollCmd {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
         Err(e) => {
             // clap spreads one reason over several lines before its usage text; keep it on one.
             let text = e.to_string();
-            let reason: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:")).filter(|l| !l.is_empty()).collect();
+            let reason: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:"))
+                .filter(|l| !l.is_empty())
+                .collect();
             eprintln!("{}", reason.join(" "));
             return ExitCode::from(EXIT_USAGE);
         }
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -288,7 +387,10 @@ fn main() -> ExitCode {
 
 /// The error and its causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Binds `listen` and runs a role on it until SIGINT/SIGTERM.
@@ -306,7 +408,9 @@ where
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn execute(cmd: Cmd) -> anyhow::Result<()> {
@@ -314,15 +418,21 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
         // Each role's configuration is checked (exit 64) before its port is bound.
         Cmd::Ingest(args) => {
             let config = args.config()?;
-            serve_role(&args.common.listen, |l| ingest::run(l, config, web::shutdown_signal()))
+            serve_role(&args.common.listen, |l| {
+                ingest::run(l, config, web::shutdown_signal())
+            })
         }
         Cmd::Aggregator(args) => {
             let config = args.config()?;
-            serve_role(&args.common.listen, |l| aggregator::run(l, config, web::shutdown_signal()))
+            serve_role(&args.common.listen, |l| {
+                aggregator::run(l, config, web::shutdown_signal())
+            })
         }
         Cmd::Reader(args) => {
             let config = args.config()?;
-            serve_role(&args.common.listen, |l| reader::run(l, config, web::shutdown_signal()))
+            serve_role(&args.common.listen, |l| {
+                reader::run(l, config, web::shutdown_signal())
+            })
         }
         Cmd::Local { command } => match command {
             LocalCmd::Up(args) => {
@@ -348,10 +458,14 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Load { dir, load: args } => {
             let stack = local::Stack::require(&dir.path())?;
             let report = runtime()?.block_on(load::run(&stack, &args.options()))?;
-            print_report(&report, args.json)?;
+            print_report(&report, &args, &stack)?;
             check_report(&report)
         }
-        Cmd::Demo { up, load: args, keep } => {
+        Cmd::Demo {
+            up,
+            load: args,
+            keep,
+        } => {
             let dir = up.dir.path();
             eprintln!("starting three regions in {} ...", dir.display());
             let stack = local::up(&dir, up.redis_fsync)?;
@@ -365,53 +479,180 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     return Err(e);
                 }
             };
-            print_report(&report, args.json)?;
+            print_report(&report, &args, &stack)?;
             if !args.json {
                 println!("live results pages:");
                 for r in &stack.regions {
-                    println!("  {:<15} http://127.0.0.1:{}/?poll=default", r.name, r.reader);
+                    println!(
+                        "  {:<15} http://127.0.0.1:{}/?poll=default",
+                        r.name, r.reader
+                    );
                 }
             }
             if keep {
-                eprintln!("the stack keeps running; stop it with `tally local down --dir {}`", dir.display());
+                eprintln!(
+                    "the stack keeps running; stop it with `tally local down --dir {}`",
+                    dir.display()
+                );
             } else {
                 local::down(&dir)?;
             }
             check_report(&report)
         }
+        Cmd::Capacity {
+            rate,
+            reads,
+            utilisation,
+            quiet,
+            json,
+        } => {
+            let inputs = capacity::Inputs {
+                votes_per_second: rate,
+                reads_per_second: reads,
+                utilisation,
+                quiet_fraction: quiet,
+            };
+            let plan = capacity::plan(&inputs).map_err(|e| roles::BadConfig(e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                capacity::print(&plan);
+            }
+            Ok(())
+        }
         Cmd::Bench { role, json } => {
-            let result = match role {
-                BenchCmd::Ingest { seconds, connections, redis_fsync } => bench::ingest_bench::run(&bench::ingest_bench::Options {
+            let results = match role {
+                BenchCmd::Gate {
+                    baseline,
+                    threshold,
+                    criterion_dir,
+                } => return gate(&criterion_dir, &baseline, threshold, json),
+                BenchCmd::Ingest {
+                    seconds,
+                    connections,
+                    redis_fsync,
+                } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
                     round: std::time::Duration::from_secs(seconds),
                     connections,
                     redis_fsync,
                     ..Default::default()
-                })?,
-                BenchCmd::Aggregator { votes, voters, baseline_votes, writers, max_events } => bench::aggregator_bench::run(
-                    &bench::aggregator_bench::Options { votes, voters, baseline_votes, writers, max_events, ..Default::default() },
-                )?,
-                BenchCmd::Reader { seconds, connections, subscribers } => bench::reader_bench::run(&bench::reader_bench::Options {
+                })?],
+                BenchCmd::Aggregator {
+                    votes,
+                    voters,
+                    baseline_votes,
+                    writers,
+                    max_events,
+                } => vec![bench::aggregator_bench::run(
+                    &bench::aggregator_bench::Options {
+                        votes,
+                        voters,
+                        baseline_votes,
+                        writers,
+                        max_events,
+                        ..Default::default()
+                    },
+                )?],
+                BenchCmd::Original {
+                    seconds,
+                    connections,
+                    votes,
+                    voters,
+                    baseline_votes,
+                } => vec![
+                    bench::ingest_bench::run(&bench::ingest_bench::Options {
+                        round: std::time::Duration::from_secs(seconds),
+                        connections,
+                        baseline: bench::ingest_bench::Baseline::OriginalVoteService,
+                        ..Default::default()
+                    })?,
+                    bench::aggregator_bench::run(&bench::aggregator_bench::Options {
+                        votes,
+                        voters,
+                        baseline_votes,
+                        ..Default::default()
+                    })?,
+                ],
+                BenchCmd::Reader {
+                    seconds,
+                    connections,
+                    subscribers,
+                } => vec![bench::reader_bench::run(&bench::reader_bench::Options {
                     round: std::time::Duration::from_secs(seconds),
                     connections,
                     subscribers,
-                })?,
+                })?],
             };
-            if json {
-                println!("{}", serde_json::to_string(&result)?);
-            } else {
-                println!("{}", serde_json::to_string_pretty(&result.details)?);
-                println!("{}", result.line());
+            for result in &results {
+                if json {
+                    println!("{}", serde_json::to_string(result)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&result.details)?);
+                }
+            }
+            if !json {
+                for result in &results {
+                    println!("{}", result.line());
+                }
             }
             Ok(())
         }
         Cmd::Poll { command } => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             match command {
-                PollCmd::Create { id, options, target } => rt.block_on(poll::create(&target.url()?, &id, &options)),
-                PollCmd::Close { id, target } => rt.block_on(poll::set_open(&target.url()?, &id, false)),
-                PollCmd::Open { id, target } => rt.block_on(poll::set_open(&target.url()?, &id, true)),
+                PollCmd::Create {
+                    id,
+                    options,
+                    target,
+                } => rt.block_on(poll::create(&target.url()?, &id, &options)),
+                PollCmd::Close { id, target } => {
+                    rt.block_on(poll::set_open(&target.url()?, &id, false))
+                }
+                PollCmd::Open { id, target } => {
+                    rt.block_on(poll::set_open(&target.url()?, &id, true))
+                }
                 PollCmd::List { target } => rt.block_on(poll::list(&target.url()?)),
             }
         }
     }
+}
+
+/// `tally bench gate`: fails when a hot path got slower than `threshold` percent.
+fn gate(
+    criterion_dir: &std::path::Path,
+    baseline: &str,
+    threshold: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let changes = bench::gate::run(criterion_dir, baseline, threshold)?;
+    if json {
+        println!("{}", serde_json::to_string(&changes)?);
+    } else {
+        for c in &changes {
+            println!(
+                "{:<40} {:>12.1} ns -> {:>12.1} ns  {:>+7.1}%{}",
+                c.bench,
+                c.baseline_ns,
+                c.latest_ns,
+                c.percent,
+                if c.regressed { "  SLOWER" } else { "" }
+            );
+        }
+    }
+    let slower: Vec<&str> = changes
+        .iter()
+        .filter(|c| c.regressed)
+        .map(|c| c.bench.as_str())
+        .collect();
+    anyhow::ensure!(
+        slower.is_empty(),
+        "{} of {} benches are more than {threshold}% slower than baseline {baseline:?}: {}",
+        slower.len(),
+        changes.len(),
+        slower.join(", ")
+    );
+    println!("gate passed: no bench more than {threshold}% slower than baseline {baseline:?}");
+    Ok(())
 }

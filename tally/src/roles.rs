@@ -63,12 +63,19 @@ impl Common {
     }
 
     fn serve(&self) -> web::ServeConfig {
-        web::ServeConfig { max_connections: self.max_connections, ..Default::default() }
+        web::ServeConfig {
+            max_connections: self.max_connections,
+            ..Default::default()
+        }
     }
 }
 
 fn urls(list: &str) -> Vec<String> {
-    list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 #[derive(Debug, Args)]
@@ -121,9 +128,16 @@ fn rate(per_second: f64, burst: f64) -> Option<ingest::Rate> {
 
 impl IngestArgs {
     pub fn config(&self) -> anyhow::Result<ingest::Config> {
-        let mut c = ingest::Config::new(self.common.region()?, urls(&self.redis_urls), self.postgres_url.clone());
+        let mut c = ingest::Config::new(
+            self.common.region()?,
+            urls(&self.redis_urls),
+            self.postgres_url.clone(),
+        );
         c.queue_bound = self.queue_bound;
-        c.group = ingest::GroupCommit { max_votes: self.group_max_votes, max_in_flight: self.group_max_in_flight };
+        c.group = ingest::GroupCommit {
+            max_votes: self.group_max_votes,
+            max_in_flight: self.group_max_in_flight,
+        };
         c.wait_replicas = self.wait_replicas;
         c.voter_limit = rate(self.voter_rate, self.voter_burst);
         c.ip_limit = rate(self.ip_rate, self.ip_burst);
@@ -132,7 +146,8 @@ impl IngestArgs {
         if let Some(jwks) = &self.jwks_file {
             let issuer = self.jwt_issuer.clone().unwrap_or_default();
             let audience = self.jwt_audience.clone().unwrap_or_default();
-            c.auth = Some(ingest::auth::AuthConfig::from_file(jwks, issuer, audience).map_err(bad)?);
+            c.auth =
+                Some(ingest::auth::AuthConfig::from_file(jwks, issuer, audience).map_err(bad)?);
         }
         c.validate().map_err(bad)?;
         Ok(c)
@@ -169,8 +184,16 @@ pub struct AggregatorArgs {
 impl AggregatorArgs {
     pub fn config(&self) -> anyhow::Result<aggregator::Config> {
         let region = self.common.region()?;
-        let worker = self.worker_id.clone().unwrap_or_else(|| format!("{region}-0"));
-        let mut c = aggregator::Config::new(region, worker, urls(&self.redis_urls), self.postgres_url.clone());
+        let worker = self
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| format!("{region}-0"));
+        let mut c = aggregator::Config::new(
+            region,
+            worker,
+            urls(&self.redis_urls),
+            self.postgres_url.clone(),
+        );
         c.batch = aggregator::BatchConfig {
             max_events: self.batch_max_events,
             max_bytes: self.batch_max_bytes,
@@ -203,7 +226,11 @@ pub struct ReaderArgs {
 
 impl ReaderArgs {
     pub fn config(&self) -> anyhow::Result<reader::Config> {
-        let sources = urls(&self.sources).iter().enumerate().map(|(i, s)| reader::Source::parse(s, i)).collect();
+        let sources = urls(&self.sources)
+            .iter()
+            .enumerate()
+            .map(|(i, s)| reader::Source::parse(s, i))
+            .collect();
         let mut c = reader::Config::new(self.common.region()?, sources);
         c.cache_ttl = Duration::from_millis(self.cache_ttl_ms);
         c.max_lag = Duration::from_millis(self.max_lag_ms);
@@ -216,5 +243,7 @@ impl ReaderArgs {
 
 /// Binds after the configuration was checked; a port in use is an operational error, not a usage one.
 pub async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))
 }

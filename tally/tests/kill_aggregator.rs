@@ -7,12 +7,19 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 
 fn tally(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tally")).args(args).env("RUST_LOG", "warn").output().expect("running tally")
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running tally")
 }
 
 #[test]
 fn kill_dash_nine_of_the_aggregator_twenty_times_under_load_loses_and_doubles_nothing() {
-    let tmp = tempfile::Builder::new().prefix("tally-kill-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("tally-kill-")
+        .tempdir()
+        .unwrap();
     let dir = tmp.path().to_str().unwrap().to_string();
     struct Down(String);
     impl Drop for Down {
@@ -24,7 +31,18 @@ fn kill_dash_nine_of_the_aggregator_twenty_times_under_load_loses_and_doubles_no
     assert!(tally(&["local", "up", "--dir", &dir]).status.success());
 
     let load = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["load", "--dir", &dir, "--seconds", "40", "--rate", "400", "--voters", "2000", "--json"])
+        .args([
+            "load",
+            "--dir",
+            &dir,
+            "--seconds",
+            "40",
+            "--rate",
+            "400",
+            "--voters",
+            "2000",
+            "--json",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -35,9 +53,16 @@ fn kill_dash_nine_of_the_aggregator_twenty_times_under_load_loses_and_doubles_no
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let mut kills = 0;
     while kills < 20 {
-        assert!(load.try_wait().unwrap().is_none(), "the load ended before kill {kills}: every kill must land under load");
+        assert!(
+            load.try_wait().unwrap().is_none(),
+            "the load ended before kill {kills}: every kill must land under load"
+        );
         std::thread::sleep(Duration::from_millis(rng.random_range(50..400)));
-        let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         servers::signal(pid, "KILL");
         while servers::pid_alive(pid) {
             std::thread::sleep(Duration::from_millis(5));
@@ -45,10 +70,15 @@ fn kill_dash_nine_of_the_aggregator_twenty_times_under_load_loses_and_doubles_no
         kills += 1;
         // `up` restarts what is not running; the new aggregator first finishes its predecessor's work.
         let up = tally(&["local", "up", "--dir", &dir]);
-        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+        assert!(
+            up.status.success(),
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
     }
     let out = load.wait_with_output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     assert!(out.status.success(), "{report}");
     assert!(report["acknowledged"].as_u64().unwrap() > 5_000, "{report}");
     assert_eq!(report["lost"], 0, "{report}");

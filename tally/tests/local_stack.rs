@@ -4,12 +4,21 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn tally(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tally")).args(args).env("RUST_LOG", "warn").output().expect("running tally")
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running tally")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = tally(args);
-    assert!(out.status.success(), "tally {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tally {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -28,8 +37,14 @@ fn pids(dir: &std::path::Path) -> Vec<u32> {
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
         .collect();
-    for f in glob(dir, "redis", "redis.pid").into_iter().chain(glob(dir, "pg", "postmaster.pid")) {
-        if let Some(pid) = std::fs::read_to_string(f).ok().and_then(|t| t.lines().next()?.trim().parse().ok()) {
+    for f in glob(dir, "redis", "redis.pid")
+        .into_iter()
+        .chain(glob(dir, "pg", "postmaster.pid"))
+    {
+        if let Some(pid) = std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse().ok())
+        {
             pids.push(pid);
         }
     }
@@ -37,41 +52,85 @@ fn pids(dir: &std::path::Path) -> Vec<u32> {
 }
 
 fn glob(dir: &std::path::Path, sub: &str, file: &str) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten().map(|e| e.path().join(file)).filter(|p| p.exists()).collect()
+    std::fs::read_dir(dir.join(sub))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(file))
+        .filter(|p| p.exists())
+        .collect()
 }
 
 #[test]
 fn up_status_poll_and_down() {
-    let tmp = tempfile::Builder::new().prefix("tally-local-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("tally-local-")
+        .tempdir()
+        .unwrap();
     let dir = tmp.path().to_str().unwrap();
     let _down = Down(dir);
     ok(&["local", "up", "--dir", dir]);
     let running = pids(tmp.path());
-    assert!(running.len() >= 3 * 3 + 3 + 4, "roles, postgres and redis pids: {running:?}");
+    assert!(
+        running.len() >= 3 * 3 + 3 + 4,
+        "roles, postgres and redis pids: {running:?}"
+    );
     // A second `up` changes nothing and succeeds.
     ok(&["local", "up", "--dir", dir]);
     assert_eq!(pids(tmp.path()), running, "a second up restarted something");
 
-    let status: serde_json::Value = serde_json::from_str(&ok(&["local", "status", "--dir", dir, "--json"])).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["local", "status", "--dir", dir, "--json"])).unwrap();
     let regions = status["regions"].as_array().unwrap();
-    let names: Vec<&str> = regions.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = regions
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["us-east-1", "eu-west-1", "ap-southeast-1"]);
     for r in regions {
         for key in ["ingest_url", "reader_url", "postgres_url"] {
-            assert!(r[key].as_str().is_some_and(|u| u.contains("127.0.0.1:")), "{key} in {r}");
+            assert!(
+                r[key].as_str().is_some_and(|u| u.contains("127.0.0.1:")),
+                "{key} in {r}"
+            );
         }
         assert!(!r["metrics_urls"].as_array().unwrap().is_empty());
         assert!(!r["redis_urls"].as_array().unwrap().is_empty());
-        assert!(r["replica_lag_bytes"].as_i64().is_some(), "replica lag missing: {r}");
-        assert!(r["processes"].as_object().unwrap().values().all(|v| v == true), "{r}");
+        assert!(
+            r["replica_lag_bytes"].as_i64().is_some(),
+            "replica lag missing: {r}"
+        );
+        assert!(
+            r["processes"]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|v| v == true),
+            "{r}"
+        );
     }
-    assert_eq!(regions[0]["redis_urls"].as_array().unwrap().len(), 2, "us-east-1 runs two shards");
+    assert_eq!(
+        regions[0]["redis_urls"].as_array().unwrap().len(),
+        2,
+        "us-east-1 runs two shards"
+    );
 
-    ok(&["poll", "create", "finale", "--options", "red,green,blue", "--dir", dir]);
+    ok(&[
+        "poll",
+        "create",
+        "finale",
+        "--options",
+        "red,green,blue",
+        "--dir",
+        dir,
+    ]);
     let created = Instant::now();
     for r in &regions[1..] {
         let url = r["postgres_url"].as_str().unwrap().to_string();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let seen = rt.block_on(async {
             let client = db::connect(&url).await.unwrap();
             loop {
@@ -79,7 +138,10 @@ fn up_status_poll_and_down() {
                 if polls.iter().any(|p| p.id.as_str() == "finale") {
                     return created.elapsed();
                 }
-                assert!(created.elapsed() < Duration::from_secs(2), "poll not on replica {url} within 2 s");
+                assert!(
+                    created.elapsed() < Duration::from_secs(2),
+                    "poll not on replica {url} within 2 s"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
@@ -92,15 +154,24 @@ fn up_status_poll_and_down() {
     ok(&["local", "down", "--dir", dir]);
     let start = Instant::now();
     while running.iter().any(|&p| servers::pid_alive(p)) {
-        assert!(start.elapsed() < Duration::from_secs(10), "processes left running after down: {:?}",
-            running.iter().filter(|&&p| servers::pid_alive(p)).collect::<Vec<_>>());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "processes left running after down: {:?}",
+            running
+                .iter()
+                .filter(|&&p| servers::pid_alive(p))
+                .collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
-    let tmp = tempfile::Builder::new().prefix("tally-local-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("tally-local-")
+        .tempdir()
+        .unwrap();
     let dir = tmp.path().to_str().unwrap();
     // No PostgreSQL binaries where we are told to look.
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -111,13 +182,17 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("not found") && err.contains("apt-get install postgresql"), "{err}");
+    assert!(
+        err.contains("not found") && err.contains("apt-get install postgresql"),
+        "{err}"
+    );
 
     // A port the stack wants is taken by someone else.
     let _down = Down(dir);
     ok(&["local", "up", "--dir", dir]);
     ok(&["local", "down", "--dir", dir]);
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("stack.json")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("stack.json")).unwrap()).unwrap();
     let port = state["regions"][1]["ingest"].as_u64().unwrap() as u16;
     let _squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let start = Instant::now();
@@ -125,18 +200,52 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
     assert!(start.elapsed() < Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("port {port}")) && err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&format!("port {port}")) && err.contains("in use"),
+        "{err}"
+    );
 
     // Bad settings: exit 64 with one line, before anything is bound.
     for args in [
-        &["ingest", "--redis-urls", "http://x", "--postgres-url", "postgres://x"][..],
-        &["aggregator", "--redis-urls", "redis://127.0.0.1:1/", "--postgres-url", "host=x", "--pop-size", "0"][..],
+        &[
+            "ingest",
+            "--redis-urls",
+            "http://x",
+            "--postgres-url",
+            "postgres://x",
+        ][..],
+        &[
+            "aggregator",
+            "--redis-urls",
+            "redis://127.0.0.1:1/",
+            "--postgres-url",
+            "host=x",
+            "--pop-size",
+            "0",
+        ][..],
         &["reader", "--sources", ""][..],
         &["ingest", "--postgres-url", "x"][..],
-        &["poll", "create", "p", "--options", "only-one", "--postgres-url", "postgres://127.0.0.1:1/x"][..],
+        &[
+            "poll",
+            "create",
+            "p",
+            "--options",
+            "only-one",
+            "--postgres-url",
+            "postgres://127.0.0.1:1/x",
+        ][..],
     ] {
         let out = tally(args);
-        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stderr).trim().lines().count(), 1, "{args:?}");
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+            1,
+            "{args:?}"
+        );
     }
 }

@@ -18,7 +18,10 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     resp
 }
 
@@ -27,7 +30,11 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     with_type(status, "application/json", full(bytes))
 }
 
-pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
     with_type(status, content_type, full(body))
 }
 
@@ -44,7 +51,15 @@ pub struct ErrorDetail {
 }
 
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json(status, &ErrorBody { error: ErrorDetail { code: code.into(), message: message.into() } })
+    json(
+        status,
+        &ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        },
+    )
 }
 
 #[derive(Debug, thiserror::Error)]

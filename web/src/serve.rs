@@ -20,7 +20,11 @@ use crate::Body;
 
 /// A role's request handler.
 pub trait Service: Send + Sync + 'static {
-    fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> impl Future<Output = Response<Body>> + Send;
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<Body>> + Send;
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +94,10 @@ pub async fn serve<S: Service>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the drain timeout");
     }
 }
