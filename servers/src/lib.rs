@@ -8,11 +8,13 @@
 
 mod postgres;
 mod process;
+mod prometheus;
 mod redis;
 
 pub use postgres::{PgBin, Postgres, StopMode, SUPERUSER};
 
 pub use process::{free_port, pid_alive, port_is_free, running_as_root, signal};
+pub use prometheus::Prometheus;
 pub use redis::{Fsync, Redis};
 
 use std::path::PathBuf;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use regions::Topology;
 use serde::{Deserialize, Serialize};
-use servers::{free_port, pid_alive, Fsync, PgBin, Postgres, Redis, StopMode};
+use servers::{free_port, pid_alive, Fsync, PgBin, Postgres, Prometheus, Redis, StopMode};
 
 const STATE_FILE: &str = "stack.json";
 /// How long a role process gets to answer `/readyz` after it starts.
@@ -18,6 +18,19 @@ const ROLE_READY_WITHIN: Duration = Duration::from_secs(30);
 /// How long a role process gets to exit after SIGTERM before it is killed.
 const ROLE_STOP_WITHIN: Duration = Duration::from_secs(30);
 pub const ROLES: [&str; 3] = ["ingest", "aggregator", "reader"];
+/// The clusters' alert rules (a PrometheusRule); the local Prometheus evaluates the same ones.
+const PROMETHEUS_RULE: &str = include_str!("../../k8s/base/observe/prometheus-rule.yaml");
+
+/// The rule file inside a PrometheusRule: its `spec`, one indentation level out.
+fn rule_file(prometheus_rule: &str) -> String {
+    let mut lines = prometheus_rule.lines().skip_while(|l| *l != "spec:");
+    lines.next();
+    lines
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
 
 /// The stack's directory: `--dir`, else `$TALLY_DIR`, else the user's data dir. As root that is
 /// `/var/lib/tally`, because PostgreSQL runs as the `postgres` user and cannot enter `/root`.
@@ -39,6 +52,9 @@ pub fn default_dir() -> PathBuf {
 pub struct Stack {
     pub dir: PathBuf,
     pub regions: Vec<RegionPorts>,
+    /// Prometheus's port (it runs when Prometheus is installed).
+    #[serde(default = "free_port")]
+    pub prometheus: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +119,7 @@ impl Stack {
         Stack {
             dir: dir.to_path_buf(),
             regions,
+            prometheus: free_port(),
         }
     }
 
@@ -117,6 +134,31 @@ impl Stack {
             .iter()
             .find(|r| r.primary)
             .expect("a stack has a primary region")
+    }
+
+    pub fn prometheus(&self) -> Prometheus {
+        Prometheus::new(self.dir.join("prometheus"), self.prometheus)
+    }
+
+    /// Scrapes every role of every region each second (the local stack is for watching things
+    /// move), and evaluates the alert rules the clusters use.
+    fn prometheus_config(&self) -> String {
+        let mut out = String::from(
+            "# Written by `tally local up`.\nglobal:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - rules.yml\nscrape_configs:\n",
+        );
+        for role in ROLES {
+            out += &format!(
+                "  - job_name: tally-{role}\n    honor_labels: true\n    static_configs:\n"
+            );
+            for r in &self.regions {
+                out += &format!(
+                    "      - targets: [\"127.0.0.1:{}\"]\n        labels: {{region: {}}}\n",
+                    r.role_port(role),
+                    r.name
+                );
+            }
+        }
+        out
     }
 
     fn postgres(&self, bin: &PgBin, r: &RegionPorts) -> Postgres {
@@ -289,6 +331,13 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
             wait_role_ready(&stack, r, role)?;
         }
     }
+    if Prometheus::binary().is_some() {
+        let prometheus = stack.prometheus();
+        std::fs::create_dir_all(&prometheus.dir)?;
+        std::fs::write(prometheus.config_file(), stack.prometheus_config())?;
+        std::fs::write(prometheus.dir.join("rules.yml"), rule_file(PROMETHEUS_RULE))?;
+        prometheus.start()?;
+    }
     Ok(stack)
 }
 
@@ -391,6 +440,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
     let Some(stack) = Stack::load(dir)? else {
         return Ok(());
     };
+    stack.prometheus().stop();
     for role in ROLES {
         for r in &stack.regions {
             stop_role(&stack, &r.name, role);
@@ -430,6 +480,8 @@ pub fn stop_role(stack: &Stack, region: &str, role: &str) {
 pub struct Status {
     pub dir: PathBuf,
     pub regions: Vec<RegionStatus>,
+    /// Prometheus scraping every role, when it is installed and running.
+    pub prometheus_url: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -506,9 +558,11 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
             }
         })
         .collect();
+    let prometheus = stack.prometheus();
     Ok(Status {
         dir: stack.dir.clone(),
         regions,
+        prometheus_url: prometheus.is_running().then(|| prometheus.url()),
     })
 }
 
@@ -535,5 +589,31 @@ pub fn print_status(s: &Status) {
         if !down.is_empty() {
             println!("  NOT RUNNING: {}", down.join(", "));
         }
+    }
+    match &s.prometheus_url {
+        Some(url) => println!(
+            "prometheus {url} (every role, scraped each second; the clusters' alert rules)"
+        ),
+        None => println!("prometheus not running (install it with scripts/setup --prometheus)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule_file_is_the_prometheus_rules_spec() {
+        let rules = rule_file(PROMETHEUS_RULE);
+        assert!(
+            rules.starts_with("groups:\n  - name: tally.recording\n"),
+            "{}",
+            &rules[..80]
+        );
+        assert!(!rules.contains("kind: PrometheusRule"));
+        assert_eq!(
+            rules.matches("- alert: ").count(),
+            PROMETHEUS_RULE.matches("- alert: ").count()
+        );
     }
 }

@@ -1,0 +1,234 @@
+"""The deployment's offline checks (run by scripts/check-deploy, which installs the tools).
+
+Each check prints one line; any failure is listed at the end and the exit status is 1.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import hcl2
+import jsonschema
+import yaml
+
+KUBERNETES_VERSION = "1.31.0"
+REGIONS = ["us-east-1", "eu-west-1", "ap-southeast-1"]
+ROLES = ["ingest", "aggregator", "reader"]
+CRD_SCHEMAS = {"ServiceMonitor": "servicemonitor.json", "PrometheusRule": "prometheusrule.json", "ExternalSecret": "externalsecret.json"}
+failures = []
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{'' if ok else ': ' + detail}")
+    if not ok:
+        failures.append(name)
+
+
+def run(args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, **kw)
+
+
+def render(region):
+    out = run(["kubectl", "kustomize", f"k8s/overlays/{region}"])
+    check(f"kustomize renders {region}", out.returncode == 0, out.stderr.strip())
+    return [d for d in yaml.safe_load_all(out.stdout) if d] if out.returncode == 0 else []
+
+
+def validate(region, docs, tmp):
+    native = [d for d in docs if d["kind"] not in CRD_SCHEMAS]
+    path = os.path.join(tmp, f"{region}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump_all(native, f)
+    out = run(["kubernetes-validate", "--strict", "--quiet", "-k", KUBERNETES_VERSION, path])
+    check(f"{region}: {len(native)} objects valid for Kubernetes {KUBERNETES_VERSION} (strict)", out.returncode == 0, (out.stdout + out.stderr).strip()[-2000:])
+    for d in docs:
+        if d["kind"] in CRD_SCHEMAS:
+            with open(os.path.join("k8s/schemas", CRD_SCHEMAS[d["kind"]])) as f:
+                schema = json.load(f)
+            try:
+                jsonschema.validate(d, schema)
+                check(f"{region}: {d['kind']}/{d['metadata']['name']} matches its schema", True)
+            except jsonschema.ValidationError as e:
+                check(f"{region}: {d['kind']}/{d['metadata']['name']} matches its schema", False, e.message)
+
+
+def find(docs, kind, name):
+    return next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
+
+
+def overlay_assertions(region, docs, plan):
+    planned = next(r for r in plan["regions"] if r["region"] == region)
+    for role in ROLES:
+        hpa = find(docs, "HorizontalPodAutoscaler", f"tally-{role}")
+        got = (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) if hpa else None
+        want = (planned[role]["min"], planned[role]["max"])
+        check(f"{region}: {role} HPA bounds {got} are the capacity model's {want}", got == want)
+        cm = find(docs, "ConfigMap", f"tally-{role}")
+        check(f"{region}: {role} runs with TALLY_REGION={region}", cm is not None and cm["data"].get("TALLY_REGION") == region)
+        workload = find(docs, "StatefulSet" if role == "aggregator" else "Deployment", f"tally-{role}")
+        spec = workload["spec"]["template"]["spec"] if workload else {}
+        c = spec.get("containers", [{}])[0]
+        sc = c.get("securityContext", {})
+        check(
+            f"{region}: {role} is non-root with a read-only root filesystem and probes",
+            spec.get("securityContext", {}).get("runAsNonRoot") is True
+            and sc.get("readOnlyRootFilesystem") is True
+            and c.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz"
+            and c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz",
+        )
+        check(f"{region}: {role} has a PodDisruptionBudget and a NetworkPolicy", find(docs, "PodDisruptionBudget", f"tally-{role}") is not None and find(docs, "NetworkPolicy", f"tally-{role}") is not None)
+    deny = find(docs, "NetworkPolicy", "default-deny")
+    check(f"{region}: the namespace denies by default", deny is not None and deny["spec"]["podSelector"] == {} and set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"})
+    text = json.dumps(docs)
+    check(f"{region}: no placeholder left", "set-by-overlay" not in text, "a base value the overlay should set")
+
+
+def overlays_differ_only_by_region(rendered):
+    """Replacing one region's name and its bounds with another's gives the same objects."""
+    def normalise(region, docs):
+        text = json.dumps(docs, sort_keys=True).replace(region, "REGION")
+        out = json.loads(text)
+        for d in out:
+            if d["kind"] == "HorizontalPodAutoscaler":
+                d["spec"]["minReplicas"] = d["spec"]["maxReplicas"] = "N"
+        return out
+    base = normalise(REGIONS[0], rendered[REGIONS[0]])
+    for r in REGIONS[1:]:
+        check(f"{r} differs from {REGIONS[0]} only in its region and HPA bounds", normalise(r, rendered[r]) == base)
+
+
+def scalars(node):
+    """The HCL parser checkov brings wraps every attribute's value in a one-element list; unwrap
+    those (blocks stay lists of dicts) so the assertions read like the source."""
+    if isinstance(node, dict):
+        return {k: scalars(v) for k, v in node.items()}
+    if isinstance(node, list):
+        if len(node) == 1 and not isinstance(node[0], dict):
+            return scalars(node[0])
+        return [scalars(v) for v in node]
+    return node
+
+
+def terraform_checks():
+    out = run(["terraform", "fmt", "-check", "-recursive", "-diff", "terraform"])
+    check("terraform fmt -check", out.returncode == 0, out.stdout[-2000:])
+    parsed = {}
+    for path in sorted(glob.glob("terraform/**/*.tf", recursive=True)):
+        with open(path) as f:
+            try:
+                parsed[path] = scalars(hcl2.load(f))
+            except Exception as e:  # the parser raises several exception types
+                check(f"{path} parses as HCL", False, str(e))
+    check(f"{len(parsed)} terraform files parse as HCL", len(parsed) == len(glob.glob("terraform/**/*.tf", recursive=True)))
+
+    def resources(path):
+        out = {}
+        for entry in parsed.get(path, {}).get("resource", []):
+            for kind, named in entry.items():
+                out.setdefault(kind, {}).update(named)
+        return out
+
+    def modules(path):
+        return {name: body for m in parsed.get(path, {}).get("module", []) for name, body in m.items()}
+
+    for region in REGIONS:
+        root = f"terraform/regions/{region}/main.tf"
+        region_module = modules(root).get("region", {})
+        role = region_module.get("postgres_role")
+        want = "primary" if region == "us-east-1" else "replica"
+        check(f"terraform {region}: PostgreSQL is the {want}", role == want, f"postgres_role = {role}")
+        if want == "replica":
+            check(f"terraform {region}: its replica follows the primary's ARN", "primary_db_arn" in region_module and "terraform_remote_state.primary" in str(region_module["primary_db_arn"]))
+        backend = parsed[root]["terraform"][0]["backend"][0]["s3"]
+        check(f"terraform {region}: remote state in S3 with locking and encryption", backend.get("dynamodb_table") and backend.get("encrypt") is True)
+    pg = resources("terraform/modules/postgres/main.tf")["aws_db_instance"]["this"]
+    check("terraform postgres: encrypted, Multi-AZ, not public", pg["storage_encrypted"] is True and pg["multi_az"] is True and pg["publicly_accessible"] is False)
+    params = resources("terraform/modules/postgres/main.tf")["aws_db_parameter_group"]["this"]["parameter"]
+    check("terraform postgres: the parameter group requires SSL", any(p["name"] == "rds.force_ssl" and str(p["value"]) == "1" for p in params))
+    redis = resources("terraform/modules/redis/main.tf")["aws_elasticache_replication_group"]["shard"]
+    check("terraform redis: TLS, AUTH, encryption at rest, automatic failover", redis["transit_encryption_enabled"] is True and "auth_token" in redis and redis["at_rest_encryption_enabled"] is True and redis["automatic_failover_enabled"] is True)
+    dns = resources("terraform/modules/dns/main.tf")
+    records = dns["aws_route53_record"]
+    check("terraform dns: every record has a health check", all("health_check_id" in body for body in records.values()), [n for n, b in records.items() if "health_check_id" not in b])
+    check("terraform dns: failover PRIMARY and SECONDARY per region, geolocation per continent, a default", records["primary"]["failover_routing_policy"][0]["type"] == "PRIMARY" and records["secondary"]["failover_routing_policy"][0]["type"] == "SECONDARY" and "geolocation_routing_policy" in records["continent"] and records["default"]["geolocation_routing_policy"][0]["country"] == "*")
+    check("terraform dns: one health check per region", dns["aws_route53_health_check"]["region"]["for_each"] == "${var.regions}")
+    regions = modules("terraform/global/main.tf")["dns"]["regions"][0]  # a map attribute parses as a one-map list
+    continents = [c for r in regions.values() for c in r["continents"]]
+    check("terraform global: every region serves a continent, none twice, all six inhabited ones", sorted(continents) == sorted(["NA", "SA", "EU", "AF", "AS", "OC"]) and all(r["continents"] for r in regions.values()))
+    check("terraform global: failover targets are other regions", all(r["failover_to"] in regions and r["failover_to"] != name for name, r in regions.items()))
+
+
+def checkov():
+    for framework, target in [("kubernetes", ["-d", "k8s"]), ("terraform", ["-d", "terraform"]), ("dockerfile", ["-f", "Dockerfile"])]:
+        out = run(["checkov", "--skip-download", "--compact", "-o", "json", "--framework", framework, *target])
+        try:
+            report = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            check(f"checkov {framework} ran", False, out.stderr[-2000:])
+            continue
+        report = report[0] if isinstance(report, list) else report
+        results = report.get("results", {})
+        failed = results.get("failed_checks", [])
+        skipped = results.get("skipped_checks", [])
+        passed = report.get("summary", {}).get("passed", 0)
+        unexplained = [s["check_id"] for s in skipped if not (s.get("check_result", {}).get("suppress_comment") or "").strip()]
+        check(f"checkov {framework}: {passed} passed, {len(failed)} failed", passed > 0 and not failed, ", ".join(f"{f['check_id']} {f['resource']}" for f in failed))
+        check(f"checkov {framework}: {len(skipped)} skips, each with its reason", not unexplained, ", ".join(unexplained))
+
+
+def promtool(tmp):
+    with open("k8s/base/observe/prometheus-rule.yaml") as f:
+        rule = yaml.safe_load(f)
+    rules = os.path.join(tmp, "rules.yml")
+    with open(rules, "w") as f:
+        yaml.safe_dump(rule["spec"], f, sort_keys=False)
+    shutil.copy("k8s/base/observe/rules-test.yml", tmp)
+    out = run(["promtool", "check", "rules", rules])
+    check("promtool check rules", out.returncode == 0, (out.stdout + out.stderr).strip())
+    out = run(["promtool", "test", "rules", os.path.join(tmp, "rules-test.yml")])
+    check("promtool test rules", out.returncode == 0, (out.stdout + out.stderr).strip()[-3000:])
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    with open("k8s/base/observe/rules-test.yml") as f:
+        tested = {t["alertname"] for test in yaml.safe_load(f)["tests"] for t in test.get("alert_rule_test", [])}
+    check(f"every alert has a promtool test ({len(alerts)} alerts)", alerts <= tested, ", ".join(sorted(alerts - tested)))
+
+
+def dashboards():
+    for path in sorted(glob.glob("k8s/base/observe/dashboards/*.json")):
+        with open(path) as f:
+            d = json.load(f)
+        exprs = [t.get("expr", "") for p in d["panels"] for t in p.get("targets", [])]
+        check(f"{os.path.basename(path)}: {len(d['panels'])} panels, each with a query", d["panels"] and all(exprs) and all(p.get("targets") for p in d["panels"]))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tally", required=True)
+    args = parser.parse_args()
+    plan = json.loads(run([args.tally, "capacity", "--json"]).stdout)
+    with tempfile.TemporaryDirectory() as tmp:
+        rendered = {}
+        for region in REGIONS:
+            rendered[region] = render(region)
+            if rendered[region]:
+                validate(region, rendered[region], tmp)
+                overlay_assertions(region, rendered[region], plan)
+        if all(rendered.values()):
+            overlays_differ_only_by_region(rendered)
+        terraform_checks()
+        checkov()
+        promtool(tmp)
+        dashboards()
+    if failures:
+        print(f"\n{len(failures)} deployment checks failed: " + "; ".join(failures))
+        sys.exit(1)
+    print("\nall deployment checks passed")
+
+
+if __name__ == "__main__":
+    main()

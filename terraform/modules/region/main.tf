@@ -1,0 +1,187 @@
+# Everything one region runs, composed from the other modules: its network, EKS cluster, Redis
+# shards, PostgreSQL (the primary, or a replica of it), its secret, and the KMS key they share.
+
+variable "region" {
+  type = string
+  validation {
+    condition     = contains(["us-east-1", "eu-west-1", "ap-southeast-1"], var.region)
+    error_message = "Tally's regions are us-east-1, eu-west-1 and ap-southeast-1."
+  }
+}
+
+variable "cidr" {
+  type = string
+}
+
+variable "zones" {
+  type = list(string)
+}
+
+variable "postgres_role" {
+  type = string
+}
+
+variable "primary_db_arn" {
+  type    = string
+  default = null
+}
+
+variable "postgres_instance_class" {
+  type = string
+}
+
+variable "redis_shards" {
+  type = number
+}
+
+variable "redis_auth_token" {
+  type      = string
+  sensitive = true
+}
+
+variable "node_max" {
+  description = "Nodes at peak: enough 2-vCPU slots for the HPA maxima of this region."
+  type        = number
+}
+
+variable "peer_cidrs" {
+  description = "The other regions' VPCs: aggregators write to the primary across regions, replicas stream from it."
+  type        = list(string)
+}
+
+data "aws_caller_identity" "this" {}
+
+resource "aws_kms_key" "this" {
+  description         = "Tally ${var.region}: data at rest, secrets, logs"
+  enable_key_rotation = true
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      {
+        Sid       = "AccountAdministers"
+        Effect    = "Allow"
+        Principal = { AWS = "arn:aws:iam::${data.aws_caller_identity.this.account_id}:root" }
+        Action    = "kms:*"
+        Resource  = "*"
+      },
+      {
+        Sid       = "LogsEncrypt"
+        Effect    = "Allow"
+        Principal = { Service = "logs.${var.region}.amazonaws.com" }
+        Action    = ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey*", "kms:DescribeKey"]
+        Resource  = "*"
+      },
+    ]
+  })
+}
+
+module "network" {
+  source      = "../network"
+  region      = var.region
+  cidr        = var.cidr
+  zones       = var.zones
+  kms_key_arn = aws_kms_key.this.arn
+}
+
+resource "aws_security_group" "data" {
+  name        = "tally-${var.region}-data"
+  description = "Redis and PostgreSQL: reachable only from this VPC and the peered Tally VPCs"
+  vpc_id      = module.network.vpc_id
+  ingress {
+    description = "Redis over TLS from the cluster"
+    from_port   = 6379
+    to_port     = 6379
+    protocol    = "tcp"
+    cidr_blocks = [var.cidr]
+  }
+  ingress {
+    description = "PostgreSQL over TLS from every Tally region (cross-region writes, replication)"
+    from_port   = 5432
+    to_port     = 5432
+    protocol    = "tcp"
+    cidr_blocks = concat([var.cidr], var.peer_cidrs)
+  }
+  egress {
+    description = "Replication to the peered regions' PostgreSQL"
+    from_port   = 5432
+    to_port     = 5432
+    protocol    = "tcp"
+    cidr_blocks = var.peer_cidrs
+  }
+}
+
+module "eks" {
+  source      = "../eks"
+  region      = var.region
+  subnet_ids  = module.network.private_subnet_ids
+  kms_key_arn = aws_kms_key.this.arn
+  node_groups = {
+    tally = { instance_type = "c7g.xlarge", min_size = 3, max_size = var.node_max }
+  }
+}
+
+module "redis" {
+  source             = "../redis"
+  region             = var.region
+  shards             = var.redis_shards
+  subnet_ids         = module.network.private_subnet_ids
+  security_group_ids = [aws_security_group.data.id]
+  kms_key_arn        = aws_kms_key.this.arn
+  auth_token         = var.redis_auth_token
+}
+
+resource "aws_iam_role" "rds_monitoring" {
+  name = "tally-${var.region}-rds-monitoring"
+  assume_role_policy = jsonencode({
+    Version   = "2012-10-17"
+    Statement = [{ Effect = "Allow", Principal = { Service = "monitoring.rds.amazonaws.com" }, Action = "sts:AssumeRole" }]
+  })
+}
+
+resource "aws_iam_role_policy_attachment" "rds_monitoring" {
+  role       = aws_iam_role.rds_monitoring.name
+  policy_arn = "arn:aws:iam::aws:policy/service-role/AmazonRDSEnhancedMonitoringRole"
+}
+
+module "postgres" {
+  source              = "../postgres"
+  region              = var.region
+  role                = var.postgres_role
+  replicate_source_db = var.primary_db_arn
+  instance_class      = var.postgres_instance_class
+  subnet_ids          = module.network.private_subnet_ids
+  security_group_ids  = [aws_security_group.data.id]
+  kms_key_arn         = aws_kms_key.this.arn
+  monitoring_role_arn = aws_iam_role.rds_monitoring.arn
+}
+
+module "secrets" {
+  source           = "../secrets"
+  region           = var.region
+  kms_key_arn      = aws_kms_key.this.arn
+  reader_role_arns = values(module.eks.irsa_role_arns)
+}
+
+output "vpc_id" {
+  value = module.network.vpc_id
+}
+
+output "postgres_arn" {
+  value = module.postgres.arn
+}
+
+output "postgres_endpoint" {
+  value = module.postgres.endpoint
+}
+
+output "redis_urls" {
+  value = module.redis.urls
+}
+
+output "cluster_name" {
+  value = module.eks.cluster_name
+}
+
+output "kms_key_arn" {
+  value = aws_kms_key.this.arn
+}

@@ -1,0 +1,66 @@
+# ap-southeast-1: one root per region, so a plan touches one region at a time. Sizes are `tally capacity`'s.
+terraform {
+  required_version = ">= 1.5"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = "~> 5.70"
+    }
+    tls = {
+      source  = "hashicorp/tls"
+      version = "~> 4.0"
+    }
+  }
+  backend "s3" {
+    bucket         = "tally-terraform-state"
+    key            = "regions/ap-southeast-1.tfstate"
+    region         = "us-east-1"
+    encrypt        = true
+    dynamodb_table = "tally-terraform-locks"
+  }
+}
+
+provider "aws" {
+  region = "ap-southeast-1"
+  default_tags {
+    tags = { Project = "tally", Region = "ap-southeast-1" }
+  }
+}
+
+variable "redis_auth_token" {
+  description = "From the operator's secret store (TF_VAR_redis_auth_token); never committed."
+  type        = string
+  sensitive   = true
+}
+
+# The primary is us-east-1's; its ARN comes from that root's state.
+data "terraform_remote_state" "primary" {
+  backend = "s3"
+  config = {
+    bucket = "tally-terraform-state"
+    key    = "regions/us-east-1.tfstate"
+    region = "us-east-1"
+  }
+}
+
+module "region" {
+  source                  = "../../modules/region"
+  region                  = "ap-southeast-1"
+  cidr                    = "10.3.0.0/16"
+  zones                   = ["ap-southeast-1a", "ap-southeast-1b", "ap-southeast-1c"]
+  peer_cidrs              = ["10.1.0.0/16", "10.2.0.0/16"]
+  postgres_role           = "replica"
+  primary_db_arn          = data.terraform_remote_state.primary.outputs.postgres_arn
+  postgres_instance_class = "db.r6g.2xlarge"
+  redis_shards            = 3
+  redis_auth_token        = var.redis_auth_token
+  node_max                = 10
+}
+
+output "postgres_arn" {
+  value = module.region.postgres_arn
+}
+
+output "redis_urls" {
+  value = module.region.redis_urls
+}

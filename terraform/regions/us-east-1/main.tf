@@ -1,0 +1,59 @@
+# us-east-1: one root per region, so a plan touches one region at a time. Sizes are `tally capacity`'s.
+terraform {
+  required_version = ">= 1.5"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = "~> 5.70"
+    }
+    tls = {
+      source  = "hashicorp/tls"
+      version = "~> 4.0"
+    }
+  }
+  backend "s3" {
+    bucket         = "tally-terraform-state"
+    key            = "regions/us-east-1.tfstate"
+    region         = "us-east-1"
+    encrypt        = true
+    dynamodb_table = "tally-terraform-locks"
+  }
+}
+
+provider "aws" {
+  region = "us-east-1"
+  default_tags {
+    tags = { Project = "tally", Region = "us-east-1" }
+  }
+}
+
+variable "redis_auth_token" {
+  description = "From the operator's secret store (TF_VAR_redis_auth_token); never committed."
+  type        = string
+  sensitive   = true
+}
+
+module "region" {
+  source                  = "../../modules/region"
+  region                  = "us-east-1"
+  cidr                    = "10.1.0.0/16"
+  zones                   = ["us-east-1a", "us-east-1b", "us-east-1c"]
+  peer_cidrs              = ["10.2.0.0/16", "10.3.0.0/16"]
+  postgres_role           = "primary"
+  postgres_instance_class = "db.r6g.2xlarge"
+  redis_shards            = 3
+  redis_auth_token        = var.redis_auth_token
+  node_max                = 10
+}
+
+output "postgres_arn" {
+  value = module.region.postgres_arn
+}
+
+output "redis_urls" {
+  value = module.region.redis_urls
+}
+
+output "kms_key_arn" {
+  value = module.region.kms_key_arn
+}
