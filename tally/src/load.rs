@@ -28,6 +28,41 @@ pub const VOTER_MIX: &[(&str, f64, &str)] = &[
     ("OC", 0.05, "ap-southeast-1"),
 ];
 
+/// The polls a load votes in, with how popular each is; options within a poll are skewed too
+/// (the first twice as popular as the second, three times the third, ...). `tally local up`
+/// creates them.
+pub const POLLS: &[(&str, &[&str], f64)] = &[
+    ("default", &["a", "b"], 0.6),
+    (
+        "song-contest",
+        &["norway", "sweden", "italy", "spain", "ukraine"],
+        0.3,
+    ),
+    ("best-host", &["ana", "ben", "chloe"], 0.1),
+];
+
+/// The `h`-th pick of a poll and an option, by popularity (`h` is a uniform hash).
+fn pick_vote(h: u64) -> (&'static str, &'static str) {
+    let mut x = (h % 1_000_000) as f64 / 1_000_000.0;
+    let (poll, options, _) = POLLS
+        .iter()
+        .find(|(_, _, share)| {
+            x -= share;
+            x < 0.0
+        })
+        .unwrap_or(&POLLS[0]);
+    let weights: Vec<f64> = (1..=options.len()).map(|i| 1.0 / i as f64).collect();
+    let mut y = ((h >> 20) % 1_000_000) as f64 / 1_000_000.0 * weights.iter().sum::<f64>();
+    let i = weights
+        .iter()
+        .position(|w| {
+            y -= w;
+            y < 0.0
+        })
+        .unwrap_or(0);
+    (poll, options[i])
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub rate: f64,
@@ -53,7 +88,7 @@ pub struct Report {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub voters: usize,
-    /// Per region: acknowledged votes, and whether its reader shows the primary's counts.
+    /// Per region: acknowledged votes, and whether its reader shows the primary's counts in every poll.
     pub regions: Vec<RegionReport>,
     pub drained_in_seconds: f64,
     pub timeline: Timeline,
@@ -104,8 +139,9 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         let addr = format!("127.0.0.1:{}", r.ingest).parse()?;
         let voters_here = ((opts.voters as f64 * share) as u64).max(1);
         let tag = run_tag.clone();
-        // The `n`th vote of this region: continent by share, voter within it, a 60/40 option skew.
-        let vote_n = Arc::new(move |n: u64| -> (String, &'static [u8]) {
+        // The `n`th vote of this region: continent by share, voter within it, poll and option by
+        // popularity. A voter who votes again in the same poll may change their mind.
+        let vote_n = Arc::new(move |n: u64| -> (String, &'static str, &'static str) {
             let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (n >> 7);
             let mut pick = (h % 10_000) as f64 / 10_000.0 * share;
             let continent = continents
@@ -115,25 +151,24 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                     pick < 0.0
                 })
                 .map_or(continents[0].0, |(c, _)| *c);
-            let option: &'static [u8] = if (h >> 40) % 10 < 6 {
-                br#"{"option":"a"}"#
-            } else {
-                br#"{"option":"b"}"#
-            };
+            let (poll, option) = pick_vote(h.rotate_left(23));
             (
                 format!("{tag}-{continent}-{}", (h >> 16) % voters_here),
+                poll,
                 option,
             )
         });
         let make: MakeRequest = {
             let vote_n = vote_n.clone();
             Arc::new(move |n| {
-                let (voter, option) = vote_n(n);
-                hyper::Request::post("/v1/polls/default/votes")
+                let (voter, poll, option) = vote_n(n);
+                hyper::Request::post(format!("/v1/polls/{poll}/votes"))
                     .header("content-type", "application/json")
                     .header("x-voter-id", voter)
-                    .body(Full::new(Bytes::from_static(option)))
-                    .expect("static request")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"option":"{option}"}}"#
+                    ))))
+                    .expect("a valid request")
             })
         };
         let here = Arc::new(AtomicU64::new(0));
@@ -163,7 +198,8 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
             here.fetch_add(1, Ordering::Relaxed);
             let mut a = acks.lock().expect("acks");
             a.count += 1;
-            let latest = a.latest.entry(vote_n(n).0).or_insert(0);
+            let (voter, poll, _) = vote_n(n);
+            let latest = a.latest.entry(format!("{poll}/{voter}")).or_insert(0);
             *latest = (*latest).max(id);
         });
         let rate = opts.rate * share;
@@ -403,7 +439,10 @@ async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
 async fn verify(stack: &Stack, run_tag: &str, acks: &Acks) -> anyhow::Result<(u64, u64)> {
     let client = db::connect(&stack.primary_url()).await?;
     let rows = client
-        .query("SELECT voter_id, vote_id::text FROM ballots WHERE poll_id = 'default' AND voter_id LIKE $1", &[&format!("{run_tag}-%")])
+        .query(
+            "SELECT poll_id || '/' || voter_id, vote_id::text FROM ballots WHERE voter_id LIKE $1",
+            &[&format!("{run_tag}-%")],
+        )
         .await?;
     let ballots: HashMap<String, u128> = rows
         .iter()
@@ -431,42 +470,48 @@ async fn compare_readers(
     acks: &HashMap<String, Arc<AtomicU64>>,
 ) -> anyhow::Result<Vec<RegionReport>> {
     let client = db::connect(&stack.primary_url()).await?;
-    let primary: HashMap<String, i64> = client
-        .query(
-            "SELECT option, count FROM tallies WHERE poll_id = 'default'",
-            &[],
-        )
+    let mut primary: HashMap<String, HashMap<String, i64>> = HashMap::new();
+    for r in client
+        .query("SELECT poll_id, option, count FROM tallies", &[])
         .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    {
+        primary
+            .entry(r.get(0))
+            .or_default()
+            .insert(r.get(1), r.get(2));
+    }
+    // The reader refreshes every 100 ms; give it two intervals after the replicas caught up.
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let mut out = Vec::new();
     for r in &stack.regions {
-        let reader = reader_results(r.reader).await?;
-        let counts: HashMap<String, i64> =
-            serde_json::from_value(reader["counts"].clone()).unwrap_or_default();
+        let (mut matches, mut total) = (true, 0);
+        for (poll, _, _) in POLLS {
+            let reader = reader_results(r.reader, poll).await?;
+            let counts: HashMap<String, i64> =
+                serde_json::from_value(reader["counts"].clone()).unwrap_or_default();
+            matches &= primary.get(*poll).is_some_and(|p| *p == counts);
+            total += reader["total"].as_i64().unwrap_or(0);
+        }
         out.push(RegionReport {
             name: r.name.clone(),
             acknowledged: acks
                 .get(&r.name)
                 .map(|a| a.load(Ordering::Relaxed))
                 .unwrap_or(0),
-            results_match_primary: counts == primary,
-            reader_total: reader["total"].as_i64().unwrap_or(-1),
+            results_match_primary: matches,
+            reader_total: total,
         });
     }
     Ok(out)
 }
 
-/// The reader's results for the default poll, once its cache has passed the drain.
-async fn reader_results(port: u16) -> anyhow::Result<serde_json::Value> {
-    // The reader refreshes every 100 ms; give it two intervals after the replicas caught up.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+/// A reader's results for one poll.
+async fn reader_results(port: u16, poll: &str) -> anyhow::Result<serde_json::Value> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get("/v1/polls/default/results")
+    let req = hyper::Request::get(format!("/v1/polls/{poll}/results"))
         .header("host", "localhost")
         .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;
@@ -474,4 +519,39 @@ async fn reader_results(port: u16) -> anyhow::Result<serde_json::Value> {
         .await?
         .to_bytes();
     Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_and_options_follow_their_popularity() {
+        let mut polls: HashMap<&str, u64> = HashMap::new();
+        let mut songs: HashMap<&str, u64> = HashMap::new();
+        for n in 0..200_000u64 {
+            let (poll, option) = pick_vote(n.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(23));
+            *polls.entry(poll).or_default() += 1;
+            if poll == "song-contest" {
+                *songs.entry(option).or_default() += 1;
+            }
+        }
+        for (poll, _, share) in POLLS {
+            let got = polls[poll] as f64 / 200_000.0;
+            assert!(
+                (got - share).abs() < 0.01,
+                "{poll}: {got} of votes, wanted {share}"
+            );
+        }
+        let ratio = songs["norway"] as f64 / songs["sweden"] as f64;
+        assert!(
+            (ratio - 2.0).abs() < 0.1,
+            "the first option is twice as popular as the second: {ratio}"
+        );
+        assert!(
+            songs["sweden"] > songs["italy"]
+                && songs["italy"] > songs["spain"]
+                && songs["spain"] > songs["ukraine"]
+        );
+    }
 }

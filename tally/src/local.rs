@@ -308,6 +308,12 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
         db::ensure_database(&primary.admin_url(), db::DATABASE).await?;
         let mut client = db::connect(&stack.primary_url()).await?;
         db::migrate(&mut client).await?;
+        for (id, options, _) in crate::load::POLLS {
+            match db::create_poll(&mut client, &model::Poll::new(id, options)?).await {
+                Ok(()) | Err(db::DbError::PollExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         anyhow::Ok(())
     })
     .context("preparing the database")?;
