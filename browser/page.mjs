@@ -1,14 +1,10 @@
 // Loads the reader's live results page in headless Chromium, reports the counts it shows, waits
 // for the counts to change without a reload, and saves a screenshot.
 // Usage: node page.mjs <url> <screenshot.png> <option> <expected count after the change>
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 
 const [url, screenshot, option, expected] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
   await page.goto(url);

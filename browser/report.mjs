@@ -2,15 +2,11 @@
 // lines it drew and the size of what they cover on screen, then saves a screenshot.
 // Usage: node report.mjs <report.html> <screenshot.png>
 // Prints: PLOT <id> lines=<n> drawn=<width>x<height>   (one line per plot)
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 import { pathToFileURL } from "node:url";
 
 const [report, screenshot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
   await page.goto(pathToFileURL(report).href);

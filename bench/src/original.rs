@@ -2,15 +2,10 @@
 //! one run: its vote service opened a new Redis connection and sent one `RPUSH` per request; its
 //! worker popped one vote and wrote it with one `INSERT`, then `UPDATE` on conflict, per round trip.
 
-use std::convert::Infallible;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{HeaderMap, StatusCode};
 use model::Vote;
 use tokio::net::TcpListener;
 
@@ -18,60 +13,36 @@ use tokio::net::TcpListener;
 /// as JSON; `202` once Redis answered.
 pub async fn vote_service(listener: TcpListener, redis_url: String) {
     let client = redis::Client::open(redis_url).expect("a valid Redis URL");
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    crate::bare::serve(listener, move |headers: HeaderMap, body: Bytes| {
         let client = client.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let client = client.clone();
-                async move {
-                    let voter = req
-                        .headers()
-                        .get("x-voter-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("anonymous")
-                        .to_owned();
-                    let body = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|c| c.to_bytes())
-                        .unwrap_or_default();
-                    let option = serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["option"].as_str().map(str::to_owned));
-                    let stored = async {
-                        let mut con = client.get_multiplexed_async_connection().await?;
-                        let data =
-                            serde_json::json!({ "voter_id": voter, "vote": option }).to_string();
-                        redis::cmd("RPUSH")
-                            .arg("votes")
-                            .arg(data)
-                            .query_async::<i64>(&mut con)
-                            .await
-                    };
-                    let (status, out) = match stored.await {
-                        Ok(_) => (
-                            StatusCode::ACCEPTED,
-                            Bytes::from_static(
-                                b"{\"vote_id\":\"00000000-0000-0000-0000-000000000000\"}",
-                            ),
-                        ),
-                        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"{}")),
-                    };
-                    let mut resp = Response::new(Full::new(out));
-                    *resp.status_mut() = status;
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move {
+            let voter = headers
+                .get("x-voter-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("anonymous")
+                .to_owned();
+            let option = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["option"].as_str().map(str::to_owned));
+            let stored = async {
+                let mut con = client.get_multiplexed_async_connection().await?;
+                let data = serde_json::json!({ "voter_id": voter, "vote": option }).to_string();
+                redis::cmd("RPUSH")
+                    .arg("votes")
+                    .arg(data)
+                    .query_async::<i64>(&mut con)
+                    .await
+            };
+            match stored.await {
+                Ok(_) => (
+                    StatusCode::ACCEPTED,
+                    Bytes::from_static(crate::bare::NIL_VOTE_ID),
+                ),
+                Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"{}")),
+            }
+        }
+    })
+    .await
 }
 
 /// The original worker, reproduced: pop one vote, `INSERT`, and `UPDATE` when the voter exists.

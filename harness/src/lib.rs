@@ -185,23 +185,24 @@ impl RedisServer {
 
     /// Votes waiting plus votes some aggregator holds in flight.
     pub async fn outstanding(&self) -> anyhow::Result<u64> {
-        let mut con = self.connection().await?;
-        let mut n: u64 = redis::cmd("LLEN")
-            .arg(model::queue::VOTES)
-            .query_async(&mut con)
-            .await?;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX))
-            .query_async(&mut con)
-            .await?;
-        for k in keys {
-            n += redis::cmd("LLEN")
-                .arg(&k)
-                .query_async::<u64>(&mut con)
-                .await?;
-        }
-        Ok(n)
+        Ok(outstanding(&mut self.connection().await?).await?)
     }
+}
+
+/// Votes in a shard: waiting, plus in every worker's in-flight list.
+pub async fn outstanding(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<u64> {
+    let mut n: u64 = redis::cmd("LLEN")
+        .arg(model::queue::VOTES)
+        .query_async(con)
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX))
+        .query_async(con)
+        .await?;
+    for k in keys {
+        n += redis::cmd("LLEN").arg(&k).query_async::<u64>(con).await?;
+    }
+    Ok(n)
 }
 
 /// Waits until no shard has a vote waiting or in flight.

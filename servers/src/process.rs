@@ -87,6 +87,55 @@ pub(crate) fn log_tail(path: &Path) -> String {
         .unwrap_or_else(|_| "(no log)".into())
 }
 
+/// A minimal blocking HTTP GET, for readiness probes without a runtime.
+pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &addr.parse().ok()?,
+        std::time::Duration::from_millis(300),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 16];
+    s.read_exact(&mut buf[..12]).ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+/// Polls `ready` until it holds; fails early, with the log's last line, once `alive` says the
+/// server died (checked after a grace period, since a daemonising server writes its pid late).
+pub(crate) fn wait_ready(
+    server: &str,
+    log: &Path,
+    limit: std::time::Duration,
+    ready: impl Fn() -> bool,
+    alive: impl Fn() -> bool,
+) -> Result<(), ServerError> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if ready() {
+            return Ok(());
+        }
+        if start.elapsed() > std::time::Duration::from_millis(500) && !alive() {
+            return Err(ServerError::Crashed {
+                server: server.to_owned(),
+                detail: log_tail(log),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(ServerError::NotReady {
+        server: server.to_owned(),
+        seconds: limit.as_secs(),
+        detail: log_tail(log),
+    })
+}
+
 /// Is this process alive (and not a zombie)?
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

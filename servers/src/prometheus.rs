@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{ensure_port_free, log_tail, pid_alive, signal};
+use crate::process::{ensure_port_free, http_status, pid_alive, signal, wait_ready};
 use crate::redis::which;
 use crate::ServerError;
 
@@ -74,43 +74,18 @@ impl Prometheus {
             .map_err(ServerError::io(self.config_file()))?;
         std::fs::write(self.pidfile(), child.id().to_string())
             .map_err(ServerError::io(self.pidfile()))?;
-        let start = Instant::now();
-        let limit = Duration::from_secs(30);
-        while start.elapsed() < limit {
-            if self.ready() {
-                return Ok(());
-            }
-            if !pid_alive(child.id()) {
-                return Err(ServerError::Crashed {
-                    server: format!("prometheus on port {}", self.port),
-                    detail: log_tail(&self.logfile()),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err(ServerError::NotReady {
-            server: format!("prometheus on port {}", self.port),
-            seconds: limit.as_secs(),
-            detail: log_tail(&self.logfile()),
-        })
+        let pid = child.id();
+        wait_ready(
+            &format!("prometheus on port {}", self.port),
+            &self.logfile(),
+            Duration::from_secs(30),
+            || self.ready(),
+            || pid_alive(pid),
+        )
     }
 
     fn ready(&self) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if write!(
-            s,
-            "GET /-/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .is_err()
-        {
-            return false;
-        }
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
+        http_status(&format!("127.0.0.1:{}", self.port), "/-/ready") == Some(200)
     }
 
     pub fn pid(&self) -> Option<u32> {

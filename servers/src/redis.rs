@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::process::{ensure_port_free, log_tail, pid_alive, run, signal};
+use crate::process::{ensure_port_free, pid_alive, run, signal, wait_ready};
 use crate::{ServerError, INSTALL_HINT};
 
 #[derive(Debug, Clone)]
@@ -109,30 +109,13 @@ impl Redis {
             .arg(self.pidfile())
             .arg("--logfile")
             .arg(self.logfile()))?;
-        self.wait_ready(Duration::from_secs(20))
-    }
-
-    fn wait_ready(&self, limit: Duration) -> Result<(), ServerError> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if ping(self.port) {
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_millis(500)
-                && self.pid().is_none_or(|p| !pid_alive(p))
-            {
-                return Err(ServerError::Crashed {
-                    server: format!("redis on port {}", self.port),
-                    detail: log_tail(&self.logfile()),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(ServerError::NotReady {
-            server: format!("redis on port {}", self.port),
-            seconds: limit.as_secs(),
-            detail: log_tail(&self.logfile()),
-        })
+        wait_ready(
+            &format!("redis on port {}", self.port),
+            &self.logfile(),
+            Duration::from_secs(20),
+            || ping(self.port),
+            || self.pid().is_some_and(pid_alive),
+        )
     }
 
     pub fn pid(&self) -> Option<u32> {

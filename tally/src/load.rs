@@ -339,7 +339,7 @@ async fn sample_every_second(
         }
         let at = started.elapsed().as_secs_f64();
         for (series, con) in &mut shards {
-            if let Ok(n) = outstanding(con).await {
+            if let Ok(n) = harness::outstanding(con).await {
                 series.points.push([at, n as f64]);
             }
         }
@@ -367,22 +367,6 @@ async fn sample_every_second(
     }
 }
 
-/// Votes in a shard: waiting, plus in every worker's in-flight list.
-async fn outstanding(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<u64> {
-    let mut n: u64 = redis::cmd("LLEN")
-        .arg(model::queue::VOTES)
-        .query_async(con)
-        .await?;
-    let inflight: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", model::queue::IN_FLIGHT_PREFIX))
-        .query_async(con)
-        .await?;
-    for key in inflight {
-        n += redis::cmd("LLEN").arg(key).query_async::<u64>(con).await?;
-    }
-    Ok(n)
-}
-
 fn parse_uuid(s: &str) -> Option<u128> {
     u128::from_str_radix(&s.replace('-', ""), 16).ok()
 }
@@ -401,7 +385,7 @@ async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     loop {
         let mut left = 0u64;
         for con in &mut shards {
-            left += outstanding(con).await?;
+            left += harness::outstanding(con).await?;
         }
         if left == 0 {
             break;

@@ -388,7 +388,7 @@ fn wait_role_ready(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result
     let start = Instant::now();
     let url = format!("127.0.0.1:{}", r.role_port(role));
     loop {
-        if http_status(&url, "/readyz") == Some(200) {
+        if servers::http_status(&url, "/readyz") == Some(200) {
             return Ok(());
         }
         if !stack.role_running(&r.name, role) {
@@ -420,23 +420,6 @@ fn last_line(path: &Path) -> String {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "(no log)".into())
-}
-
-/// A minimal blocking HTTP GET, for readiness probes without a runtime.
-pub fn http_status(addr: &str, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(300))
-            .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = [0u8; 16];
-    s.read_exact(&mut buf[..12]).ok()?;
-    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
 }
 
 /// Stops every process of the stack: ingest first (nothing new is acknowledged), aggregators
