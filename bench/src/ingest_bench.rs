@@ -122,7 +122,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         // The latency target is at a sustained rate, so measure it open loop at 0.8x bare.
         let target = 0.8 * bare_rate;
         let (open, _) = open_loop(
-            ingest_addr,
+            crate::load::fixed(ingest_addr),
             target,
             opts.round,
             opts.connections * 4,

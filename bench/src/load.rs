@@ -18,6 +18,15 @@ use tokio::net::TcpStream;
 /// Builds the `n`th request.
 pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
 
+/// Where the next request goes: fixed for a benchmark; for `tally load`, wherever Route53's
+/// answer sends the voters now (a connection is replaced when the answer changes).
+pub type Route = Arc<dyn Fn() -> SocketAddr + Send + Sync>;
+
+/// A route that never changes.
+pub fn fixed(addr: SocketAddr) -> Route {
+    Arc::new(move || addr)
+}
+
 /// Sees the `n`th request's answer: its sample and body.
 pub type OnAnswer = Arc<dyn Fn(u64, Sample, &[u8]) + Send + Sync>;
 
@@ -213,7 +222,7 @@ pub struct Sample {
 /// Requests at `rate` per second for `duration` over up to `connections` keep-alive connections.
 /// `on_answer` sees each answered request (the load's own bookkeeping: acknowledged vote ids).
 pub async fn open_loop(
-    addr: SocketAddr,
+    route: Route,
     rate: f64,
     duration: Duration,
     connections: usize,
@@ -229,20 +238,22 @@ pub async fn open_loop(
             let rx = rx.clone();
             let make = make.clone();
             let on_answer = on_answer.clone();
+            let route = route.clone();
             tokio::spawn(async move {
                 let mut out = Outcome::new();
                 let mut samples = Vec::new();
-                let mut sender: Option<Sender> = None;
+                let mut sender: Option<(SocketAddr, Sender)> = None;
                 loop {
                     let Some((n, due)) = rx.lock().await.recv().await else {
                         break;
                     };
-                    if sender.is_none() {
-                        sender = connect(addr).await.ok();
+                    let addr = route();
+                    if sender.as_ref().is_none_or(|(a, _)| *a != addr) {
+                        sender = connect(addr).await.ok().map(|s| (addr, s));
                     }
                     let mut status = None;
                     let mut body = Bytes::new();
-                    if let Some(s) = sender.as_mut() {
+                    if let Some((_, s)) = sender.as_mut() {
                         if s.ready().await.is_ok() {
                             if let Ok(resp) = s.send_request(make(n)).await {
                                 status = Some(resp.status().as_u16());

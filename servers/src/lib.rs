@@ -6,6 +6,8 @@
 //! and port, never by service name.
 #![forbid(unsafe_code)]
 
+mod daemon;
+mod moto;
 mod postgres;
 mod process;
 mod prometheus;
@@ -13,6 +15,7 @@ mod redis;
 
 pub use postgres::{PgBin, Postgres, StopMode, SUPERUSER};
 
+pub use moto::Moto;
 pub use process::{free_port, http_status, pid_alive, port_is_free, running_as_root, signal};
 pub use prometheus::Prometheus;
 pub use redis::{Fsync, Redis};

@@ -184,12 +184,61 @@ impl Postgres {
             .arg("-D")
             .arg(&self.data_dir)
             .args(["-R", "-X", "stream", "-C", "-S", slot, "--checkpoint=fast"]))?;
-        // The slot name must reach primary_slot_name; -R writes it, but be explicit for old versions.
+        self.follow(primary, slot)
+    }
+
+    /// Points this (stopped) replica at `primary` through `slot`, naming itself after the slot:
+    /// the primary's `synchronous_standby_names` lists its standbys by these names.
+    fn follow(&self, primary: &Postgres, slot: &str) -> Result<(), ServerError> {
         append(
             &self.data_dir.join("postgresql.auto.conf"),
-            &format!("primary_slot_name = '{slot}'\n"),
+            &format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} application_name={slot}'\nprimary_slot_name = '{slot}'\n",
+                primary.port
+            ),
         )?;
-        Ok(())
+        std::fs::write(self.data_dir.join("standby.signal"), b"")
+            .map_err(ServerError::io(&self.data_dir))
+    }
+
+    /// Is this cluster set to start as a replica?
+    pub fn is_replica(&self) -> bool {
+        self.data_dir.join("standby.signal").exists()
+    }
+
+    /// Turns a stopped former primary into a replica of `primary` (which must be running):
+    /// `pg_rewind` undoes whatever it wrote that `primary` never received, then it follows
+    /// `primary` through `slot`, created there if missing.
+    pub fn rewind(&self, primary: &Postgres, slot: &str) -> Result<(), ServerError> {
+        // A freshly promoted primary names its new timeline in pg_control only at its next
+        // checkpoint; until then pg_rewind sees no divergence and rewinds nothing.
+        run(self.as_server_user(self.bin.tool("psql")).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            SUPERUSER,
+            "-d",
+            "postgres",
+            "-qAtc",
+            "CHECKPOINT",
+        ]))?;
+        // pg_rewind first finishes crash recovery in single-user mode, which refuses standby mode.
+        let _ = std::fs::remove_file(self.data_dir.join("standby.signal"));
+        run(self
+            .as_server_user(self.bin.tool("pg_rewind"))
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg(format!(
+                "--source-server=host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres",
+                primary.port
+            )))?;
+        run(self.as_server_user(self.bin.tool("psql")).args([
+            "-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", SUPERUSER, "-d", "postgres", "-qAtc",
+            &format!("SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"),
+        ]))?;
+        self.follow(primary, slot)
     }
 
     /// The directory, created and owned by the server user.

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::load::VOTER_MIX;
+use crate::edge::{home_region, VOTER_MIX};
 
 /// Votes/s one ingest core takes: `tally bench ingest --connections 256` answered 32,255 votes/s
 /// with two server threads on a 2-core machine that also ran Redis and the load generator.
@@ -93,10 +93,12 @@ pub struct Plan {
 }
 
 /// Each region's share of voters, from the load's voter mix (Route53's geolocation answer).
-pub fn shares() -> Vec<(&'static str, f64)> {
-    let mut out: Vec<(&'static str, f64)> = Vec::new();
-    for (_, share, region) in VOTER_MIX {
-        match out.iter_mut().find(|(r, _)| r == region) {
+pub fn shares() -> Vec<(String, f64)> {
+    let topology = regions::Topology::standard();
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for (continent, share) in VOTER_MIX {
+        let region = home_region(&topology, continent);
+        match out.iter_mut().find(|(r, _)| *r == region) {
             Some((_, s)) => *s += share,
             None => out.push((region, *share)),
         }
@@ -125,10 +127,11 @@ pub fn plan(inputs: &Inputs) -> Result<Plan, InputError> {
     let shares = shares();
     let regions = shares
         .iter()
-        .map(|&(region, share)| {
+        .map(|(region, share)| {
+            let share = *share;
             let largest_other = shares
                 .iter()
-                .filter(|(r, _)| *r != region)
+                .filter(|(r, _)| r != region)
                 .map(|(_, s)| *s)
                 .fold(0.0, f64::max);
             let planned = (share + largest_other).min(1.0);

@@ -1,6 +1,7 @@
-//! `tally load`: simulated voters around the world, each sent to the region that serves their
-//! continent, at a fixed arrival rate (open loop); live progress; then a check, against
-//! PostgreSQL and every region's reader, that every acknowledged vote was counted exactly once.
+//! `tally load`: simulated voters around the world, each sent where Route53's answer for their
+//! continent says (the local edge), at a fixed arrival rate (open loop); live progress; then a
+//! check, against PostgreSQL and every region's reader, that every acknowledged vote was counted
+//! exactly once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,20 +14,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::edge::{home_region, Edge, RouteChange, VOTER_MIX};
 use crate::local::{slot_name, Stack};
 use crate::report::{RegionRecorder, Series, Timeline};
-
-/// Where voters are, and which region serves them (Route53's geolocation answer for the
-/// standard topology: the Americas to us-east-1, Europe and Africa to eu-west-1, Asia and
-/// Oceania to ap-southeast-1).
-pub const VOTER_MIX: &[(&str, f64, &str)] = &[
-    ("NA", 0.30, "us-east-1"),
-    ("SA", 0.08, "us-east-1"),
-    ("EU", 0.27, "eu-west-1"),
-    ("AF", 0.05, "eu-west-1"),
-    ("AS", 0.25, "ap-southeast-1"),
-    ("OC", 0.05, "ap-southeast-1"),
-];
 
 /// The polls a load votes in, with how popular each is; options within a poll are skewed too
 /// (the first twice as popular as the second, three times the third, ...). `tally local up`
@@ -91,6 +81,8 @@ pub struct Report {
     /// Per region: acknowledged votes, and whether its reader shows the primary's counts in every poll.
     pub regions: Vec<RegionReport>,
     pub drained_in_seconds: f64,
+    /// When the edge sent a continent's voters to another region (a region's health changed).
+    pub route_changes: Vec<RouteChange>,
     pub timeline: Timeline,
 }
 
@@ -109,13 +101,53 @@ struct Acks {
     count: u64,
 }
 
+/// What a load has done so far, for whoever watches it run (progress, drills).
+pub struct Live {
+    pub edge: Arc<Edge>,
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+    /// Acknowledged votes per home region (the region voters go to while all are healthy).
+    pub by_home: Vec<(String, AtomicU64)>,
+}
+
+impl Live {
+    pub fn new(stack: &Stack, topology: regions::Topology) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Live {
+            edge: Edge::new(stack, topology)?,
+            acked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            by_home: stack
+                .regions
+                .iter()
+                .map(|r| (r.name.clone(), AtomicU64::new(0)))
+                .collect(),
+        }))
+    }
+
+    pub fn acked_from(&self, home: &str) -> u64 {
+        self.by_home
+            .iter()
+            .find(|(r, _)| r == home)
+            .map_or(0, |(_, n)| n.load(Ordering::Relaxed))
+    }
+}
+
 pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
+    run_with(
+        stack,
+        opts,
+        Live::new(stack, regions::Topology::standard())?,
+    )
+    .await
+}
+
+pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow::Result<Report> {
     let run_tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let acks = Arc::new(Mutex::new(Acks::default()));
-    let acked = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
     let window = Arc::new(Mutex::new(bench::load::histogram()));
     let started = Instant::now();
+    let (stop_edge, edge_stopped) = tokio::sync::watch::channel(false);
+    let edge = tokio::spawn(live.edge.clone().watch(edge_stopped));
     let (stop_sampling, sampling_stopped) = tokio::sync::oneshot::channel();
     let sampler = tokio::spawn(sample_every_second(
         stack.clone(),
@@ -124,19 +156,24 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     ));
 
     let mut tasks = Vec::new();
-    let mut region_acks: HashMap<String, Arc<AtomicU64>> = HashMap::new();
     let mut recorders = Vec::new();
-    for r in &stack.regions {
+    let topology = regions::Topology::standard();
+    for (home_index, r) in stack.regions.iter().enumerate() {
+        // The continents whose voters this region serves while every region is healthy. They
+        // share one failover chain, so one route serves them all.
         let continents: Vec<(&'static str, f64)> = VOTER_MIX
             .iter()
-            .filter(|(_, _, region)| *region == r.name)
-            .map(|(c, share, _)| (*c, *share))
+            .filter(|(c, _)| home_region(&topology, c) == r.name)
+            .map(|(c, share)| (*c, *share))
             .collect();
         let share: f64 = continents.iter().map(|(_, s)| s).sum();
         if share == 0.0 {
             continue;
         }
-        let addr = format!("127.0.0.1:{}", r.ingest).parse()?;
+        let route: bench::load::Route = {
+            let (edge, continent) = (live.edge.clone(), continents[0].0);
+            Arc::new(move || edge.route(continent))
+        };
         let voters_here = ((opts.voters as f64 * share) as u64).max(1);
         let tag = run_tag.clone();
         // The `n`th vote of this region: continent by share, voter within it, poll and option by
@@ -171,12 +208,9 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                     .expect("a valid request")
             })
         };
-        let here = Arc::new(AtomicU64::new(0));
-        region_acks.insert(r.name.clone(), here.clone());
         let recorder = Arc::new(Mutex::new(RegionRecorder::new(&r.name)));
         recorders.push(recorder.clone());
-        let (acks, acked, failed, window) =
-            (acks.clone(), acked.clone(), failed.clone(), window.clone());
+        let (acks, live, window) = (acks.clone(), live.clone(), window.clone());
         let on_answer = Arc::new(move |n: u64, s: Sample, body: &[u8]| {
             let _ = window.lock().expect("histogram").record(s.latency_us);
             let id = (s.status == Some(202))
@@ -191,11 +225,11 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                 .expect("recorder")
                 .record(s.due, s.latency_us, id.is_some());
             let Some(id) = id else {
-                failed.fetch_add(1, Ordering::Relaxed);
+                live.failed.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            acked.fetch_add(1, Ordering::Relaxed);
-            here.fetch_add(1, Ordering::Relaxed);
+            live.acked.fetch_add(1, Ordering::Relaxed);
+            live.by_home[home_index].1.fetch_add(1, Ordering::Relaxed);
             let mut a = acks.lock().expect("acks");
             a.count += 1;
             let (voter, poll, _) = vote_n(n);
@@ -205,18 +239,18 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         let rate = opts.rate * share;
         let (duration, connections) = (opts.duration, opts.connections_per_region);
         tasks.push(tokio::spawn(async move {
-            open_loop(addr, rate, duration, connections, make, on_answer).await
+            open_loop(route, rate, duration, connections, make, on_answer).await
         }));
     }
 
     let progress = {
-        let (acked, failed, window) = (acked.clone(), failed.clone(), window.clone());
+        let (live, window) = (live.clone(), window.clone());
         let (show, total) = (opts.progress, opts.duration);
         tokio::spawn(async move {
             let mut last = 0;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = acked.load(Ordering::Relaxed);
+                let now = live.acked.load(Ordering::Relaxed);
                 let p99 = {
                     let mut h = window.lock().expect("histogram");
                     let p = h.value_at_quantile(0.99) as f64 / 1000.0;
@@ -233,7 +267,7 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                         started.elapsed().as_secs_f64(),
                         now - last,
                         now,
-                        failed.load(Ordering::Relaxed),
+                        live.failed.load(Ordering::Relaxed),
                         p99
                     );
                 }
@@ -257,6 +291,8 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         }
     }
     progress.abort();
+    let _ = stop_edge.send(true);
+    let _ = edge.await;
     let outcome = outcome.context("no region serves any voter")?;
     let summary = outcome.summary();
 
@@ -275,7 +311,7 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     }
     let acks = std::mem::take(&mut *acks.lock().expect("acks"));
     let (lost, doubled) = verify(stack, &run_tag, &acks).await?;
-    let regions = compare_readers(stack, &region_acks).await?;
+    let regions = compare_readers(stack, &live).await?;
     Ok(Report {
         acknowledged: acks.count,
         counted: acks.count - lost.min(acks.count),
@@ -293,6 +329,7 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         voters: acks.latest.len(),
         regions,
         drained_in_seconds: drained_in.as_secs_f64(),
+        route_changes: live.edge.changes.lock().expect("changes").clone(),
         timeline,
     })
 }
@@ -322,10 +359,11 @@ async fn sample_every_second(
         }
     }
     let primary = db::connect(&stack.primary_url()).await.ok();
+    let primary_region = stack.primary().name.clone();
     let mut lags: Vec<Series> = stack
         .regions
         .iter()
-        .filter(|r| !r.primary)
+        .filter(|r| r.name != primary_region)
         .map(|r| Series {
             name: format!("{} replica", r.name),
             points: Vec::new(),
@@ -349,7 +387,7 @@ async fn sample_every_second(
         };
         for (series, region) in lags
             .iter_mut()
-            .zip(stack.regions.iter().filter(|r| !r.primary))
+            .zip(stack.regions.iter().filter(|r| r.name != primary_region))
         {
             if let Some(bytes) = now
                 .iter()
@@ -398,14 +436,9 @@ async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     }
     let primary = db::connect(&stack.primary_url()).await?;
     let lsn = replication::current_lsn(&primary).await?;
-    for r in stack.regions.iter().filter(|r| !r.primary) {
-        let replica = db::connect(&format!(
-            "postgres://{}@127.0.0.1:{}/{}",
-            servers::SUPERUSER,
-            r.postgres,
-            db::DATABASE
-        ))
-        .await?;
+    let primary_region = stack.primary().name.clone();
+    for r in stack.regions.iter().filter(|r| r.name != primary_region) {
+        let replica = db::connect(&stack.server_url(r)).await?;
         while !replication::has_replayed(&replica, &lsn).await? {
             anyhow::ensure!(
                 start.elapsed() < limit,
@@ -449,10 +482,7 @@ async fn verify(stack: &Stack, run_tag: &str, acks: &Acks) -> anyhow::Result<(u6
     Ok((lost, doubled as u64))
 }
 
-async fn compare_readers(
-    stack: &Stack,
-    acks: &HashMap<String, Arc<AtomicU64>>,
-) -> anyhow::Result<Vec<RegionReport>> {
+async fn compare_readers(stack: &Stack, live: &Live) -> anyhow::Result<Vec<RegionReport>> {
     let client = db::connect(&stack.primary_url()).await?;
     let mut primary: HashMap<String, HashMap<String, i64>> = HashMap::new();
     for r in client
@@ -478,10 +508,7 @@ async fn compare_readers(
         }
         out.push(RegionReport {
             name: r.name.clone(),
-            acknowledged: acks
-                .get(&r.name)
-                .map(|a| a.load(Ordering::Relaxed))
-                .unwrap_or(0),
+            acknowledged: live.acked_from(&r.name),
             results_match_primary: matches,
             reader_total: total,
         });
@@ -491,11 +518,16 @@ async fn compare_readers(
 
 /// A reader's results for one poll.
 async fn reader_results(port: u16, poll: &str) -> anyhow::Result<serde_json::Value> {
+    get_json(port, &format!("/v1/polls/{poll}/results")).await
+}
+
+/// `GET path` on a local port, as JSON.
+pub async fn get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(format!("/v1/polls/{poll}/results"))
+    let req = hyper::Request::get(path)
         .header("host", "localhost")
         .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;

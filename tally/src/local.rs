@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use regions::Topology;
 use serde::{Deserialize, Serialize};
-use servers::{free_port, pid_alive, Fsync, PgBin, Postgres, Prometheus, Redis, StopMode};
+use servers::{free_port, pid_alive, Fsync, Moto, PgBin, Postgres, Prometheus, Redis, StopMode};
 
 const STATE_FILE: &str = "stack.json";
 /// How long a role process gets to answer `/readyz` after it starts.
@@ -55,11 +55,19 @@ pub struct Stack {
     /// Prometheus's port (it runs when Prometheus is installed).
     #[serde(default = "free_port")]
     pub prometheus: u16,
+    /// `tally replication`'s port: one watcher for all regions' servers.
+    #[serde(default = "free_port")]
+    pub replication: u16,
+    /// moto's port: the local Route53 (it runs when moto is installed).
+    #[serde(default = "free_port")]
+    pub moto: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegionPorts {
     pub name: String,
+    /// Did the stack start with this region's server as the primary? After a failover the
+    /// primary is elsewhere: [`Stack::primary`] says where.
     pub primary: bool,
     pub postgres: u16,
     pub redis: Vec<u16>,
@@ -120,6 +128,8 @@ impl Stack {
             dir: dir.to_path_buf(),
             regions,
             prometheus: free_port(),
+            replication: free_port(),
+            moto: free_port(),
         }
     }
 
@@ -129,11 +139,23 @@ impl Stack {
             .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    fn primary(&self) -> &RegionPorts {
+    /// The region whose server is the primary now: the one set up as a primary, not as a
+    /// replica (`tally replication` fences a failed primary into a replica before it promotes
+    /// another, so there is one), else the one the stack started with.
+    pub fn primary(&self) -> &RegionPorts {
+        let pg_dir = |r: &RegionPorts| self.dir.join("pg").join(&r.name);
         self.regions
             .iter()
-            .find(|r| r.primary)
+            .find(|r| {
+                let dir = pg_dir(r);
+                dir.join("PG_VERSION").exists() && !dir.join("standby.signal").exists()
+            })
+            .or_else(|| self.regions.iter().find(|r| r.primary))
             .expect("a stack has a primary region")
+    }
+
+    pub fn moto(&self) -> Moto {
+        Moto::new(self.dir.join("moto"), self.moto)
     }
 
     pub fn prometheus(&self) -> Prometheus {
@@ -145,6 +167,10 @@ impl Stack {
     fn prometheus_config(&self) -> String {
         let mut out = String::from(
             "# Written by `tally local up`.\nglobal:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - rules.yml\nscrape_configs:\n",
+        );
+        out += &format!(
+            "  - job_name: tally-replication\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
+            self.replication
         );
         for role in ROLES {
             out += &format!(
@@ -180,13 +206,18 @@ impl Stack {
         format!("postgres://{user}@127.0.0.1:{port}/{}", db::DATABASE)
     }
 
-    /// The superuser URL of the primary's database.
+    /// The superuser URL of the primary's database: every server, whichever takes writes.
     pub fn primary_url(&self) -> String {
-        Self::pg_url(self.primary().postgres, servers::SUPERUSER)
+        self.writer_url(servers::SUPERUSER)
+    }
+
+    /// The superuser URL of one region's server.
+    pub fn server_url(&self, r: &RegionPorts) -> String {
+        Self::pg_url(r.postgres, servers::SUPERUSER)
     }
 
     /// Every region's server with `target_session_attrs=read-write`: whichever is primary.
-    fn writer_url(&self, user: &str) -> String {
+    pub fn writer_url(&self, user: &str) -> String {
         let ports: Vec<String> = self
             .regions
             .iter()
@@ -202,14 +233,15 @@ impl Stack {
 
     /// A reader's sources: its own region's server, the other replicas, the primary last.
     fn reader_sources(&self, region: &RegionPorts) -> String {
+        let primary = self.primary();
         let mut order: Vec<&RegionPorts> = vec![region];
         order.extend(
             self.regions
                 .iter()
-                .filter(|r| r.name != region.name && !r.primary),
+                .filter(|r| r.name != region.name && r.name != primary.name),
         );
-        if !region.primary {
-            order.push(self.primary());
+        if region.name != primary.name {
+            order.push(primary);
         }
         order
             .iter()
@@ -247,6 +279,27 @@ impl Stack {
         env
     }
 
+    /// `tally replication`'s settings: every region's server, and where its data lives so a
+    /// failed primary can be fenced.
+    fn replication_env(&self) -> Vec<(&'static str, String)> {
+        use crate::roles::*;
+        let each = |f: &dyn Fn(&RegionPorts) -> String| {
+            self.regions
+                .iter()
+                .map(|r| format!("{}={}", r.name, f(r)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        vec![
+            (ENV_LISTEN, format!("127.0.0.1:{}", self.replication)),
+            (ENV_POSTGRES_SERVERS, each(&|r| self.server_url(r))),
+            (
+                ENV_DATA_DIRS,
+                each(&|r| self.dir.join("pg").join(&r.name).display().to_string()),
+            ),
+        ]
+    }
+
     fn pidfile(&self, region: &str, role: &str) -> PathBuf {
         self.dir.join("run").join(format!("{region}-{role}.pid"))
     }
@@ -263,7 +316,7 @@ impl Stack {
             .ok()
     }
 
-    fn role_running(&self, region: &str, role: &str) -> bool {
+    pub fn role_running(&self, region: &str, role: &str) -> bool {
         self.role_pid(region, role).is_some_and(pid_alive)
     }
 }
@@ -297,16 +350,39 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
         }
     };
 
+    // The primary first: whichever server is the primary now (after a failover, not the one
+    // the stack started with). Replicas that exist start before anything writes, because every
+    // commit waits for one of them.
     let primary_region = stack.primary().clone();
     let primary = stack.postgres(&bin, &primary_region);
     primary.init_primary()?;
     primary.start()?;
+    for r in stack
+        .regions
+        .iter()
+        .filter(|r| r.name != primary_region.name)
+    {
+        let server = stack.postgres(&bin, r);
+        if !server.is_initialized() {
+            continue;
+        }
+        let marker = replication::fence_marker(&server.data_dir);
+        if marker.exists() {
+            // A fenced former primary: undo what the new primary never received, then follow it.
+            server.stop(StopMode::Immediate)?;
+            server
+                .rewind(&primary, &slot_name(&r.name))
+                .with_context(|| format!("rejoining {} as a replica", r.name))?;
+            std::fs::remove_file(&marker)?;
+        }
+        server.start()?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         db::ensure_database(&primary.admin_url(), db::DATABASE).await?;
-        let mut client = db::connect(&stack.primary_url()).await?;
+        let mut client = db::connect(&stack.server_url(&primary_region)).await?;
         db::migrate(&mut client).await?;
         for (id, options, _) in crate::load::POLLS {
             match db::create_poll(&mut client, &model::Poll::new(id, options)?).await {
@@ -317,11 +393,17 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
         anyhow::Ok(())
     })
     .context("preparing the database")?;
-    for r in stack.regions.iter().filter(|r| !r.primary) {
+    for r in stack
+        .regions
+        .iter()
+        .filter(|r| r.name != primary_region.name)
+    {
         let replica = stack.postgres(&bin, r);
         replica.init_replica(&primary, &slot_name(&r.name))?;
         replica.start()?;
     }
+    rt.block_on(synchronous_commit(&stack, &primary_region))
+        .context("making commits wait for a replica")?;
     for r in &stack.regions {
         for redis in stack.redis(r, fsync) {
             redis.start()?;
@@ -332,10 +414,21 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
             start_role(&stack, r, role)?;
         }
     }
+    start_process(
+        &stack,
+        GLOBAL,
+        REPLICATION,
+        stack.replication_env(),
+        stack.replication,
+    )?;
     for r in &stack.regions {
         for role in ROLES {
-            wait_role_ready(&stack, r, role)?;
+            wait_ready(&stack, &r.name, role, r.role_port(role))?;
         }
+    }
+    wait_ready(&stack, GLOBAL, REPLICATION, stack.replication)?;
+    if Moto::binary().is_some() {
+        stack.moto().start()?;
     }
     if Prometheus::binary().is_some() {
         let prometheus = stack.prometheus();
@@ -348,27 +441,68 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
 }
 
 /// The replication slot a region's replica streams through.
-pub fn slot_name(region: &str) -> String {
-    region.replace('-', "_")
-}
+pub use replication::slot_name;
 
-fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {
-    if stack.role_running(&r.name, role) {
+/// The pid and log files of processes that serve all regions are named after this.
+pub const GLOBAL: &str = "global";
+pub const REPLICATION: &str = "replication";
+
+/// Every commit on the primary waits until one other server has flushed it, so a failover to
+/// the replica with the most WAL loses no acknowledged vote.
+async fn synchronous_commit(stack: &Stack, primary: &RegionPorts) -> anyhow::Result<()> {
+    let others: Vec<String> = stack
+        .regions
+        .iter()
+        .filter(|r| r.name != primary.name)
+        .map(|r| slot_name(&r.name))
+        .collect();
+    if others.is_empty() {
         return Ok(());
     }
-    let port = r.role_port(role);
+    let client = db::connect(&stack.server_url(primary)).await?;
+    // One statement per call: ALTER SYSTEM refuses to run in a multi-statement batch.
+    client
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 ({})'",
+            others.join(", ")
+        ))
+        .await?;
+    client.batch_execute("SELECT pg_reload_conf()").await?;
+    Ok(())
+}
+
+pub fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {
+    start_process(
+        stack,
+        &r.name,
+        role,
+        stack.role_env(r, role),
+        r.role_port(role),
+    )
+}
+
+fn start_process(
+    stack: &Stack,
+    region: &str,
+    role: &str,
+    env: Vec<(&'static str, String)>,
+    port: u16,
+) -> anyhow::Result<()> {
+    if stack.role_running(region, role) {
+        return Ok(());
+    }
     if !servers::port_is_free(port) {
-        bail!("port {port} for {} {role} is already in use", r.name);
+        bail!("port {port} for {region} {role} is already in use");
     }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(stack.logfile(&r.name, role))?;
+        .open(stack.logfile(region, role))?;
     let exe = std::env::current_exe().context("locating the tally binary")?;
     use std::os::unix::process::CommandExt;
     let child = Command::new(exe)
         .arg(role)
-        .envs(stack.role_env(r, role))
+        .envs(env)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -379,31 +513,29 @@ fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> 
         // Its own process group: a Ctrl-C aimed at `tally local up` does not reach it.
         .process_group(0)
         .spawn()
-        .with_context(|| format!("starting {} {role}", r.name))?;
-    std::fs::write(stack.pidfile(&r.name, role), child.id().to_string())?;
+        .with_context(|| format!("starting {region} {role}"))?;
+    std::fs::write(stack.pidfile(region, role), child.id().to_string())?;
     Ok(())
 }
 
-fn wait_role_ready(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {
+pub fn wait_ready(stack: &Stack, region: &str, role: &str, port: u16) -> anyhow::Result<()> {
     let start = Instant::now();
-    let url = format!("127.0.0.1:{}", r.role_port(role));
+    let url = format!("127.0.0.1:{port}");
     loop {
         if servers::http_status(&url, "/readyz") == Some(200) {
             return Ok(());
         }
-        if !stack.role_running(&r.name, role) {
+        if !stack.role_running(region, role) {
             bail!(
-                "{} {role} exited during start-up: {}",
-                r.name,
-                last_line(&stack.logfile(&r.name, role))
+                "{region} {role} exited during start-up: {}",
+                last_line(&stack.logfile(region, role))
             );
         }
         if start.elapsed() > ROLE_READY_WITHIN {
             bail!(
-                "{} {role} was not ready within {}s: {}",
-                r.name,
+                "{region} {role} was not ready within {}s: {}",
                 ROLE_READY_WITHIN.as_secs(),
-                last_line(&stack.logfile(&r.name, role))
+                last_line(&stack.logfile(region, role))
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -430,6 +562,9 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     };
     stack.prometheus().stop();
+    stack.moto().stop();
+    // The watcher first: servers stopping one by one must not look like a failed primary.
+    stop_role(&stack, GLOBAL, REPLICATION);
     for role in ROLES {
         for r in &stack.regions {
             stop_role(&stack, &r.name, role);
@@ -441,7 +576,8 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         }
     }
     let bin = PgBin::find()?;
-    for r in stack.regions.iter().filter(|r| !r.primary) {
+    let primary = stack.primary().name.clone();
+    for r in stack.regions.iter().filter(|r| r.name != primary) {
         stack.postgres(&bin, r).stop(StopMode::Fast)?;
     }
     stack.postgres(&bin, stack.primary()).stop(StopMode::Fast)?;
@@ -471,6 +607,11 @@ pub struct Status {
     pub regions: Vec<RegionStatus>,
     /// Prometheus scraping every role, when it is installed and running.
     pub prometheus_url: Option<String>,
+    /// `tally replication`: `/status` is its view of every server, `/metrics` its lag gauges.
+    pub replication_url: String,
+    pub replication_running: bool,
+    /// moto's Route53 endpoint, when moto is installed and running (`tally regions sync` uses it).
+    pub route53_url: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -495,18 +636,21 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (lags, own): (Vec<replication::ReplicaLag>, Vec<Option<f64>>) = rt.block_on(async {
+    let (lags, own): (
+        Vec<replication::ReplicaLag>,
+        Vec<Option<replication::Freshness>>,
+    ) = rt.block_on(async {
         let lags = match db::connect(&stack.primary_url()).await {
             Ok(c) => replication::replica_lags(&c).await.unwrap_or_default(),
             Err(_) => Vec::new(),
         };
         let mut own = Vec::new();
         for r in &stack.regions {
-            let lag = match db::connect(&Stack::pg_url(r.postgres, servers::SUPERUSER)).await {
-                Ok(c) => replication::freshness(&c).await.ok().and_then(|f| f.lag_ms),
+            let seen = match db::connect(&stack.server_url(r)).await {
+                Ok(c) => replication::freshness(&c).await.ok(),
                 Err(_) => None,
             };
-            own.push(lag);
+            own.push(seen);
         }
         (lags, own)
     });
@@ -514,11 +658,16 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         .regions
         .iter()
         .zip(own)
-        .map(|(r, lag_ms)| {
+        .map(|(r, seen)| {
             let http = |port: u16| format!("http://127.0.0.1:{port}");
+            let primary = seen.as_ref().is_some_and(|f| !f.in_recovery);
             RegionStatus {
                 name: r.name.clone(),
-                postgres_role: if r.primary { "primary" } else { "replica" },
+                postgres_role: match &seen {
+                    Some(f) if !f.in_recovery => "primary",
+                    Some(_) => "replica",
+                    None => "down",
+                },
                 ingest_url: http(r.ingest),
                 reader_url: http(r.reader),
                 aggregator_url: http(r.aggregator),
@@ -532,14 +681,14 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
                     .iter()
                     .map(|p| format!("redis://127.0.0.1:{p}/"))
                     .collect(),
-                replica_lag_bytes: if r.primary {
+                replica_lag_bytes: if primary {
                     Some(0)
                 } else {
                     lags.iter()
                         .find(|l| l.slot == slot_name(&r.name))
                         .and_then(|l| l.lag_bytes)
                 },
-                replica_lag_ms: lag_ms,
+                replica_lag_ms: seen.and_then(|f| f.lag_ms),
                 processes: ROLES
                     .iter()
                     .map(|role| (role.to_string(), stack.role_running(&r.name, role)))
@@ -552,6 +701,9 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         dir: stack.dir.clone(),
         regions,
         prometheus_url: prometheus.is_running().then(|| prometheus.url()),
+        replication_url: format!("http://127.0.0.1:{}", stack.replication),
+        replication_running: stack.role_running(GLOBAL, REPLICATION),
+        route53_url: stack.moto().is_running().then(|| stack.moto().url()),
     })
 }
 
@@ -578,6 +730,19 @@ pub fn print_status(s: &Status) {
         if !down.is_empty() {
             println!("  NOT RUNNING: {}", down.join(", "));
         }
+    }
+    println!(
+        "replication {}/status{}",
+        s.replication_url,
+        if s.replication_running {
+            ""
+        } else {
+            "  NOT RUNNING"
+        }
+    );
+    match &s.route53_url {
+        Some(url) => println!("route53 {url} (moto; `tally regions sync` writes the zone here)"),
+        None => println!("route53 not running (install moto with scripts/setup --moto)"),
     }
     match &s.prometheus_url {
         Some(url) => println!(

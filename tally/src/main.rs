@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 mod capacity;
+mod drill;
+mod edge;
 mod load;
 mod local;
 mod poll;
@@ -30,7 +32,7 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct DirArg {
     /// The local stack's directory (default: under the user's data dir).
-    #[arg(long, env = "TALLY_DIR")]
+    #[arg(long, env = "TALLY_DIR", global = true)]
     dir: Option<PathBuf>,
 }
 
@@ -48,10 +50,26 @@ enum Cmd {
     Aggregator(roles::AggregatorArgs),
     /// Serve results from the local read replica.
     Reader(roles::ReaderArgs),
+    /// Watch every PostgreSQL server (role, lag) and fail over when the primary is gone.
+    Replication(roles::ReplicationArgs),
     /// Run the three regions on this machine.
     Local {
         #[command(subcommand)]
         command: LocalCmd,
+    },
+    /// The regions' topology (`regions/topology/`) and the Route53 zone that routes voters by it.
+    Regions {
+        #[command(subcommand)]
+        command: RegionsCmd,
+    },
+    /// Failover drills on the local stack, under load, with a report.
+    Drill {
+        #[command(subcommand)]
+        drill: DrillCmd,
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(flatten)]
+        load: DrillLoad,
     },
     /// Create, close and list polls.
     Poll {
@@ -275,6 +293,81 @@ struct UpArgs {
     redis_fsync: servers::Fsync,
 }
 
+#[derive(Debug, clap::Args)]
+struct TopologyArg {
+    /// A directory of topology files (`zone.toml` and one `<region>.toml` each); default: the
+    /// topology built into this binary, `regions/topology/` of its source.
+    #[arg(long = "regions", env = "TALLY_REGIONS")]
+    regions: Option<PathBuf>,
+}
+
+impl TopologyArg {
+    fn load(&self) -> anyhow::Result<regions::Topology> {
+        match &self.regions {
+            Some(dir) => {
+                regions::Topology::load(dir).map_err(|e| roles::BadConfig(e.to_string()).into())
+            }
+            None => Ok(regions::Topology::standard()),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum RegionsCmd {
+    /// Make Route53 match the topology: the hosted zone, one health check per region, the
+    /// geolocation and failover records; sends only the difference and ends with `<N> changes`.
+    Sync {
+        #[command(flatten)]
+        topology: TopologyArg,
+        /// Print the change set without sending it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Route53's endpoint (default: the local stack's moto when it runs, else AWS).
+        #[arg(long, env = "AWS_ENDPOINT_URL")]
+        endpoint_url: Option<String>,
+        #[command(flatten)]
+        dir: DirArg,
+        /// Print the change set as JSON (the last line is still `<N> changes`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where Route53 sends the voters of each continent, with the given regions unhealthy.
+    Route {
+        #[command(flatten)]
+        topology: TopologyArg,
+        /// Regions whose health checks fail, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        unhealthy: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DrillCmd {
+    /// Cut a region off (kill its ingest, aggregator and reader): its voters go to the next
+    /// region in its failover order; then bring it back and drain what it had queued.
+    RegionDown { region: String },
+    /// Kill the PostgreSQL primary: `tally replication` promotes the replica with the most WAL,
+    /// writers follow it, and the old primary rejoins as a replica.
+    PrimaryFailover,
+}
+
+#[derive(Debug, clap::Args)]
+struct DrillLoad {
+    /// Votes per second during the drill, all regions together.
+    #[arg(long, global = true, default_value_t = 5_000.0)]
+    rate: f64,
+    /// How long the load runs; the fault strikes once it is warm.
+    #[arg(long, global = true, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, global = true, default_value_t = 20_000)]
+    voters: u64,
+    #[arg(long, global = true, default_value_t = 64)]
+    connections: usize,
+    /// Print the report as one JSON object.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum LocalCmd {
     /// Start every server and role (what is already running is left alone).
@@ -434,6 +527,12 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 reader::run(l, config, web::shutdown_signal())
             })
         }
+        Cmd::Replication(args) => {
+            let config = args.config()?;
+            serve_role(&args.listen, |l| {
+                replication::run(l, config, web::shutdown_signal())
+            })
+        }
         Cmd::Local { command } => match command {
             LocalCmd::Up(args) => {
                 let stack = local::up(&args.dir.path(), args.redis_fsync)?;
@@ -455,6 +554,90 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Cmd::Regions { command } => match command {
+            RegionsCmd::Sync {
+                topology,
+                dry_run,
+                endpoint_url,
+                dir,
+                json,
+            } => {
+                let topology = topology.load()?;
+                let local = local::Stack::load(&dir.path())?
+                    .map(|s| s.moto())
+                    .filter(|m| m.is_running());
+                let (endpoint, local_creds) = match (endpoint_url, local) {
+                    (Some(url), _) => (Some(url), false),
+                    (None, Some(moto)) => (Some(moto.url()), true),
+                    (None, None) => (None, false),
+                };
+                eprintln!(
+                    "route53 at {}",
+                    endpoint
+                        .as_deref()
+                        .unwrap_or("AWS (from the usual AWS settings)")
+                );
+                let changes = runtime()?.block_on(async {
+                    let client = regions::sync::client(endpoint.as_deref(), local_creds).await;
+                    regions::sync::sync(&client, &topology, dry_run).await
+                })?;
+                if json {
+                    println!("{}", serde_json::to_string(&changes)?);
+                } else {
+                    for c in &changes {
+                        println!("{}", regions::plan::describe(c));
+                    }
+                }
+                if dry_run && !changes.is_empty() {
+                    eprintln!("dry run: nothing was sent");
+                }
+                println!("{} changes", changes.len());
+                Ok(())
+            }
+            RegionsCmd::Route {
+                topology,
+                unhealthy,
+            } => {
+                let topology = topology.load()?;
+                let records = regions::records(&topology);
+                let healthy = |r: &model::RegionName| !unhealthy.iter().any(|u| u == r.as_str());
+                for continent in regions::topology::CONTINENTS {
+                    let to = regions::route(
+                        &topology,
+                        &records,
+                        &healthy,
+                        &regions::Location::continent(continent),
+                    )
+                    .map_or("(no answer)".to_string(), |r| r.name.to_string());
+                    println!("{continent} -> {to}");
+                }
+                Ok(())
+            }
+        },
+        Cmd::Drill {
+            drill: which,
+            dir,
+            load,
+        } => {
+            let fault = match which {
+                DrillCmd::RegionDown { region } => drill::Fault::RegionDown(region),
+                DrillCmd::PrimaryFailover => drill::Fault::PrimaryFailover,
+            };
+            let opts = load::Options {
+                rate: load.rate,
+                duration: std::time::Duration::from_secs(load.seconds),
+                voters: load.voters,
+                connections_per_region: load.connections,
+                progress: !load.json,
+            };
+            let report = runtime()?.block_on(drill::run(dir.path(), fault, opts))?;
+            if load.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                drill::print(&report);
+            }
+            check_report(&report.load)
+        }
         Cmd::Load { dir, load: args } => {
             let stack = local::Stack::require(&dir.path())?;
             let report = runtime()?.block_on(load::run(&stack, &args.options()))?;
