@@ -167,10 +167,10 @@ impl Postgres {
         }
         self.prepare_dir()?;
         // A slot left by an earlier attempt would make `-C` fail; drop it first.
-        let _ = run(self.as_server_user(self.bin.tool("psql")).args([
-            "-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", SUPERUSER, "-d", "postgres", "-qAtc",
+        let _ = self.psql(
+            primary,
             &format!("SELECT pg_drop_replication_slot('{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}'"),
-        ]));
+        );
         run(self
             .as_server_user(self.bin.tool("pg_basebackup"))
             .args([
@@ -212,18 +212,7 @@ impl Postgres {
     pub fn rewind(&self, primary: &Postgres, slot: &str) -> Result<(), ServerError> {
         // A freshly promoted primary names its new timeline in pg_control only at its next
         // checkpoint; until then pg_rewind sees no divergence and rewinds nothing.
-        run(self.as_server_user(self.bin.tool("psql")).args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &primary.port.to_string(),
-            "-U",
-            SUPERUSER,
-            "-d",
-            "postgres",
-            "-qAtc",
-            "CHECKPOINT",
-        ]))?;
+        self.psql(primary, "CHECKPOINT")?;
         // pg_rewind first finishes crash recovery in single-user mode, which refuses standby mode.
         let _ = std::fs::remove_file(self.data_dir.join("standby.signal"));
         run(self
@@ -234,11 +223,29 @@ impl Postgres {
                 "--source-server=host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres",
                 primary.port
             )))?;
-        run(self.as_server_user(self.bin.tool("psql")).args([
-            "-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", SUPERUSER, "-d", "postgres", "-qAtc",
+        self.psql(
+            primary,
             &format!("SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"),
-        ]))?;
+        )?;
         self.follow(primary, slot)
+    }
+
+    /// Runs one statement on `server` as the superuser.
+    fn psql(&self, server: &Postgres, sql: &str) -> Result<(), ServerError> {
+        let port = server.port.to_string();
+        run(self.as_server_user(self.bin.tool("psql")).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            SUPERUSER,
+            "-d",
+            "postgres",
+            "-qAtc",
+            sql,
+        ]))?;
+        Ok(())
     }
 
     /// The directory, created and owned by the server user.

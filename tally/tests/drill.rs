@@ -2,33 +2,9 @@
 //! or counted twice, each recovers in under 30 s, and the stack is whole again afterwards (the
 //! old primary streams as a replica, its lag visible in `tally local status`).
 
-use std::process::{Command, Output};
+mod common;
 
-fn tally(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running tally")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = tally(args);
-    assert!(
-        out.status.success(),
-        "tally {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Down<'a>(&'a str);
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = tally(&["local", "down", "--dir", self.0]);
-    }
-}
+use common::{http_get, ok, Down};
 
 fn drill(dir: &str, which: &[&str]) -> serde_json::Value {
     let mut args = vec!["drill"];
@@ -108,18 +84,7 @@ fn region_down_then_primary_failover_lose_nothing() {
     // The watcher exports the lag per replica.
     let replication = status(dir)["replication_url"].as_str().unwrap().to_string();
     let port: u16 = replication.rsplit(':').next().unwrap().parse().unwrap();
-    let metrics = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    };
+    let metrics = http_get(&format!("127.0.0.1:{port}"), "/metrics", "");
     assert!(
         metrics.contains("tally_replication_lag_bytes{region=\"us-east-1\"}"),
         "{metrics}"

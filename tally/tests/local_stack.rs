@@ -1,34 +1,11 @@
 //! `tally local` and `tally poll` as a user runs them: the real binary, real servers.
 
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn tally(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running tally")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = tally(args);
-    assert!(
-        out.status.success(),
-        "tally {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Stops the stack even if the test fails half-way.
-struct Down<'a>(&'a str);
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = tally(&["local", "down", "--dir", self.0]);
-    }
-}
+use common::{ok, tally, Down};
 
 fn pids(dir: &std::path::Path) -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir(dir.join("run"))

@@ -2,32 +2,22 @@
 //! sends nothing, and what moto holds (read over its own REST API, not through Tally) is what
 //! the topology files call for.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use regions::records::{Geo, Routing};
 
-fn tally(args: &[&str], endpoint: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
+fn ok(args: &[&str], endpoint: &str) -> String {
+    let out = common::command(args)
         .args(["--endpoint-url", endpoint])
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env_remove("AWS_PROFILE")
-        .env("RUST_LOG", "warn")
         .output()
-        .expect("running tally")
-}
-
-fn ok(args: &[&str], endpoint: &str) -> String {
-    let out = tally(args, endpoint);
-    assert!(
-        out.status.success(),
-        "tally {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .expect("running tally");
+    common::succeeded(args, out)
 }
 
 fn last_line(s: &str) -> &str {
@@ -50,19 +40,9 @@ fn moto(dir: &std::path::Path) -> Option<Stop> {
 
 /// `GET path` on moto's Route53 REST API, the XML body.
 fn get(endpoint: &str, path: &str) -> String {
-    let addr = endpoint.trim_start_matches("http://");
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
     // moto picks the service from the credential scope: without one it answers as S3.
-    let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/route53/aws4_request, SignedHeaders=host, Signature=0";
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
+    let auth = "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/route53/aws4_request, SignedHeaders=host, Signature=0\r\n";
+    common::http_get(endpoint.trim_start_matches("http://"), path, auth)
 }
 
 /// Every `<tag>...</tag>` in `xml`, in order.

@@ -1,0 +1,53 @@
+//! What the binary-level tests share: running `tally`, stopping a stack on the way out, a raw
+//! HTTP GET.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+
+pub fn tally(args: &[&str]) -> Output {
+    command(args).output().expect("running tally")
+}
+
+/// `tally args`, quiet logs, for a test to add its own environment.
+pub fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+    c.args(args).env("RUST_LOG", "warn");
+    c
+}
+
+/// Its stdout; fails the test with both streams when it did not succeed.
+pub fn succeeded(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "tally {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn ok(args: &[&str]) -> String {
+    succeeded(args, tally(args))
+}
+
+/// Stops the stack even if the test fails half-way.
+pub struct Down<'a>(pub &'a str);
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = tally(&["local", "down", "--dir", self.0]);
+    }
+}
+
+/// `GET path` on `addr` (`host:port`) with any extra header lines; the whole response.
+pub fn http_get(addr: &str, path: &str, headers: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
