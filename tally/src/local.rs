@@ -111,25 +111,33 @@ impl Stack {
     }
 
     fn plan(dir: &Path, topology: &Topology) -> Self {
+        // Ports are drawn at random; none may be drawn twice within one stack.
+        let mut taken = std::collections::HashSet::new();
+        let mut port = || loop {
+            let p = free_port();
+            if taken.insert(p) {
+                return p;
+            }
+        };
         let regions = topology
             .regions
             .iter()
             .map(|r| RegionPorts {
                 name: r.name.to_string(),
                 primary: r.primary,
-                postgres: free_port(),
-                redis: (0..r.shards).map(|_| free_port()).collect(),
-                ingest: free_port(),
-                aggregator: free_port(),
-                reader: free_port(),
+                postgres: port(),
+                redis: (0..r.shards).map(|_| port()).collect(),
+                ingest: port(),
+                aggregator: port(),
+                reader: port(),
             })
             .collect();
         Stack {
             dir: dir.to_path_buf(),
             regions,
-            prometheus: free_port(),
-            replication: free_port(),
-            moto: free_port(),
+            prometheus: port(),
+            replication: port(),
+            moto: port(),
         }
     }
 

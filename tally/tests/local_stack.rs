@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ok, tally, Down};
+use common::{ok, one_stack_at_a_time, tally, Down};
 
 fn pids(dir: &std::path::Path) -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir(dir.join("run"))
@@ -40,6 +40,7 @@ fn glob(dir: &std::path::Path, sub: &str, file: &str) -> Vec<std::path::PathBuf>
 
 #[test]
 fn up_status_poll_and_down() {
+    let _one = one_stack_at_a_time();
     let tmp = tempfile::Builder::new()
         .prefix("tally-local-")
         .tempdir()
@@ -145,6 +146,7 @@ fn up_status_poll_and_down() {
 
 #[test]
 fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
+    let _one = one_stack_at_a_time();
     let tmp = tempfile::Builder::new()
         .prefix("tally-local-")
         .tempdir()

@@ -30,6 +30,13 @@ pub fn ok(args: &[&str]) -> String {
     succeeded(args, tally(args))
 }
 
+/// Held by a test while it runs a local stack: two stacks planned at once in one test binary
+/// can draw the same free port, and the second to bind it fails.
+pub fn one_stack_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Stops the stack even if the test fails half-way.
 pub struct Down<'a>(pub &'a str);
 impl Drop for Down<'_> {
