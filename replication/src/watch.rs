@@ -309,26 +309,11 @@ async fn act(config: &Config, probes: &[Probe], action: &Action) -> Result<(), R
         Action::Promote { region } => {
             let c = connect(server(region)?).await?;
             c.query_one("SELECT pg_promote(true, 60)", &[]).await?;
-            let others: Vec<String> = config
-                .servers
-                .iter()
-                .filter(|s| &s.region != region)
-                .map(|s| slot_name(&s.region))
-                .collect();
+            c.batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
+                .await?;
             // Its commits, like the old primary's, wait until one other server has them.
-            each(
-                &c,
-                &[
-                    format!(
-                        "ALTER SYSTEM SET synchronous_standby_names = {}",
-                        quote(&format!("ANY 1 ({})", others.join(", ")))
-                    ),
-                    "ALTER SYSTEM RESET default_transaction_read_only".into(),
-                    "SELECT pg_reload_conf()".into(),
-                ],
-            )
-            .await?;
-            Ok(())
+            let others = config.servers.iter().map(|s| s.region.as_str());
+            require_one_standby(&c, region, others).await
         }
         Action::Follow { replica, primary } => {
             let slot = slot_name(replica);
@@ -362,6 +347,36 @@ async fn act(config: &Config, probes: &[Probe], action: &Action) -> Result<(), R
             Ok(())
         }
     }
+}
+
+/// Makes every commit on `primary` (the server of region `primary_region`) wait until one of the
+/// other regions' servers has flushed it: then the replica with the most WAL holds every commit
+/// a client saw, and a failover to it loses none. Also reloads the configuration.
+pub async fn require_one_standby<'a>(
+    primary: &Client,
+    primary_region: &str,
+    regions: impl Iterator<Item = &'a str>,
+) -> Result<(), ReplicationError> {
+    let others: Vec<String> = regions
+        .filter(|r| *r != primary_region)
+        .map(slot_name)
+        .collect();
+    let names = if others.is_empty() {
+        String::new()
+    } else {
+        format!("ANY 1 ({})", others.join(", "))
+    };
+    each(
+        primary,
+        &[
+            format!(
+                "ALTER SYSTEM SET synchronous_standby_names = {}",
+                quote(&names)
+            ),
+            "SELECT pg_reload_conf()".into(),
+        ],
+    )
+    .await
 }
 
 /// Runs statements one call each: ALTER SYSTEM refuses to run inside a multi-statement batch.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::process::{ensure_port_free, http_status, pid_alive, signal, wait_ready};
+use crate::process::{ensure_port_free, http_status, pid_alive, read_pid, signal, wait_ready};
 use crate::ServerError;
 
 #[derive(Debug, Clone)]
@@ -59,11 +59,7 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.pidfile())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        read_pid(&self.pidfile())
     }
 
     pub fn is_running(&self) -> bool {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::daemon::Daemon;
-use crate::redis::which;
+use crate::redis::find_binary;
 use crate::ServerError;
 
 #[derive(Debug, Clone)]
@@ -39,9 +39,7 @@ impl Moto {
     /// `TALLY_MOTO_SERVER`, else `moto_server` on the PATH; `None` when neither is there: moto is
     /// optional for the local stack.
     pub fn binary() -> Option<PathBuf> {
-        std::env::var_os("TALLY_MOTO_SERVER")
-            .map(PathBuf::from)
-            .or_else(|| which("moto_server"))
+        find_binary("TALLY_MOTO_SERVER", "moto_server")
     }
 
     pub fn start(&self) -> Result<(), ServerError> {

@@ -38,6 +38,17 @@ pub fn free_port() -> u16 {
         .expect("binding port 0 on 127.0.0.1")
 }
 
+/// The pid on the first line of a pid file (ours, Redis's, or PostgreSQL's `postmaster.pid`).
+pub fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 pub fn port_is_free(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }

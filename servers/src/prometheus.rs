@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::daemon::Daemon;
-use crate::redis::which;
+use crate::redis::find_binary;
 use crate::ServerError;
 
 #[derive(Debug, Clone)]
@@ -42,9 +42,7 @@ impl Prometheus {
 
     /// `None` when Prometheus is not installed: it is optional for the local stack.
     pub fn binary() -> Option<PathBuf> {
-        std::env::var_os("TALLY_PROMETHEUS")
-            .map(PathBuf::from)
-            .or_else(|| which("prometheus"))
+        find_binary("TALLY_PROMETHEUS", "prometheus")
     }
 
     /// Starts it in the background and waits until `/-/ready` answers.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::process::{ensure_port_free, pid_alive, run, signal, wait_ready};
+use crate::process::{ensure_port_free, pid_alive, read_pid, run, signal, wait_ready};
 use crate::{ServerError, INSTALL_HINT};
 
 #[derive(Debug, Clone)]
@@ -73,13 +73,10 @@ impl Redis {
     }
 
     pub fn binary() -> Result<PathBuf, ServerError> {
-        std::env::var_os("TALLY_REDIS_SERVER")
-            .map(PathBuf::from)
-            .or_else(|| which("redis-server"))
-            .ok_or(ServerError::MissingBinary {
-                what: "redis-server".into(),
-                hint: INSTALL_HINT,
-            })
+        find_binary("TALLY_REDIS_SERVER", "redis-server").ok_or(ServerError::MissingBinary {
+            what: "redis-server".into(),
+            hint: INSTALL_HINT,
+        })
     }
 
     /// Starts it in the background, append-only file on, and waits until it answers PING.
@@ -119,11 +116,7 @@ impl Redis {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.pidfile())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        read_pid(&self.pidfile())
     }
 
     pub fn is_running(&self) -> bool {
@@ -178,6 +171,13 @@ fn command(port: u16, cmd: &str) -> std::io::Result<String> {
 
 fn ping(port: u16) -> bool {
     command(port, "PING").is_ok_and(|r| r.starts_with("+PONG"))
+}
+
+/// The program `$env` names, else `name` on the PATH.
+pub(crate) fn find_binary(env: &str, name: &str) -> Option<PathBuf> {
+    std::env::var_os(env)
+        .map(PathBuf::from)
+        .or_else(|| which(name))
 }
 
 pub(crate) fn which(name: &str) -> Option<PathBuf> {

@@ -95,9 +95,10 @@ pub struct Plan {
 /// Each region's share of voters, from the load's voter mix (Route53's geolocation answer).
 pub fn shares() -> Vec<(String, f64)> {
     let topology = regions::Topology::standard();
+    let records = regions::records(&topology);
     let mut out: Vec<(String, f64)> = Vec::new();
     for (continent, share) in VOTER_MIX {
-        let region = home_region(&topology, continent);
+        let region = home_region(&topology, &records, continent);
         match out.iter_mut().find(|(r, _)| *r == region) {
             Some((_, s)) => *s += share,
             None => out.push((region, *share)),

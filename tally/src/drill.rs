@@ -177,12 +177,8 @@ async fn primary_failover(
         bail!("tally replication is not running; `tally local up` starts it");
     }
     let pidfile = dir.join("pg").join(old).join("postmaster.pid");
-    let pid: u32 = std::fs::read_to_string(&pidfile)
-        .with_context(|| format!("reading {}", pidfile.display()))?
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .context("postmaster.pid holds no pid")?;
+    let pid = servers::read_pid(&pidfile)
+        .with_context(|| format!("no pid in {}: is the primary running?", pidfile.display()))?;
     let writer = stack.primary_url();
     let committed = || async {
         let c = db::connect(&writer).await.ok()?;

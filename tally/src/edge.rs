@@ -30,11 +30,10 @@ pub const VOTER_MIX: &[(&str, f64)] = &[
 ];
 
 /// The region Route53 sends voters of `continent` to while every region is healthy.
-pub fn home_region(topology: &Topology, continent: &str) -> String {
-    let records = regions::records(topology);
+pub fn home_region(topology: &Topology, records: &[Record], continent: &str) -> String {
     regions::route(
         topology,
-        &records,
+        records,
         &|_| true,
         &Location::continent(continent),
     )
@@ -42,7 +41,7 @@ pub fn home_region(topology: &Topology, continent: &str) -> String {
     .unwrap_or_else(|| topology.primary().name.to_string())
 }
 
-/// A change of route: at `at` seconds after the edge started, `location` went to `region`.
+/// A change of route: at `at` seconds after the edge started, `continent`'s voters went to `region`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RouteChange {
     pub at: f64,
@@ -107,6 +106,11 @@ impl Edge {
             .find(|(n, _, _)| *n == region.name)
             .map(|(_, a, _)| *a)
             .ok_or_else(|| anyhow::anyhow!("region {} is not in the local stack", region.name))
+    }
+
+    /// The region voters of `continent` go to while every region is healthy.
+    pub fn home_region(&self, continent: &str) -> String {
+        home_region(&self.topology, &self.records, continent)
     }
 
     /// Where voters of `continent` are sent now.
@@ -186,8 +190,9 @@ mod tests {
         let total: f64 = VOTER_MIX.iter().map(|(_, s)| s).sum();
         assert!((total - 1.0).abs() < 1e-9);
         let t = Topology::standard();
-        assert_eq!(home_region(&t, "EU"), "eu-west-1");
-        assert_eq!(home_region(&t, "SA"), "us-east-1");
-        assert_eq!(home_region(&t, "OC"), "ap-southeast-1");
+        let records = regions::records(&t);
+        assert_eq!(home_region(&t, &records, "EU"), "eu-west-1");
+        assert_eq!(home_region(&t, &records, "SA"), "us-east-1");
+        assert_eq!(home_region(&t, &records, "OC"), "ap-southeast-1");
     }
 }

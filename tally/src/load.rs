@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::edge::{home_region, Edge, RouteChange, VOTER_MIX};
+use crate::edge::{Edge, RouteChange, VOTER_MIX};
 use crate::local::{slot_name, Stack};
 use crate::report::{RegionRecorder, Series, Timeline};
 
@@ -157,13 +157,12 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
 
     let mut tasks = Vec::new();
     let mut recorders = Vec::new();
-    let topology = regions::Topology::standard();
     for (home_index, r) in stack.regions.iter().enumerate() {
         // The continents whose voters this region serves while every region is healthy. They
         // share one failover chain, so one route serves them all.
         let continents: Vec<(&'static str, f64)> = VOTER_MIX
             .iter()
-            .filter(|(c, _)| home_region(&topology, c) == r.name)
+            .filter(|(c, _)| live.edge.home_region(c) == r.name)
             .map(|(c, share)| (*c, *share))
             .collect();
         let share: f64 = continents.iter().map(|(_, s)| s).sum();

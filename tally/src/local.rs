@@ -317,11 +317,7 @@ impl Stack {
     }
 
     pub fn role_pid(&self, region: &str, role: &str) -> Option<u32> {
-        std::fs::read_to_string(self.pidfile(region, role))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        servers::read_pid(&self.pidfile(region, role))
     }
 
     pub fn role_running(&self, region: &str, role: &str) -> bool {
@@ -458,24 +454,9 @@ pub const REPLICATION: &str = "replication";
 /// Every commit on the primary waits until one other server has flushed it, so a failover to
 /// the replica with the most WAL loses no acknowledged vote.
 async fn synchronous_commit(stack: &Stack, primary: &RegionPorts) -> anyhow::Result<()> {
-    let others: Vec<String> = stack
-        .regions
-        .iter()
-        .filter(|r| r.name != primary.name)
-        .map(|r| slot_name(&r.name))
-        .collect();
-    if others.is_empty() {
-        return Ok(());
-    }
     let client = db::connect(&stack.server_url(primary)).await?;
-    // One statement per call: ALTER SYSTEM refuses to run in a multi-statement batch.
-    client
-        .batch_execute(&format!(
-            "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 ({})'",
-            others.join(", ")
-        ))
-        .await?;
-    client.batch_execute("SELECT pg_reload_conf()").await?;
+    let regions = stack.regions.iter().map(|r| r.name.as_str());
+    replication::require_one_standby(&client, &primary.name, regions).await?;
     Ok(())
 }
 

@@ -12,19 +12,13 @@ fn pids(dir: &std::path::Path) -> Vec<u32> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+        .filter_map(|e| servers::read_pid(&e.path()))
         .collect();
-    for f in glob(dir, "redis", "redis.pid")
-        .into_iter()
-        .chain(glob(dir, "pg", "postmaster.pid"))
-    {
-        if let Some(pid) = std::fs::read_to_string(f)
-            .ok()
-            .and_then(|t| t.lines().next()?.trim().parse().ok())
-        {
-            pids.push(pid);
-        }
-    }
+    let server_pidfiles =
+        glob(dir, "redis", "redis.pid")
+            .into_iter()
+            .chain(glob(dir, "pg", "postmaster.pid"));
+    pids.extend(server_pidfiles.filter_map(|f| servers::read_pid(&f)));
     pids
 }
 
