@@ -18,6 +18,9 @@ pub struct Options {
     pub shards: usize,
     pub writers: usize,
     pub max_events: usize,
+    /// Also drain the same backlog again through a WAN link with this one-way delay (as an
+    /// aggregator in another region than the primary writes), and compare the two rates.
+    pub wan_ms: Option<u64>,
 }
 
 impl Default for Options {
@@ -29,6 +32,7 @@ impl Default for Options {
             shards: 2,
             writers: aggregator::config::DEFAULT_WRITERS,
             max_events: aggregator::config::DEFAULT_MAX_EVENTS,
+            wan_ms: None,
         }
     }
 }
@@ -49,46 +53,53 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         }
         let shards = harness::redis_shards(opts.shards).await?;
         let all = votes::generate(opts.votes, opts.voters, POLLS, 42);
-        eprintln!(
-            "bench aggregator: filling {} votes from {} voters into {} shards",
-            all.len(),
-            opts.voters,
-            opts.shards
-        );
-        for (i, s) in shards.iter().enumerate() {
-            let mine = all.iter().filter(|v| {
-                model::shard_of(v.poll.as_str(), v.voter.as_str(), opts.shards as u32) as usize == i
-            });
-            s.enqueue(mine).await?;
-        }
-
-        let mut config = aggregator::Config::new(
-            model::RegionName::new("us-east-1")?,
-            "bench-0".into(),
-            shards.iter().map(|s| s.url()).collect(),
-            pg.primary.url(db::AGGREGATOR_ROLE, db::DATABASE),
-        );
-        config.writers = opts.writers;
-        config.batch.max_events = opts.max_events;
-        config.pop_size = config.pop_size.min(opts.max_events);
-        let (listener, _) = crate::loopback_listener()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let started = Instant::now();
-        let task = server_rt.spawn(async move {
-            aggregator::run(crate::tokio_listener(listener), config, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        harness::wait_drained(&shards, Duration::from_secs(600)).await?;
-        let elapsed = started.elapsed();
-        let _ = stop.send(());
-        task.await??;
-        let rate = all.len() as f64 / elapsed.as_secs_f64();
-
         let reference = Reference::of(&all);
+        let direct = pg.primary.url(db::AGGREGATOR_ROLE, db::DATABASE);
+        let elapsed = drain(&server_rt, &shards, &all, direct, opts).await?;
+        let rate = all.len() as f64 / elapsed.as_secs_f64();
         let exact = votes::tallies(&client).await? == reference.tallies();
         anyhow::ensure!(exact, "the drained tallies differ from the reference");
+
+        let mut wan = serde_json::Value::Null;
+        if let Some(ms) = opts.wan_ms {
+            client
+                .batch_execute("TRUNCATE ballots; UPDATE tally_parts SET count = 0; VACUUM ANALYZE")
+                .await?;
+            let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let link = wan::Link {
+                from: "eu-west-1".into(),
+                to: "us-east-1".into(),
+                listen,
+                upstream: format!("127.0.0.1:{}", pg.primary.port).parse()?,
+            };
+            let links = wan::Links::open(&wan::Config {
+                links: vec![link],
+                delay: wan::delay(ms)?,
+            })
+            .await?;
+            let far = format!(
+                "postgres://{}@{listen}/{}",
+                db::AGGREGATOR_ROLE,
+                db::DATABASE
+            );
+            let far_elapsed = drain(&server_rt, &shards, &all, far, opts).await?;
+            links.close();
+            anyhow::ensure!(
+                votes::tallies(&client).await? == reference.tallies(),
+                "the tallies drained across the link differ from the reference"
+            );
+            let far_rate = all.len() as f64 / far_elapsed.as_secs_f64();
+            eprintln!(
+                "bench aggregator: {far_rate:.0} votes/s through a {ms} ms link, {:.2}x the direct rate",
+                far_rate / rate
+            );
+            wan = serde_json::json!({
+                "one_way_ms": ms,
+                "rate": far_rate,
+                "ratio_to_direct": far_rate / rate,
+                "drain_seconds": far_elapsed.as_secs_f64(),
+            });
+        }
 
         let baseline =
             crate::original::worker(&pg, &shards[0], &all[..opts.baseline_votes.min(all.len())])
@@ -106,7 +117,54 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "baseline_votes": opts.baseline_votes,
                 "writers": opts.writers,
                 "batch_max_events": opts.max_events,
+                "wan": wan,
             }),
         ))
     })
+}
+
+/// Fills the shards with `votes`, then runs an aggregator writing to `postgres_url` until the
+/// shards are empty; returns how long that took.
+async fn drain(
+    server_rt: &tokio::runtime::Runtime,
+    shards: &[harness::RedisServer],
+    votes: &[model::Vote],
+    postgres_url: String,
+    opts: &Options,
+) -> anyhow::Result<Duration> {
+    eprintln!(
+        "bench aggregator: filling {} votes from {} voters into {} shards",
+        votes.len(),
+        opts.voters,
+        opts.shards
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let mine = votes.iter().filter(|v| {
+            model::shard_of(v.poll.as_str(), v.voter.as_str(), opts.shards as u32) as usize == i
+        });
+        s.enqueue(mine).await?;
+    }
+    let mut config = aggregator::Config::new(
+        model::RegionName::new("us-east-1")?,
+        "bench-0".into(),
+        shards.iter().map(|s| s.url()).collect(),
+        postgres_url,
+    );
+    config.writers = opts.writers;
+    config.batch.max_events = opts.max_events;
+    config.pop_size = config.pop_size.min(opts.max_events);
+    let (listener, _) = crate::loopback_listener()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let task = server_rt.spawn(async move {
+        aggregator::run(crate::tokio_listener(listener), config, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    harness::wait_drained(shards, Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed();
+    let _ = stop.send(());
+    task.await??;
+    Ok(elapsed)
 }

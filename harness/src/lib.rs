@@ -66,7 +66,7 @@ impl PgCluster {
             cluster.replica = Some(replica.clone());
             let primary = cluster.primary.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                replica.init_replica(&primary, "test_replica")?;
+                replica.init_replica(&primary, primary.port, "test_replica")?;
                 replica.start()?;
                 Ok(())
             })

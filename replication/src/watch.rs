@@ -35,6 +35,24 @@ pub struct Config {
     pub failover: bool,
     /// PostgreSQL's binaries, to stop a fenced server that runs on this machine.
     pub pg_bin: Option<servers::PgBin>,
+    /// Where a region's replica reaches another region's server when not at the server's own
+    /// address (the local stack's WAN links); re-pointing a replica uses these.
+    pub routes: Vec<Route>,
+}
+
+/// Region `from`'s way to region `to`'s server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub from: String,
+    pub to: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Config {
+    fn route(&self, from: &str, to: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.from == from && r.to == to)
+    }
 }
 
 /// The replication slot (and standby name) of a region's server.
@@ -76,6 +94,8 @@ impl Probe {
         Ok(self.client.as_ref().expect("just connected"))
     }
 
+    /// `ports`: which region each upstream port a replica may name belongs to, as seen from
+    /// this server (servers' own ports, and this region's routes).
     async fn observe(&mut self, ports: &[(String, u16)]) -> (Observation, Option<f64>) {
         let region = self.server.region.clone();
         let seen = tokio::time::timeout(PROBE_TIMEOUT, async {
@@ -170,7 +190,15 @@ pub async fn run_loop(
         let mut round = Vec::new();
         let mut lags = Vec::new();
         for p in &mut probes {
-            let (o, lag) = p.observe(&ports).await;
+            let mut seen_from_here = ports.clone();
+            seen_from_here.extend(
+                config
+                    .routes
+                    .iter()
+                    .filter(|r| r.from == p.server.region)
+                    .map(|r| (r.to.clone(), r.port)),
+            );
+            let (o, lag) = p.observe(&seen_from_here).await;
             round.push(o);
             lags.push(lag);
         }
@@ -325,15 +353,18 @@ async fn act(config: &Config, probes: &[Probe], action: &Action) -> Result<(), R
                 &[&slot],
             )
             .await?;
-            let host = match p.config.get_hosts().first() {
-                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                _ => "127.0.0.1".into(),
+            let (host, port) = match config.route(replica, primary) {
+                Some(route) => (route.host.clone(), route.port),
+                None => {
+                    let host = match p.config.get_hosts().first() {
+                        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                        _ => "127.0.0.1".into(),
+                    };
+                    (host, port_of(&p.server.url).unwrap_or(5432))
+                }
             };
             let user = p.config.get_user().unwrap_or("postgres");
-            let conninfo = format!(
-                "host={host} port={} user={user} application_name={slot}",
-                port_of(&p.server.url).unwrap_or(5432)
-            );
+            let conninfo = format!("host={host} port={port} user={user} application_name={slot}");
             let r = connect(server(replica)?).await?;
             each(
                 &r,

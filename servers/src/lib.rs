@@ -17,7 +17,7 @@ pub use postgres::{PgBin, Postgres, StopMode, SUPERUSER};
 
 pub use moto::Moto;
 pub use process::{
-    free_port, http_status, pid_alive, port_is_free, read_pid, running_as_root, signal,
+    free_port, http_call, http_status, pid_alive, port_is_free, read_pid, running_as_root, signal,
 };
 pub use prometheus::Prometheus;
 pub use redis::{Fsync, Redis};

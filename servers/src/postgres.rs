@@ -160,8 +160,9 @@ impl Postgres {
     }
 
     /// Clone `primary` into a streaming replica with its own replication slot (so the primary
-    /// keeps the WAL it has not received yet). The primary must be running.
-    pub fn init_replica(&self, primary: &Postgres, slot: &str) -> Result<(), ServerError> {
+    /// keeps the WAL it has not received yet), streaming from port `via` (the primary's own, or a
+    /// link's that leads to it). The primary must be running.
+    pub fn init_replica(&self, primary: &Postgres, via: u16, slot: &str) -> Result<(), ServerError> {
         if self.is_initialized() {
             return Ok(());
         }
@@ -184,17 +185,16 @@ impl Postgres {
             .arg("-D")
             .arg(&self.data_dir)
             .args(["-R", "-X", "stream", "-C", "-S", slot, "--checkpoint=fast"]))?;
-        self.follow(primary, slot)
+        self.follow(via, slot)
     }
 
-    /// Points this (stopped) replica at `primary` through `slot`, naming itself after the slot:
-    /// the primary's `synchronous_standby_names` lists its standbys by these names.
-    fn follow(&self, primary: &Postgres, slot: &str) -> Result<(), ServerError> {
+    /// Points this (stopped) replica at the primary on port `via` through `slot`, naming itself
+    /// after the slot: the primary's `synchronous_standby_names` lists its standbys by these names.
+    fn follow(&self, via: u16, slot: &str) -> Result<(), ServerError> {
         append(
             &self.data_dir.join("postgresql.auto.conf"),
             &format!(
-                "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} application_name={slot}'\nprimary_slot_name = '{slot}'\n",
-                primary.port
+                "primary_conninfo = 'host=127.0.0.1 port={via} user={SUPERUSER} application_name={slot}'\nprimary_slot_name = '{slot}'\n",
             ),
         )?;
         std::fs::write(self.data_dir.join("standby.signal"), b"")
@@ -208,8 +208,8 @@ impl Postgres {
 
     /// Turns a stopped former primary into a replica of `primary` (which must be running):
     /// `pg_rewind` undoes whatever it wrote that `primary` never received, then it follows
-    /// `primary` through `slot`, created there if missing.
-    pub fn rewind(&self, primary: &Postgres, slot: &str) -> Result<(), ServerError> {
+    /// `primary` (on port `via`) through `slot`, created there if missing.
+    pub fn rewind(&self, primary: &Postgres, via: u16, slot: &str) -> Result<(), ServerError> {
         // A freshly promoted primary names its new timeline in pg_control only at its next
         // checkpoint; until then pg_rewind sees no divergence and rewinds nothing.
         self.psql(primary, "CHECKPOINT")?;
@@ -227,7 +227,7 @@ impl Postgres {
             primary,
             &format!("SELECT pg_create_physical_replication_slot('{slot}') WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"),
         )?;
-        self.follow(primary, slot)
+        self.follow(via, slot)
     }
 
     /// Runs one statement on `server` as the superuser.

@@ -100,6 +100,11 @@ pub(crate) fn log_tail(path: &Path) -> String {
 
 /// A minimal blocking HTTP GET, for readiness probes without a runtime.
 pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    http_call(addr, "GET", path)
+}
+
+/// Sends `METHOD path` with an empty body to `addr` and returns the status code, if one came.
+pub fn http_call(addr: &str, method: &str, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(
         &addr.parse().ok()?,
@@ -110,7 +115,7 @@ pub fn http_status(addr: &str, path: &str) -> Option<u16> {
         .ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = [0u8; 16];

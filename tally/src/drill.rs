@@ -236,7 +236,7 @@ async fn primary_failover(
 async fn heal(dir: &std::path::Path) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || local::up(&dir, servers::Fsync::Everysec))
+    tokio::task::spawn_blocking(move || local::up(&dir, servers::Fsync::Everysec, None))
         .await?
         .context("bringing the failed part back")?;
     Ok(started.elapsed())

@@ -61,6 +61,24 @@ pub struct Stack {
     /// moto's port: the local Route53 (it runs when moto is installed).
     #[serde(default = "free_port")]
     pub moto: u16,
+    /// `tally wan`'s control port.
+    #[serde(default = "free_port")]
+    pub wan: u16,
+    /// One-way delay on every link between regions, in milliseconds.
+    #[serde(default)]
+    pub wan_ms: u64,
+    /// Every cross-region connection goes through one of these (empty on stacks made before
+    /// links existed: those connect directly).
+    #[serde(default)]
+    pub links: Vec<WanLink>,
+}
+
+/// Region `from`'s way to region `to`'s PostgreSQL server: `tally wan` listens on `port`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WanLink {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,13 +149,26 @@ impl Stack {
                 aggregator: port(),
                 reader: port(),
             })
-            .collect();
+            .collect::<Vec<RegionPorts>>();
+        let mut links = Vec::new();
+        for from in &regions {
+            for to in regions.iter().filter(|to| to.name != from.name) {
+                links.push(WanLink {
+                    from: from.name.clone(),
+                    to: to.name.clone(),
+                    port: port(),
+                });
+            }
+        }
         Stack {
             dir: dir.to_path_buf(),
             regions,
             prometheus: port(),
             replication: port(),
             moto: port(),
+            wan: port(),
+            wan_ms: 0,
+            links,
         }
     }
 
@@ -176,10 +207,11 @@ impl Stack {
         let mut out = String::from(
             "# Written by `tally local up`.\nglobal:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - rules.yml\nscrape_configs:\n",
         );
-        out += &format!(
-            "  - job_name: tally-replication\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
-            self.replication
-        );
+        for (job, port) in [("replication", self.replication), ("wan", self.wan)] {
+            out += &format!(
+                "  - job_name: tally-{job}\n    static_configs:\n      - targets: [\"127.0.0.1:{port}\"]\n"
+            );
+        }
         for role in ROLES {
             out += &format!(
                 "  - job_name: tally-{role}\n    honor_labels: true\n    static_configs:\n"
@@ -210,6 +242,15 @@ impl Stack {
             .collect()
     }
 
+    /// The port region `from` reaches `to`'s server on: its own region's directly, another's
+    /// through the link between them.
+    pub fn pg_port(&self, from: &str, to: &RegionPorts) -> u16 {
+        self.links
+            .iter()
+            .find(|l| l.from == from && l.to == to.name)
+            .map_or(to.postgres, |l| l.port)
+    }
+
     fn pg_url(port: u16, user: &str) -> String {
         format!("postgres://{user}@127.0.0.1:{port}/{}", db::DATABASE)
     }
@@ -226,10 +267,20 @@ impl Stack {
 
     /// Every region's server with `target_session_attrs=read-write`: whichever is primary.
     pub fn writer_url(&self, user: &str) -> String {
+        self.writer_url_from(None, user)
+    }
+
+    /// [`Stack::writer_url`] as seen from inside region `from` (other regions' servers through
+    /// the links), or from outside every region (the operator's tools: directly).
+    fn writer_url_from(&self, from: Option<&str>, user: &str) -> String {
         let ports: Vec<String> = self
             .regions
             .iter()
-            .map(|r| r.postgres.to_string())
+            .map(|r| match from {
+                Some(from) => self.pg_port(from, r),
+                None => r.postgres,
+            })
+            .map(|p| p.to_string())
             .collect();
         let hosts = vec!["127.0.0.1"; ports.len()].join(",");
         format!(
@@ -253,7 +304,10 @@ impl Stack {
         }
         order
             .iter()
-            .map(|r| format!("{}={}", r.name, Self::pg_url(r.postgres, db::READER_ROLE)))
+            .map(|r| {
+                let port = self.pg_port(&region.name, r);
+                format!("{}={}", r.name, Self::pg_url(port, db::READER_ROLE))
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -279,7 +333,10 @@ impl Stack {
             }
             "aggregator" => {
                 env.push((ENV_REDIS_URLS, redis));
-                env.push((ENV_POSTGRES_URL, self.writer_url(db::AGGREGATOR_ROLE)));
+                env.push((
+                    ENV_POSTGRES_URL,
+                    self.writer_url_from(Some(&r.name), db::AGGREGATOR_ROLE),
+                ));
                 env.push((ENV_WORKER_ID, format!("{}-0", r.name)));
             }
             _ => env.push((ENV_POSTGRES_SOURCES, self.reader_sources(r))),
@@ -305,7 +362,46 @@ impl Stack {
                 ENV_DATA_DIRS,
                 each(&|r| self.dir.join("pg").join(&r.name).display().to_string()),
             ),
+            (
+                ENV_REPLICA_ROUTES,
+                self.links
+                    .iter()
+                    .map(|l| format!("{}>{}=127.0.0.1:{}", l.from, l.to, l.port))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         ]
+    }
+
+    /// `tally wan`'s settings: a link per ordered pair of regions, to the server of the second.
+    fn wan_env(&self) -> Vec<(&'static str, String)> {
+        use crate::roles::*;
+        let links = self
+            .links
+            .iter()
+            .filter_map(|l| {
+                let to = self.regions.iter().find(|r| r.name == l.to)?;
+                Some(format!(
+                    "{}>{}@127.0.0.1:{}=127.0.0.1:{}",
+                    l.from, l.to, l.port, to.postgres
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        vec![
+            (ENV_LISTEN, format!("127.0.0.1:{}", self.wan)),
+            (ENV_WAN_LINKS, links),
+            (ENV_WAN_DELAY_MS, self.wan_ms.to_string()),
+        ]
+    }
+
+    /// Sets the running `tally wan`'s delay to the stack's.
+    fn apply_wan_delay(&self) -> anyhow::Result<()> {
+        let addr = format!("127.0.0.1:{}", self.wan);
+        match servers::http_call(&addr, "POST", &format!("/delay?ms={}", self.wan_ms)) {
+            Some(200) => Ok(()),
+            other => bail!("tally wan on {addr} did not take the delay (answer: {other:?})"),
+        }
     }
 
     fn pidfile(&self, region: &str, role: &str) -> PathBuf {
@@ -326,8 +422,9 @@ impl Stack {
 }
 
 /// Brings the stack up, or whatever part of it is down. Safe to run again. `fsync` applies to
-/// Redis servers this call starts.
-pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
+/// Redis servers this call starts; `wan_ms`, when given, becomes the delay between regions (it
+/// is kept for later runs, and applied at once to a running stack).
+pub fn up(dir: &Path, fsync: Fsync, wan_ms: Option<u64>) -> anyhow::Result<Stack> {
     let topology = Topology::standard();
     topology.validate()?;
     let bin = PgBin::find()?;
@@ -345,14 +442,32 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o711))?;
         }
     }
-    let stack = match Stack::load(&dir)? {
+    let mut stack = match Stack::load(&dir)? {
         Some(s) => s,
-        None => {
-            let s = Stack::plan(&dir, &topology);
-            s.save()?;
-            s
-        }
+        None => Stack::plan(&dir, &topology),
     };
+    if let Some(ms) = wan_ms {
+        wan::delay(ms)?;
+        if stack.links.is_empty() && ms > 0 {
+            bail!(
+                "the stack in {} was made before links between regions existed; \
+                 `tally local down` and remove the directory to make one with them",
+                dir.display()
+            );
+        }
+        stack.wan_ms = ms;
+    }
+    stack.save()?;
+
+    // The links first: every cross-region connection, replication streams included, uses them.
+    if !stack.links.is_empty() {
+        if stack.role_running(GLOBAL, WAN) {
+            stack.apply_wan_delay()?;
+        } else {
+            start_process(&stack, GLOBAL, WAN, stack.wan_env(), stack.wan)?;
+            wait_ready(&stack, GLOBAL, WAN, stack.wan)?;
+        }
+    }
 
     // The primary first: whichever server is the primary now (after a failover, not the one
     // the stack started with). Replicas that exist start before anything writes, because every
@@ -375,7 +490,11 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
             // A fenced former primary: undo what the new primary never received, then follow it.
             server.stop(StopMode::Immediate)?;
             server
-                .rewind(&primary, &slot_name(&r.name))
+                .rewind(
+                    &primary,
+                    stack.pg_port(&r.name, &primary_region),
+                    &slot_name(&r.name),
+                )
                 .with_context(|| format!("rejoining {} as a replica", r.name))?;
             std::fs::remove_file(&marker)?;
         }
@@ -403,7 +522,8 @@ pub fn up(dir: &Path, fsync: Fsync) -> anyhow::Result<Stack> {
         .filter(|r| r.name != primary_region.name)
     {
         let replica = stack.postgres(&bin, r);
-        replica.init_replica(&primary, &slot_name(&r.name))?;
+        let via = stack.pg_port(&r.name, &primary_region);
+        replica.init_replica(&primary, via, &slot_name(&r.name))?;
         replica.start()?;
     }
     rt.block_on(synchronous_commit(&stack, &primary_region))
@@ -450,6 +570,7 @@ pub use replication::slot_name;
 /// The pid and log files of processes that serve all regions are named after this.
 pub const GLOBAL: &str = "global";
 pub const REPLICATION: &str = "replication";
+pub const WAN: &str = "wan";
 
 /// Every commit on the primary waits until one other server has flushed it, so a failover to
 /// the replica with the most WAL loses no acknowledged vote.
@@ -570,6 +691,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         stack.postgres(&bin, r).stop(StopMode::Fast)?;
     }
     stack.postgres(&bin, stack.primary()).stop(StopMode::Fast)?;
+    stop_role(&stack, GLOBAL, WAN);
     Ok(())
 }
 
@@ -601,6 +723,12 @@ pub struct Status {
     pub replication_running: bool,
     /// moto's Route53 endpoint, when moto is installed and running (`tally regions sync` uses it).
     pub route53_url: Option<String>,
+    /// `tally wan`, which every cross-region connection goes through (`None`: a stack made
+    /// before links, connecting directly).
+    pub wan_url: Option<String>,
+    pub wan_running: bool,
+    /// One-way delay between regions.
+    pub wan_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -693,6 +821,9 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         replication_url: format!("http://127.0.0.1:{}", stack.replication),
         replication_running: stack.role_running(GLOBAL, REPLICATION),
         route53_url: stack.moto().is_running().then(|| stack.moto().url()),
+        wan_url: (!stack.links.is_empty()).then(|| format!("http://127.0.0.1:{}", stack.wan)),
+        wan_running: stack.role_running(GLOBAL, WAN),
+        wan_ms: stack.wan_ms,
     })
 }
 
@@ -729,6 +860,14 @@ pub fn print_status(s: &Status) {
             "  NOT RUNNING"
         }
     );
+    match &s.wan_url {
+        Some(url) => println!(
+            "wan {url}/status ({} ms each way between regions){}",
+            s.wan_ms,
+            if s.wan_running { "" } else { "  NOT RUNNING" }
+        ),
+        None => println!("wan none (this stack predates links: regions connect directly)"),
+    }
     match &s.route53_url {
         Some(url) => println!("route53 {url} (moto; `tally regions sync` writes the zone here)"),
         None => println!("route53 not running (install moto with scripts/setup --moto)"),

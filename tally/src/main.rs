@@ -52,6 +52,9 @@ enum Cmd {
     Reader(roles::ReaderArgs),
     /// Watch every PostgreSQL server (role, lag) and fail over when the primary is gone.
     Replication(roles::ReplicationArgs),
+    /// Distance between regions on one machine: a TCP proxy per cross-region link that holds
+    /// each chunk for a one-way delay, and can cut a region off. `tally local up` runs it.
+    Wan(roles::WanArgs),
     /// Run the three regions on this machine.
     Local {
         #[command(subcommand)]
@@ -243,6 +246,10 @@ enum BenchCmd {
         writers: usize,
         #[arg(long, default_value_t = aggregator::config::DEFAULT_MAX_EVENTS)]
         max_events: usize,
+        /// Then drain the backlog again through a link with this one-way delay (an aggregator
+        /// in another region than the primary) and report that rate against the direct one.
+        #[arg(long)]
+        wan_ms: Option<u64>,
     },
     /// The regression gate: the latest `cargo bench -p bench` run against a saved criterion
     /// baseline; fails when a hot path got slower than the threshold.
@@ -291,6 +298,11 @@ struct UpArgs {
     /// acknowledged, an OS crash may lose a second) or `always` (not even that; slower).
     #[arg(long, env = "TALLY_REDIS_FSYNC", default_value = "everysec")]
     redis_fsync: servers::Fsync,
+    /// One-way delay, in milliseconds, on every connection between regions (replication
+    /// streams, cross-region writes and reads), as real distance would add. Kept for later
+    /// runs; given to a running stack, it applies at once. Default: the stack's (0 when new).
+    #[arg(long, env = "TALLY_WAN_MS")]
+    wan_ms: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -533,9 +545,13 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 replication::run(l, config, web::shutdown_signal())
             })
         }
+        Cmd::Wan(args) => {
+            let config = args.config()?;
+            serve_role(&args.listen, |l| wan::run(l, config, web::shutdown_signal()))
+        }
         Cmd::Local { command } => match command {
             LocalCmd::Up(args) => {
-                let stack = local::up(&args.dir.path(), args.redis_fsync)?;
+                let stack = local::up(&args.dir.path(), args.redis_fsync, args.wan_ms)?;
                 local::print_status(&local::status(&stack.dir)?);
                 Ok(())
             }
@@ -651,7 +667,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
         } => {
             let dir = up.dir.path();
             eprintln!("starting three regions in {} ...", dir.display());
-            let stack = local::up(&dir, up.redis_fsync)?;
+            let stack = local::up(&dir, up.redis_fsync, up.wan_ms)?;
             let report = runtime()?.block_on(load::run(&stack, &args.options()));
             let report = match report {
                 Ok(r) => r,
@@ -726,6 +742,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     baseline_votes,
                     writers,
                     max_events,
+                    wan_ms,
                 } => vec![bench::aggregator_bench::run(
                     &bench::aggregator_bench::Options {
                         votes,
@@ -733,6 +750,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                         baseline_votes,
                         writers,
                         max_events,
+                        wan_ms,
                         ..Default::default()
                     },
                 )?],

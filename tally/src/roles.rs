@@ -39,6 +39,9 @@ pub const ENV_DATA_DIRS: &str = "TALLY_DATA_DIRS";
 pub const ENV_PROBE_INTERVAL_MS: &str = "TALLY_PROBE_INTERVAL_MS";
 pub const ENV_FAILOVER_MISSES: &str = "TALLY_FAILOVER_MISSES";
 pub const ENV_FAILOVER: &str = "TALLY_FAILOVER";
+pub const ENV_REPLICA_ROUTES: &str = "TALLY_REPLICA_ROUTES";
+pub const ENV_WAN_LINKS: &str = "TALLY_WAN_LINKS";
+pub const ENV_WAN_DELAY_MS: &str = "TALLY_WAN_DELAY_MS";
 
 /// A bad setting: reported on one line, exit status 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +269,10 @@ pub struct ReplicationArgs {
     /// Fail over when the primary is gone (else watch and report only).
     #[arg(long, env = ENV_FAILOVER, default_value_t = true, action = clap::ArgAction::Set)]
     pub failover: bool,
+    /// How one region's replica reaches another region's server when not at the address in
+    /// `--servers`, `from>to=host:port,...` (the local stack's WAN links).
+    #[arg(long, env = ENV_REPLICA_ROUTES, default_value = "")]
+    pub replica_routes: String,
 }
 
 impl ReplicationArgs {
@@ -316,7 +323,51 @@ impl ReplicationArgs {
             misses_before_failover: self.failover_misses,
             failover: self.failover,
             pg_bin,
+            routes: urls(&self.replica_routes)
+                .into_iter()
+                .map(|item| route(&item))
+                .collect::<anyhow::Result<_>>()?,
         })
+    }
+}
+
+/// `from>to=host:port`.
+fn route(item: &str) -> anyhow::Result<replication::Route> {
+    let parsed = item.split_once('=').and_then(|(regions, addr)| {
+        let (from, to) = regions.split_once('>')?;
+        let (host, port) = addr.rsplit_once(':')?;
+        RegionName::new(from).ok()?;
+        RegionName::new(to).ok()?;
+        Some(replication::Route {
+            from: from.into(),
+            to: to.into(),
+            host: host.into(),
+            port: port.parse().ok()?,
+        })
+    });
+    parsed.ok_or_else(|| bad(format!("--replica-routes: {item:?} is not from>to=host:port")))
+}
+
+#[derive(Debug, Args)]
+pub struct WanArgs {
+    /// Address to serve `/status`, `/metrics` and the controls (`POST /delay`, `/cut`, `/heal`) on.
+    #[arg(long, env = ENV_LISTEN, default_value = "127.0.0.1:8084")]
+    pub listen: String,
+    /// The links, comma-separated `from>to@listen=upstream`.
+    #[arg(long, env = ENV_WAN_LINKS)]
+    pub links: String,
+    /// One-way delay on every link, in milliseconds.
+    #[arg(long, env = ENV_WAN_DELAY_MS, default_value_t = 0)]
+    pub delay_ms: u64,
+}
+
+impl WanArgs {
+    pub fn config(&self) -> anyhow::Result<wan::Config> {
+        let config = wan::Config::parse(&self.links, self.delay_ms).map_err(bad)?;
+        if config.links.is_empty() {
+            return Err(bad("--links: no links given"));
+        }
+        Ok(config)
     }
 }
 
