@@ -62,9 +62,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
 
         let mut wan = serde_json::Value::Null;
         if let Some(ms) = opts.wan_ms {
-            client
-                .batch_execute("TRUNCATE ballots; UPDATE tally_parts SET count = 0; VACUUM ANALYZE")
-                .await?;
+            // One statement per call: VACUUM refuses the implicit transaction of a batch.
+            for sql in ["TRUNCATE ballots", "UPDATE tally_parts SET count = 0", "VACUUM ANALYZE"] {
+                client.batch_execute(sql).await?;
+            }
             let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
             let link = wan::Link {
                 from: "eu-west-1".into(),
