@@ -42,6 +42,9 @@ pub struct Config {
     pub ip_limit: Option<Rate>,
     pub auth: Option<crate::auth::AuthConfig>,
     pub serve: ServeConfig,
+    /// Milliseconds added to this host's clock when stamping votes: only for drills that show
+    /// what a skewed clock does (a voter's latest vote is judged by these stamps).
+    pub clock_skew_ms: i64,
 }
 
 /// Group commit: many concurrent requests share one pipelined write.
@@ -91,6 +94,7 @@ impl Config {
             ip_limit: None,
             auth: None,
             serve: ServeConfig::default(),
+            clock_skew_ms: 0,
         }
     }
 

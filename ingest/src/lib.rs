@@ -51,7 +51,7 @@ pub async fn run(
         region: config.region.clone(),
         catalog,
         shards,
-        clock: model::Clock::new(),
+        clock: model::Clock::skewed(config.clock_skew_ms.saturating_mul(1000)),
         voter_limit: config.voter_limit.map(limit::Limiter::new),
         ip_limit: config.ip_limit.map(limit::Limiter::new),
         auth: config.auth.clone(),

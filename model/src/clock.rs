@@ -26,6 +26,8 @@ impl Stamp {
 #[derive(Debug, Default)]
 pub struct Clock {
     last: AtomicU64,
+    /// Added to the wall clock: a host whose clock is off, as the fault drills make one.
+    skew_micros: i64,
 }
 
 impl Clock {
@@ -33,8 +35,17 @@ impl Clock {
         Self::default()
     }
 
+    /// A clock reading `skew_micros` ahead of the wall clock (behind, when negative).
+    pub fn skewed(skew_micros: i64) -> Self {
+        Self {
+            skew_micros,
+            ..Self::default()
+        }
+    }
+
     pub fn stamp(&self) -> Stamp {
-        self.stamp_at(Stamp::now())
+        let wall = Stamp::now().0.saturating_add_signed(self.skew_micros);
+        self.stamp_at(Stamp(wall))
     }
 
     /// The stamp for a vote arriving when the wall clock reads `wall`.
@@ -65,6 +76,15 @@ mod tests {
         let c = clock.stamp_at(Stamp(1_000));
         let d = clock.stamp_at(Stamp(5_000));
         assert_eq!([a.0, b.0, c.0, d.0], [1_000, 1_001, 1_002, 5_000]);
+    }
+
+    #[test]
+    fn a_skewed_clock_reads_ahead_or_behind_the_wall() {
+        let wall = Stamp::now().0;
+        let ahead = Clock::skewed(5_000_000).stamp().0;
+        let behind = Clock::skewed(-5_000_000).stamp().0;
+        assert!(ahead >= wall + 5_000_000 && ahead < wall + 6_000_000, "{ahead} vs {wall}");
+        assert!(behind >= wall - 5_000_000 && behind < wall - 4_000_000, "{behind} vs {wall}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! `tally drill region-down <region>` and `tally drill primary-failover`: a fault under a
-//! continuous load, the time the system took to notice and to serve again, the broken part
-//! brought back, and the load's own check that every acknowledged vote was counted once.
+//! `tally drill <fault>`: one fault under a continuous load, the time the system took to notice
+//! and to serve again, the broken part brought back, and the load's own check that every
+//! acknowledged vote was counted once. `tally gauntlet` runs every fault in turn.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,10 +19,63 @@ const RECOVER_WITHIN: Duration = Duration::from_secs(30);
 /// How long a region stays down once its voters are served elsewhere.
 const HOLD_DOWN: Duration = Duration::from_secs(3);
 
+/// How long a part stays broken in the faults that hold one down.
+const HOLD_BROKEN: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub enum Fault {
+    /// kill -9 of every role of a region; its voters go to the next region.
     RegionDown(String),
+    /// kill -9 of the primary's postmaster.
     PrimaryFailover,
+    /// kill -9 of one process, `times` times at random instants; each time it is started again.
+    /// `region` is [`local::GLOBAL`] for the watcher and the WAN links.
+    KillRole {
+        region: String,
+        role: String,
+        times: u32,
+    },
+    /// kill -9 of a region's first Redis shard; its append-only file has every acknowledged vote.
+    RedisKill(String),
+    /// A clean shutdown of a region's first Redis shard, then a start.
+    RedisRestart(String),
+    /// A replica's server stopped for a while; commits keep going on the other one.
+    ReplicaStop(String),
+    /// Every link to and from a region cut, then healed: it keeps taking votes into its Redis,
+    /// and drains them once it can reach the primary again.
+    RegionCut(String),
+    /// A region's ingest stamping votes with its clock `ms` ahead (behind, when negative).
+    ClockSkew { region: String, ms: i64 },
+}
+
+impl Fault {
+    pub fn name(&self) -> String {
+        match self {
+            Fault::RegionDown(_) => "region-down".into(),
+            Fault::PrimaryFailover => "primary-failover".into(),
+            Fault::KillRole { role, .. } => format!("kill-{role}"),
+            Fault::RedisKill(_) => "redis-kill".into(),
+            Fault::RedisRestart(_) => "redis-restart".into(),
+            Fault::ReplicaStop(_) => "replica-stop".into(),
+            Fault::RegionCut(_) => "region-cut".into(),
+            Fault::ClockSkew { .. } => "clock-skew".into(),
+        }
+    }
+
+    /// The region it strikes, if it names one.
+    fn region(&self) -> Option<&str> {
+        match self {
+            Fault::PrimaryFailover => None,
+            Fault::KillRole { region, .. } if region == local::GLOBAL => None,
+            Fault::RegionDown(r)
+            | Fault::KillRole { region: r, .. }
+            | Fault::RedisKill(r)
+            | Fault::RedisRestart(r)
+            | Fault::ReplicaStop(r)
+            | Fault::RegionCut(r)
+            | Fault::ClockSkew { region: r, .. } => Some(r),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -53,8 +106,8 @@ pub struct DrillReport {
 
 pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Result<DrillReport> {
     let stack = Stack::require(&dir)?;
-    if let Fault::RegionDown(region) = &fault {
-        if !stack.regions.iter().any(|r| &r.name == region) {
+    if let Some(region) = fault.region() {
+        if !stack.regions.iter().any(|r| r.name == region) {
             bail!(
                 "no region {region} in the local stack (it has {})",
                 stack
@@ -79,14 +132,36 @@ pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Res
     })
     .await?;
 
-    let (target, timings) = match &fault {
-        Fault::RegionDown(region) => (
-            region.clone(),
-            region_down(&stack, &dir, region, &live).await?,
-        ),
-        Fault::PrimaryFailover => {
-            let old = stack.primary().name.clone();
-            (old.clone(), primary_failover(&stack, &dir, &old).await?)
+    // Named before the strike: a failover moves the primary.
+    let target = fault
+        .region()
+        .map(str::to_string)
+        .unwrap_or_else(|| match &fault {
+            Fault::PrimaryFailover => stack.primary().name.clone(),
+            Fault::KillRole { role, .. } => role.clone(),
+            _ => String::new(),
+        });
+    let struck = match &fault {
+        Fault::RegionDown(region) => region_down(&stack, &dir, region, &live).await,
+        Fault::PrimaryFailover => primary_failover(&stack, &dir, &target).await,
+        Fault::KillRole {
+            region,
+            role,
+            times,
+        } => kill_role(&stack, &dir, region, role, *times).await,
+        Fault::RedisKill(region) => redis_down(&stack, &dir, region, true).await,
+        Fault::RedisRestart(region) => redis_down(&stack, &dir, region, false).await,
+        Fault::ReplicaStop(region) => replica_stop(&stack, &dir, region).await,
+        Fault::RegionCut(region) => region_cut(&stack, region).await,
+        Fault::ClockSkew { region, ms } => clock_skew(&stack, &dir, region, *ms).await,
+    };
+    let timings = match struck {
+        Ok(t) => t,
+        Err(e) => {
+            // Bring the plane back before the load's own check, which would fail for that reason.
+            let _ = heal(&dir).await;
+            load.abort();
+            return Err(e.context(format!("drill {}", fault.name())));
         }
     };
     let report = load.await??;
@@ -98,10 +173,7 @@ pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Res
         .sum::<u64>()
         + report.transport_errors;
     Ok(DrillReport {
-        drill: match fault {
-            Fault::RegionDown(_) => "region-down".into(),
-            Fault::PrimaryFailover => "primary-failover".into(),
-        },
+        drill: fault.name(),
         target,
         acknowledged: report.acknowledged,
         counted: report.counted,
@@ -228,6 +300,207 @@ async fn primary_failover(
         recover,
         rejoin,
         new_primary: Some(new),
+    })
+}
+
+/// kill -9 of one process at random instants, each time started again by `tally local up`.
+/// Recovery is the longest any kill kept it away.
+async fn kill_role(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+    role: &str,
+    times: u32,
+) -> anyhow::Result<Timings> {
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    for _ in 0..times {
+        let pause = rand::random_range(100..900);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let pid = stack
+            .role_pid(region, role)
+            .filter(|&p| servers::pid_alive(p))
+            .with_context(|| format!("{region} {role} is not running"))?;
+        let cut = Instant::now();
+        servers::signal(pid, "KILL");
+        wait_for("the process to die", RECOVER_WITHIN, || {
+            !servers::pid_alive(pid)
+        })
+        .await?;
+        heal(dir).await?;
+        worst = worst.max(cut.elapsed());
+    }
+    Ok(Timings {
+        detect: Duration::ZERO,
+        recover: worst,
+        rejoin: started.elapsed(),
+        new_primary: None,
+    })
+}
+
+fn region_of<'a>(stack: &'a Stack, region: &str) -> anyhow::Result<&'a local::RegionPorts> {
+    stack
+        .regions
+        .iter()
+        .find(|r| r.name == region)
+        .with_context(|| format!("no region {region}"))
+}
+
+/// A region's first Redis shard killed (or shut down cleanly), held down, started again; its
+/// ingest answers 503 for that shard meanwhile. Recovery: until the region's ingest is ready.
+async fn redis_down(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+    kill: bool,
+) -> anyhow::Result<Timings> {
+    let r = region_of(stack, region)?;
+    let shard = stack
+        .redis(r, servers::Fsync::Everysec)
+        .into_iter()
+        .next()
+        .context("the region has no Redis shard")?;
+    let ingest = format!("127.0.0.1:{}", r.ingest);
+    let cut = Instant::now();
+    if kill {
+        shard.kill();
+    } else {
+        tokio::task::spawn_blocking(move || shard.stop()).await??;
+    }
+    wait_for("ingest to report its shard down", RECOVER_WITHIN, || {
+        servers::http_status(&ingest, "/readyz") != Some(200)
+    })
+    .await?;
+    let detect = cut.elapsed();
+    tokio::time::sleep(HOLD_BROKEN).await;
+    let rejoin = heal(dir).await?;
+    wait_for("ingest to be ready again", RECOVER_WITHIN, || {
+        servers::http_status(&ingest, "/readyz") == Some(200)
+    })
+    .await?;
+    Ok(Timings {
+        detect,
+        recover: cut.elapsed(),
+        rejoin,
+        new_primary: None,
+    })
+}
+
+/// Is the region's server a replica streaming from the primary?
+async fn streaming(stack: &Stack, r: &local::RegionPorts) -> bool {
+    match db::connect(&stack.server_url(r)).await {
+        Ok(c) => replication::freshness(&c)
+            .await
+            .is_ok_and(|f| !f.in_recovery || f.streaming),
+        Err(_) => false,
+    }
+}
+
+async fn wait_streaming(stack: &Stack, r: &local::RegionPorts) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !streaming(stack, r).await {
+        if start.elapsed() > RECOVER_WITHIN {
+            bail!("{} did not stream again within {RECOVER_WITHIN:?}", r.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A replica's server stopped, held down, started; recovery: until it streams again.
+async fn replica_stop(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+) -> anyhow::Result<Timings> {
+    let r = region_of(stack, region)?;
+    if stack.primary().name == region {
+        bail!("{region} holds the primary; replica-stop needs a replica");
+    }
+    let server = stack.postgres(&servers::PgBin::find()?, r);
+    let cut = Instant::now();
+    tokio::task::spawn_blocking(move || server.stop(servers::StopMode::Fast)).await??;
+    tokio::time::sleep(HOLD_BROKEN).await;
+    let rejoin = heal(dir).await?;
+    wait_streaming(stack, r).await?;
+    Ok(Timings {
+        detect: Duration::ZERO,
+        recover: cut.elapsed(),
+        rejoin,
+        new_primary: None,
+    })
+}
+
+/// Every link to and from the region cut through `tally wan`, held, healed; recovery: until
+/// every replica streams again.
+async fn region_cut(stack: &Stack, region: &str) -> anyhow::Result<Timings> {
+    if stack.links.is_empty() {
+        bail!("this stack has no links between regions to cut (it predates them)");
+    }
+    let wan = format!("127.0.0.1:{}", stack.wan);
+    let control = |action: &str| match servers::http_call(
+        &wan,
+        "POST",
+        &format!("/{action}?region={region}"),
+    ) {
+        Some(200) => Ok(()),
+        other => Err(anyhow::anyhow!(
+            "tally wan did not {action} {region} (answer {other:?})"
+        )),
+    };
+    let cut = Instant::now();
+    control("cut")?;
+    tokio::time::sleep(HOLD_BROKEN).await;
+    let healed = Instant::now();
+    control("heal")?;
+    for r in &stack.regions {
+        wait_streaming(stack, r).await?;
+    }
+    Ok(Timings {
+        detect: Duration::ZERO,
+        recover: cut.elapsed(),
+        rejoin: healed.elapsed(),
+        new_primary: None,
+    })
+}
+
+/// The region's ingest restarted with a skewed clock, left to take votes, then restarted
+/// with the right time.
+async fn clock_skew(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+    ms: i64,
+) -> anyhow::Result<Timings> {
+    let r = region_of(stack, region)?.clone();
+    let cut = Instant::now();
+    {
+        let (stack, r) = (stack.clone(), r.clone());
+        tokio::task::spawn_blocking(move || {
+            local::stop_role(&stack, &r.name, "ingest");
+            local::start_role_with(
+                &stack,
+                &r,
+                "ingest",
+                vec![(crate::roles::ENV_CLOCK_SKEW_MS, ms.to_string())],
+            )?;
+            local::wait_ready(&stack, &r.name, "ingest", r.ingest)
+        })
+        .await??;
+    }
+    let recover = cut.elapsed();
+    tokio::time::sleep(HOLD_BROKEN).await;
+    let restarted = Instant::now();
+    {
+        let (stack, name) = (stack.clone(), r.name.clone());
+        tokio::task::spawn_blocking(move || local::stop_role(&stack, &name, "ingest")).await?;
+    }
+    heal(dir).await?;
+    Ok(Timings {
+        detect: Duration::ZERO,
+        recover,
+        rejoin: restarted.elapsed(),
+        new_primary: None,
     })
 }
 

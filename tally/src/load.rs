@@ -437,11 +437,18 @@ async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     let lsn = replication::current_lsn(&primary).await?;
     let primary_region = stack.primary().name.clone();
     for r in stack.regions.iter().filter(|r| r.name != primary_region) {
-        let replica = db::connect(&stack.server_url(r)).await?;
-        while !replication::has_replayed(&replica, &lsn).await? {
+        // A replica just rewound or restarted refuses connections until it is consistent.
+        loop {
+            let replayed = match db::connect(&stack.server_url(r)).await {
+                Ok(replica) => replication::has_replayed(&replica, &lsn).await.ok(),
+                Err(_) => None,
+            };
+            if replayed == Some(true) {
+                break;
+            }
             anyhow::ensure!(
                 start.elapsed() < limit,
-                "replica {} did not catch up",
+                "replica {} did not catch up within {limit:?}",
                 r.name
             );
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -95,7 +95,7 @@ pub struct RegionPorts {
 }
 
 impl RegionPorts {
-    fn role_port(&self, role: &str) -> u16 {
+    pub fn role_port(&self, role: &str) -> u16 {
         match role {
             "ingest" => self.ingest,
             "aggregator" => self.aggregator,
@@ -227,11 +227,11 @@ impl Stack {
         out
     }
 
-    fn postgres(&self, bin: &PgBin, r: &RegionPorts) -> Postgres {
+    pub fn postgres(&self, bin: &PgBin, r: &RegionPorts) -> Postgres {
         Postgres::new(bin.clone(), self.dir.join("pg").join(&r.name), r.postgres)
     }
 
-    fn redis(&self, r: &RegionPorts, fsync: Fsync) -> Vec<Redis> {
+    pub fn redis(&self, r: &RegionPorts, fsync: Fsync) -> Vec<Redis> {
         r.redis
             .iter()
             .enumerate()
@@ -582,13 +582,19 @@ async fn synchronous_commit(stack: &Stack, primary: &RegionPorts) -> anyhow::Res
 }
 
 pub fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {
-    start_process(
-        stack,
-        &r.name,
-        role,
-        stack.role_env(r, role),
-        r.role_port(role),
-    )
+    start_role_with(stack, r, role, Vec::new())
+}
+
+/// Starts a role with settings of its own on top of the stack's.
+pub fn start_role_with(
+    stack: &Stack,
+    r: &RegionPorts,
+    role: &str,
+    extra: Vec<(&'static str, String)>,
+) -> anyhow::Result<()> {
+    let mut env = stack.role_env(r, role);
+    env.extend(extra);
+    start_process(stack, &r.name, role, env, r.role_port(role))
 }
 
 fn start_process(

@@ -4,6 +4,7 @@
 mod capacity;
 mod drill;
 mod edge;
+mod gauntlet;
 mod load;
 mod local;
 mod poll;
@@ -73,6 +74,24 @@ enum Cmd {
         dir: DirArg,
         #[command(flatten)]
         load: DrillLoad,
+    },
+    /// Every fault of `tally drill` in turn on the local stack, each under load, and a
+    /// scoreboard (printed, and saved as JSON) that must read zero lost, doubled and crashes.
+    Gauntlet {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The CI version: 3 kills of each process instead of 20, shorter loads.
+        #[arg(long)]
+        quick: bool,
+        /// Votes per second during each fault.
+        #[arg(long, default_value_t = 5_000.0)]
+        rate: f64,
+        /// Where to save the scoreboard (default: the stack's `reports/gauntlet-<time>.json`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the scoreboard as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Create, close and list polls.
     Poll {
@@ -361,6 +380,29 @@ enum DrillCmd {
     /// Kill the PostgreSQL primary: `tally replication` promotes the replica with the most WAL,
     /// writers follow it, and the old primary rejoins as a replica.
     PrimaryFailover,
+    /// kill -9 one process at random instants, restarting it each time: a role of a region
+    /// (`ingest`, `aggregator`, `reader`), or with `--region global` `replication` or `wan`.
+    Kill {
+        role: String,
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        #[arg(long, default_value_t = 5)]
+        times: u32,
+    },
+    /// kill -9 a region's first Redis shard, then start it again (its append-only file replays).
+    RedisKill { region: String },
+    /// Shut a region's first Redis shard down cleanly, then start it again.
+    RedisRestart { region: String },
+    /// Stop a replica's PostgreSQL for a while; commits go on with the other replica.
+    ReplicaStop { region: String },
+    /// Cut every link to and from a region (`tally wan`), then heal them.
+    RegionCut { region: String },
+    /// Run a region's ingest with its clock ahead (`--ms`, negative: behind) for a while.
+    ClockSkew {
+        region: String,
+        #[arg(long, default_value_t = 5_000, allow_negative_numbers = true)]
+        ms: i64,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -638,6 +680,20 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
             let fault = match which {
                 DrillCmd::RegionDown { region } => drill::Fault::RegionDown(region),
                 DrillCmd::PrimaryFailover => drill::Fault::PrimaryFailover,
+                DrillCmd::Kill {
+                    role,
+                    region,
+                    times,
+                } => drill::Fault::KillRole {
+                    region,
+                    role,
+                    times,
+                },
+                DrillCmd::RedisKill { region } => drill::Fault::RedisKill(region),
+                DrillCmd::RedisRestart { region } => drill::Fault::RedisRestart(region),
+                DrillCmd::ReplicaStop { region } => drill::Fault::ReplicaStop(region),
+                DrillCmd::RegionCut { region } => drill::Fault::RegionCut(region),
+                DrillCmd::ClockSkew { region, ms } => drill::Fault::ClockSkew { region, ms },
             };
             let opts = load::Options {
                 rate: load.rate,
@@ -653,6 +709,33 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 drill::print(&report);
             }
             check_report(&report.load)
+        }
+        Cmd::Gauntlet {
+            dir,
+            quick,
+            rate,
+            out,
+            json,
+        } => {
+            let opts = gauntlet::Options {
+                quick,
+                rate,
+                voters: 20_000,
+                connections_per_region: 64,
+                progress: !json,
+            };
+            let board = runtime()?.block_on(gauntlet::run(dir.path(), opts))?;
+            let saved = gauntlet::save(&board, &dir.path(), out)?;
+            if json {
+                println!("{}", serde_json::to_string(&board)?);
+            } else {
+                gauntlet::print(&board);
+                println!("scoreboard: {}", saved.display());
+            }
+            if !board.passed() {
+                anyhow::bail!("the gauntlet found lost or doubled votes, crashes or failed drills");
+            }
+            Ok(())
         }
         Cmd::Load { dir, load: args } => {
             let stack = local::Stack::require(&dir.path())?;

@@ -42,6 +42,7 @@ pub const ENV_FAILOVER: &str = "TALLY_FAILOVER";
 pub const ENV_REPLICA_ROUTES: &str = "TALLY_REPLICA_ROUTES";
 pub const ENV_WAN_LINKS: &str = "TALLY_WAN_LINKS";
 pub const ENV_WAN_DELAY_MS: &str = "TALLY_WAN_DELAY_MS";
+pub const ENV_CLOCK_SKEW_MS: &str = "TALLY_CLOCK_SKEW_MS";
 
 /// A bad setting: reported on one line, exit status 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +129,10 @@ pub struct IngestArgs {
     pub jwt_issuer: Option<String>,
     #[arg(long, env = ENV_JWT_AUDIENCE)]
     pub jwt_audience: Option<String>,
+    /// For fault drills: stamp votes as if this host's clock were this many milliseconds ahead
+    /// (negative: behind).
+    #[arg(long, env = ENV_CLOCK_SKEW_MS, default_value_t = 0, allow_negative_numbers = true)]
+    pub clock_skew_ms: i64,
 }
 
 fn rate(per_second: f64, burst: f64) -> Option<ingest::Rate> {
@@ -151,6 +156,7 @@ impl IngestArgs {
         c.ip_limit = rate(self.ip_rate, self.ip_burst);
         c.body_limit = self.body_limit;
         c.serve = self.common.serve();
+        c.clock_skew_ms = self.clock_skew_ms;
         if let Some(jwks) = &self.jwks_file {
             let issuer = self.jwt_issuer.clone().unwrap_or_default();
             let audience = self.jwt_audience.clone().unwrap_or_default();
