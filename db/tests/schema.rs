@@ -96,7 +96,7 @@ async fn polls_created_on_the_primary_reach_the_replica() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
-async fn the_reader_role_cannot_write() -> anyhow::Result<()> {
+async fn each_role_is_refused_the_writes_it_must_not_make() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?;
     let reader = db::connect(&pg.primary.url(db::READER_ROLE, db::DATABASE)).await?;
     assert_eq!(reader.query("SELECT * FROM tallies", &[]).await?.len(), 2);
@@ -119,7 +119,45 @@ async fn the_reader_role_cannot_write() -> anyhow::Result<()> {
         ingest.query("SELECT * FROM tallies", &[]).await.is_err(),
         "ingest may read polls only"
     );
+    assert_eq!(ingest.query("SELECT id FROM polls", &[]).await?.len(), 1);
+    refused(
+        &ingest,
+        &[
+            "INSERT INTO polls (id, options) VALUES ('x', ARRAY['a','b'])",
+            "UPDATE polls SET open = false",
+            "INSERT INTO ballots VALUES ('default', 'v', 'a', gen_random_uuid(), 1, 'us-east-1', NULL)",
+            "UPDATE tally_parts SET count = 99",
+            "CREATE TABLE public.sneaky (x int)",
+        ],
+    )
+    .await;
+    // The aggregator writes ballots and tally parts, and nothing else.
+    let aggregator = db::connect(&pg.primary.url(db::AGGREGATOR_ROLE, db::DATABASE)).await?;
+    refused(
+        &aggregator,
+        &[
+            "INSERT INTO polls (id, options) VALUES ('x', ARRAY['a','b'])",
+            "UPDATE polls SET open = false",
+            "DELETE FROM ballots",
+            "DELETE FROM tally_parts",
+            "TRUNCATE ballots",
+            "CREATE TABLE public.sneaky (x int)",
+        ],
+    )
+    .await;
     Ok(())
+}
+
+/// Each statement fails for want of privilege, not for any other reason.
+async fn refused(client: &db::Client, statements: &[&str]) {
+    for sql in statements {
+        let err = client.execute(*sql, &[]).await.expect_err(sql);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
+    }
 }
 
 #[tokio::test]

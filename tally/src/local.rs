@@ -15,6 +15,8 @@ use servers::{free_port, pid_alive, Fsync, Moto, PgBin, Postgres, Prometheus, Re
 const STATE_FILE: &str = "stack.json";
 /// How long a role process gets to answer `/readyz` after it starts.
 const ROLE_READY_WITHIN: Duration = Duration::from_secs(30);
+/// How long a port a dead process held may take to come free.
+const PORT_RELEASED_WITHIN: Duration = Duration::from_secs(3);
 /// How long a role process gets to exit after SIGTERM before it is killed.
 const ROLE_STOP_WITHIN: Duration = Duration::from_secs(30);
 pub const ROLES: [&str; 3] = ["ingest", "aggregator", "reader"];
@@ -607,8 +609,14 @@ fn start_process(
     if stack.role_running(region, role) {
         return Ok(());
     }
-    if !servers::port_is_free(port) {
-        bail!("port {port} for {region} {role} is already in use");
+    // A process just killed shows as a zombie once its main thread is gone, but its other
+    // threads may hold its sockets a moment longer.
+    let start = Instant::now();
+    while !servers::port_is_free(port) {
+        if start.elapsed() > PORT_RELEASED_WITHIN {
+            bail!("port {port} for {region} {role} is already in use");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     let log = std::fs::OpenOptions::new()
         .create(true)

@@ -161,8 +161,8 @@ async fn every_dashboard_panel_and_alert_rule_works_against_the_local_stack_unde
         queries.len()
     );
     assert_eq!(
-        targets_up[0]["value"][1], "10",
-        "every role of every region, and the replication watcher, is scraped: {targets_up}"
+        targets_up[0]["value"][1], "11",
+        "every role of every region, the replication watcher and the WAN links are scraped: {targets_up}"
     );
     let loaded: Vec<&serde_json::Value> = rules["data"]["groups"]
         .as_array()
