@@ -83,6 +83,19 @@ pub struct DrillReport {
     pub drill: String,
     /// The region cut off, or the region whose primary was killed.
     pub target: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// How long bringing the failed part back took (restarted roles ready, or the old primary
+    /// rewound and streaming as a replica).
+    pub rejoin_seconds: f64,
+    /// The new primary, for a primary failover.
+    pub new_primary: Option<String>,
+    pub load: load::Report,
+}
+
+/// What a drill found: the votes, and how long the plane took.
+#[derive(Debug, Default, Serialize)]
+pub struct Outcome {
     pub acknowledged: u64,
     pub counted: u64,
     pub lost: u64,
@@ -93,31 +106,15 @@ pub struct DrillReport {
     /// From the fault until votes flowed again: the cut region's voters acknowledged by another
     /// region, or the aggregators committing on the new primary.
     pub recovery_seconds: f64,
-    /// How long bringing the failed part back took (restarted roles ready, or the old primary
-    /// rewound and streaming as a replica).
-    pub rejoin_seconds: f64,
-    /// The new primary, for a primary failover.
-    pub new_primary: Option<String>,
     /// Answers that were not 202 (503s and refused connections while a region was down are
     /// expected; a 202 later lost would show in `lost`).
     pub errors_seen: u64,
-    pub load: load::Report,
 }
 
 pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Result<DrillReport> {
     let stack = Stack::require(&dir)?;
     if let Some(region) = fault.region() {
-        if !stack.regions.iter().any(|r| r.name == region) {
-            bail!(
-                "no region {region} in the local stack (it has {})",
-                stack
-                    .regions
-                    .iter()
-                    .map(|r| r.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        stack.region(region)?;
     }
     if opts.duration < Duration::from_secs(10) {
         bail!("a drill needs a load of at least 10 seconds to strike and recover within");
@@ -175,15 +172,17 @@ pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Res
     Ok(DrillReport {
         drill: fault.name(),
         target,
-        acknowledged: report.acknowledged,
-        counted: report.counted,
-        lost: report.lost,
-        doubled: report.doubled,
-        detect_seconds: timings.detect.as_secs_f64(),
-        recovery_seconds: timings.recover.as_secs_f64(),
+        outcome: Outcome {
+            acknowledged: report.acknowledged,
+            counted: report.counted,
+            lost: report.lost,
+            doubled: report.doubled,
+            detect_seconds: timings.detect.as_secs_f64(),
+            recovery_seconds: timings.recover.as_secs_f64(),
+            errors_seen,
+        },
         rejoin_seconds: timings.rejoin.as_secs_f64(),
         new_primary: timings.new_primary,
-        errors_seen,
         load: report,
     })
 }
@@ -338,14 +337,6 @@ async fn kill_role(
     })
 }
 
-fn region_of<'a>(stack: &'a Stack, region: &str) -> anyhow::Result<&'a local::RegionPorts> {
-    stack
-        .regions
-        .iter()
-        .find(|r| r.name == region)
-        .with_context(|| format!("no region {region}"))
-}
-
 /// A region's first Redis shard killed (or shut down cleanly), held down, started again; its
 /// ingest answers 503 for that shard meanwhile. Recovery: until the region's ingest is ready.
 async fn redis_down(
@@ -354,7 +345,7 @@ async fn redis_down(
     region: &str,
     kill: bool,
 ) -> anyhow::Result<Timings> {
-    let r = region_of(stack, region)?;
+    let r = stack.region(region)?;
     let shard = stack
         .redis(r, servers::Fsync::Everysec)
         .into_iter()
@@ -413,7 +404,7 @@ async fn replica_stop(
     dir: &std::path::Path,
     region: &str,
 ) -> anyhow::Result<Timings> {
-    let r = region_of(stack, region)?;
+    let r = stack.region(region)?;
     if stack.primary().name == region {
         bail!("{region} holds the primary; replica-stop needs a replica");
     }
@@ -472,7 +463,7 @@ async fn clock_skew(
     region: &str,
     ms: i64,
 ) -> anyhow::Result<Timings> {
-    let r = region_of(stack, region)?.clone();
+    let r = stack.region(region)?.clone();
     let cut = Instant::now();
     {
         let (stack, r) = (stack.clone(), r.clone());
@@ -531,15 +522,16 @@ pub fn print(report: &DrillReport) {
     if let Some(p) = &report.new_primary {
         println!("  new primary      {p}");
     }
-    println!("  detected in      {:.2} s", report.detect_seconds);
-    println!("  recovered in     {:.2} s", report.recovery_seconds);
+    let o = &report.outcome;
+    println!("  detected in      {:.2} s", o.detect_seconds);
+    println!("  recovered in     {:.2} s", o.recovery_seconds);
     println!("  brought back in  {:.2} s", report.rejoin_seconds);
     println!(
         "  votes            {} acknowledged, {} counted, {} lost, {} doubled",
-        report.acknowledged, report.counted, report.lost, report.doubled
+        o.acknowledged, o.counted, o.lost, o.doubled
     );
     println!(
         "  errors seen      {} (not 202; none of them acknowledged)",
-        report.errors_seen
+        o.errors_seen
     );
 }

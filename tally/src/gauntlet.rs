@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::drill::{self, Fault};
+use crate::drill::{self, Fault, Outcome};
 use crate::load;
 use crate::local::{self, Stack};
 
@@ -35,14 +35,9 @@ pub struct Row {
     pub fault: String,
     pub target: String,
     pub passed: bool,
-    pub acknowledged: u64,
-    pub counted: u64,
-    pub lost: u64,
-    pub doubled: u64,
-    pub detect_seconds: f64,
-    pub recovery_seconds: f64,
-    /// Answers that were not 202 (a 503 while a part is down is fine; a 202 later lost is not).
-    pub errors_seen: u64,
+    /// All zero when the drill failed.
+    #[serde(flatten)]
+    pub outcome: Outcome,
     /// Why the drill itself failed (a part that did not come back in time), if it did.
     pub error: Option<String>,
 }
@@ -140,29 +135,17 @@ pub async fn run(dir: PathBuf, opts: Options) -> anyhow::Result<Scoreboard> {
         }
         let row = match drill::run(dir.clone(), fault, load).await {
             Ok(r) => Row {
-                passed: r.lost == 0 && r.doubled == 0,
+                passed: r.outcome.lost == 0 && r.outcome.doubled == 0,
                 fault: r.drill,
                 target: r.target,
-                acknowledged: r.acknowledged,
-                counted: r.counted,
-                lost: r.lost,
-                doubled: r.doubled,
-                detect_seconds: r.detect_seconds,
-                recovery_seconds: r.recovery_seconds,
-                errors_seen: r.errors_seen,
+                outcome: r.outcome,
                 error: None,
             },
             Err(e) => Row {
                 fault: name,
                 target: String::new(),
                 passed: false,
-                acknowledged: 0,
-                counted: 0,
-                lost: 0,
-                doubled: 0,
-                detect_seconds: 0.0,
-                recovery_seconds: 0.0,
-                errors_seen: 0,
+                outcome: Outcome::default(),
                 error: Some(format!("{e:#}")),
             },
         };
@@ -175,8 +158,8 @@ pub async fn run(dir: PathBuf, opts: Options) -> anyhow::Result<Scoreboard> {
     Ok(Scoreboard {
         quick: opts.quick,
         rate: opts.rate,
-        lost: rows.iter().map(|r| r.lost).sum(),
-        doubled: rows.iter().map(|r| r.doubled).sum(),
+        lost: rows.iter().map(|r| r.outcome.lost).sum(),
+        doubled: rows.iter().map(|r| r.outcome.doubled).sum(),
         failed: rows.iter().filter(|r| r.error.is_some()).count(),
         rows,
         crashes,
@@ -215,16 +198,17 @@ pub fn save(board: &Scoreboard, dir: &Path, path: Option<PathBuf>) -> anyhow::Re
 }
 
 fn row_line(r: &Row) -> String {
+    let o = &r.outcome;
     format!(
         "{:<18} {:<16} {:>8} {:>8} {:>5} {:>7} {:>8.2} {:>7}  {}",
         r.fault,
         r.target,
-        r.acknowledged,
-        r.counted,
-        r.lost,
-        r.doubled,
-        r.recovery_seconds,
-        r.errors_seen,
+        o.acknowledged,
+        o.counted,
+        o.lost,
+        o.doubled,
+        o.recovery_seconds,
+        o.errors_seen,
         match &r.error {
             Some(e) => format!("FAILED: {e}"),
             None if r.passed => "ok".into(),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{http_get, ok, Down};
+use common::{http_get, ok, StackDir};
 
 fn drill(dir: &str, which: &[&str]) -> serde_json::Value {
     let mut args = vec!["drill"];
@@ -35,12 +35,8 @@ fn status(dir: &str) -> serde_json::Value {
 
 #[test]
 fn region_down_then_primary_failover_lose_nothing() {
-    let tmp = tempfile::Builder::new()
-        .prefix("tally-drill-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_str().unwrap();
-    let _down = Down(dir);
+    let stack = StackDir::new("tally-drill-");
+    let dir = stack.dir();
     ok(&["local", "up", "--dir", dir]);
 
     let report = drill(dir, &["region-down", "eu-west-1"]);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ok, Down};
+use common::{ok, StackDir};
 
 const FAULTS: [&str; 13] = [
     "kill-ingest",
@@ -24,15 +24,11 @@ const FAULTS: [&str; 13] = [
 #[test]
 fn every_fault_loses_nothing_and_doubles_nothing() {
     let _turn = common::one_stack_at_a_time();
-    let tmp = tempfile::Builder::new()
-        .prefix("tally-gauntlet-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_str().unwrap();
-    let _down = Down(dir);
+    let stack = StackDir::new("tally-gauntlet-");
+    let dir = stack.dir();
     ok(&["local", "up", "--dir", dir]);
 
-    let saved = tmp.path().join("scoreboard.json");
+    let saved = stack.path().join("scoreboard.json");
     let out = ok(&[
         "gauntlet",
         "--quick",

@@ -1,33 +1,18 @@
 //! `kill -9` of a real aggregator process at random instants, over and over, while votes keep
 //! coming: the load's own check must still find every acknowledged vote counted exactly once.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{tally, StackDir};
 use rand::{Rng, SeedableRng};
-
-fn tally(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running tally")
-}
 
 #[test]
 fn kill_dash_nine_of_the_aggregator_twenty_times_under_load_loses_and_doubles_nothing() {
-    let tmp = tempfile::Builder::new()
-        .prefix("tally-kill-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_str().unwrap().to_string();
-    struct Down(String);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = tally(&["local", "down", "--dir", &self.0]);
-        }
-    }
-    let _down = Down(dir.clone());
+    let stack = StackDir::new("tally-kill-");
+    let dir = stack.dir().to_string();
     assert!(tally(&["local", "up", "--dir", &dir]).status.success());
 
     let load = Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -48,7 +33,7 @@ fn kill_dash_nine_of_the_aggregator_twenty_times_under_load_loses_and_doubles_no
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pidfile = tmp.path().join("run/us-east-1-aggregator.pid");
+    let pidfile = stack.path().join("run/us-east-1-aggregator.pid");
     let mut load = load;
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let mut kills = 0;

@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ok, one_stack_at_a_time, tally, Down};
+use common::{ok, one_stack_at_a_time, tally, StackDir};
 
 fn pids(dir: &std::path::Path) -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir(dir.join("run"))
@@ -35,21 +35,17 @@ fn glob(dir: &std::path::Path, sub: &str, file: &str) -> Vec<std::path::PathBuf>
 #[test]
 fn up_status_poll_and_down() {
     let _one = one_stack_at_a_time();
-    let tmp = tempfile::Builder::new()
-        .prefix("tally-local-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_str().unwrap();
-    let _down = Down(dir);
+    let stack = StackDir::new("tally-local-");
+    let dir = stack.dir();
     ok(&["local", "up", "--dir", dir]);
-    let running = pids(tmp.path());
+    let running = pids(stack.path());
     assert!(
         running.len() >= 3 * 3 + 3 + 4,
         "roles, postgres and redis pids: {running:?}"
     );
     // A second `up` changes nothing and succeeds.
     ok(&["local", "up", "--dir", dir]);
-    assert_eq!(pids(tmp.path()), running, "a second up restarted something");
+    assert_eq!(pids(stack.path()), running, "a second up restarted something");
 
     let status: serde_json::Value =
         serde_json::from_str(&ok(&["local", "status", "--dir", dir, "--json"])).unwrap();
@@ -141,11 +137,8 @@ fn up_status_poll_and_down() {
 #[test]
 fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
     let _one = one_stack_at_a_time();
-    let tmp = tempfile::Builder::new()
-        .prefix("tally-local-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_str().unwrap();
+    let stack = StackDir::new("tally-local-");
+    let dir = stack.dir();
     // No PostgreSQL binaries where we are told to look.
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["local", "up", "--dir", dir])
@@ -161,11 +154,10 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
     );
 
     // A port the stack wants is taken by someone else.
-    let _down = Down(dir);
     ok(&["local", "up", "--dir", dir]);
     ok(&["local", "down", "--dir", dir]);
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tmp.path().join("stack.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(stack.path().join("stack.json")).unwrap()).unwrap();
     let port = state["regions"][1]["ingest"].as_u64().unwrap() as u16;
     let _squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let start = Instant::now();

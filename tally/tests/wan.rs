@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http_get, ok, Down};
+use common::{http_get, ok, StackDir};
 
 fn status(dir: &str) -> serde_json::Value {
     serde_json::from_str(&ok(&["local", "status", "--dir", dir, "--json"])).unwrap()
@@ -58,12 +58,8 @@ fn three_commits(url: &str) -> Duration {
 #[test]
 fn seventy_ms_between_regions_holds_commits_back_and_loses_nothing() {
     let _turn = common::one_stack_at_a_time();
-    let tmp = tempfile::Builder::new()
-        .prefix("tally-wan-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_str().unwrap();
-    let _down = Down(dir);
+    let stack = StackDir::new("tally-wan-");
+    let dir = stack.dir();
     ok(&["local", "up", "--dir", dir, "--wan-ms", "70"]);
 
     let st = status(dir);

@@ -1,5 +1,5 @@
-//! What the binary-level tests share: running `tally`, stopping a stack on the way out, a raw
-//! HTTP GET.
+//! What the binary-level tests share: running `tally`, a stack directory that is stopped on the
+//! way out, a raw HTTP GET.
 #![allow(dead_code)]
 
 use std::process::{Command, Output};
@@ -37,11 +37,27 @@ pub fn one_stack_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Stops the stack even if the test fails half-way.
-pub struct Down<'a>(pub &'a str);
-impl Drop for Down<'_> {
+/// A test's own stack directory: `tally local down` runs on it when the test ends, also when it
+/// fails half-way, before the directory is removed.
+pub struct StackDir(tempfile::TempDir);
+
+impl StackDir {
+    pub fn new(prefix: &str) -> Self {
+        Self(tempfile::Builder::new().prefix(prefix).tempdir().unwrap())
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+
+    pub fn dir(&self) -> &str {
+        self.0.path().to_str().expect("a UTF-8 temporary path")
+    }
+}
+
+impl Drop for StackDir {
     fn drop(&mut self) {
-        let _ = tally(&["local", "down", "--dir", self.0]);
+        let _ = tally(&["local", "down", "--dir", self.dir()]);
     }
 }
 
