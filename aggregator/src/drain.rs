@@ -55,6 +55,8 @@ pub struct Reader {
     pub postgres_url: String,
     pub up: Arc<AtomicBool>,
     pub retry_max: Duration,
+    /// Added to the log line when the shard cannot be reached (see [`tls::redis_hint`]).
+    pub hint: &'static str,
 }
 
 impl Reader {
@@ -126,7 +128,7 @@ impl Reader {
         stop: &mut watch::Receiver<bool>,
     ) {
         self.up.store(false, Ordering::Relaxed);
-        tracing::warn!(shard = self.shard, error = %e, "shard unavailable; retrying");
+        tracing::warn!(shard = self.shard, error = %e, "shard unavailable{}; retrying", self.hint);
         tokio::select! {
             _ = tokio::time::sleep(*backoff) => {}
             _ = stop.changed() => {}

@@ -159,7 +159,7 @@ async fn pipeline(
     let mut acks: Vec<ConnectionManager> = Vec::new();
     let mut readers = Vec::new();
     for (shard, url) in config.redis_urls.iter().enumerate() {
-        let client = redis::Client::open(url.as_str())?;
+        let client = tls::redis_client(url)?;
         let normal = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(5)))
@@ -188,6 +188,7 @@ async fn pipeline(
             postgres_url: config.postgres_url.clone(),
             up: health.shards_up[shard].clone(),
             retry_max: config.retry_max,
+            hint: tls::redis_hint(url),
         };
         readers.push(tokio::spawn(reader.run(stop.clone())));
         tokio::spawn(backlog_probe(

@@ -32,7 +32,7 @@ pub enum DbError {
 /// Connects and drives the connection on the current runtime. `url` may list several hosts
 /// (`host=a,b port=1,2 target_session_attrs=read-write`) to find whichever is the primary.
 pub async fn connect(url: &str) -> Result<Client, DbError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let (client, connection) = tokio_postgres::connect(url, tls::postgres()).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection closed");

@@ -9,7 +9,7 @@ pub mod votes;
 use std::time::Duration;
 
 use anyhow::Context;
-use servers::{free_port, PgBin, Postgres, Redis, StopMode};
+use servers::{free_port, PgBin, Postgres, Redis, StopMode, TestCa};
 use tempfile::TempDir;
 
 /// Sends the code under test's logs to the test's output (shown for failing tests). `RUST_LOG`
@@ -34,18 +34,25 @@ pub struct PgCluster {
 impl PgCluster {
     /// A migrated primary.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_inner(false).await
+        Self::start_inner(false, None).await
     }
 
     /// A migrated primary and a streaming replica that has replayed the schema.
     pub async fn start_with_replica() -> anyhow::Result<Self> {
-        Self::start_inner(true).await
+        Self::start_inner(true, None).await
     }
 
-    async fn start_inner(with_replica: bool) -> anyhow::Result<Self> {
+    /// A migrated primary that takes only TLS connections, with `ca`'s server certificate. The
+    /// process must trust `ca` ([`tls::trust`]) for the fixture's own connections.
+    pub async fn start_tls(ca: TestCa) -> anyhow::Result<Self> {
+        Self::start_inner(false, Some(ca)).await
+    }
+
+    async fn start_inner(with_replica: bool, tls: Option<TestCa>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-pg-").tempdir()?;
         let bin = PgBin::find()?;
-        let primary = Postgres::new(bin.clone(), dir.path().join("primary"), free_port());
+        let mut primary = Postgres::new(bin.clone(), dir.path().join("primary"), free_port());
+        primary.tls = tls;
         let mut cluster = PgCluster {
             primary,
             replica: None,
@@ -124,6 +131,13 @@ impl Drop for PgCluster {
     }
 }
 
+/// A test CA in a temporary directory (removed on drop).
+pub fn test_ca() -> anyhow::Result<(TempDir, TestCa)> {
+    let dir = tempfile::Builder::new().prefix("tally-ca-").tempdir()?;
+    let ca = TestCa::create(dir.path())?;
+    Ok((dir, ca))
+}
+
 /// A Redis server with persistence on, in a temp dir.
 pub struct RedisServer {
     pub server: Redis,
@@ -137,9 +151,19 @@ impl RedisServer {
     }
 
     pub async fn start_with(fsync: servers::Fsync) -> anyhow::Result<Self> {
+        Self::start_inner(fsync, None).await
+    }
+
+    /// Takes only TLS connections, with `ca`'s server certificate.
+    pub async fn start_tls(ca: TestCa) -> anyhow::Result<Self> {
+        Self::start_inner(servers::Fsync::Always, Some(ca)).await
+    }
+
+    async fn start_inner(fsync: servers::Fsync, tls: Option<TestCa>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
         let server = Redis {
             fsync,
+            tls,
             ..Redis::new(dir.path(), free_port())
         };
         let s = server.clone();
@@ -154,7 +178,7 @@ impl RedisServer {
     }
 
     pub async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let client = redis::Client::open(self.url())?;
+        let client = tls::redis_client(&self.url())?;
         Ok(client.get_multiplexed_async_connection().await?)
     }
 }

@@ -103,7 +103,7 @@ impl Config {
             return Err(ConfigError::NoShards);
         }
         for url in &self.redis_urls {
-            redis::Client::open(url.as_str()).map_err(|_| ConfigError::BadRedisUrl(url.clone()))?;
+            tls::redis_client(url).map_err(|_| ConfigError::BadRedisUrl(url.clone()))?;
         }
         for (name, v) in [
             ("group commit max votes", self.group.max_votes),

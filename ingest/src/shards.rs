@@ -43,6 +43,8 @@ pub struct Shard {
     up: AtomicBool,
     bound: u64,
     store_timeout: Duration,
+    /// Added to the log line when the shard cannot be reached (see [`tls::redis_hint`]).
+    hint: &'static str,
 }
 
 impl Shard {
@@ -89,7 +91,7 @@ impl Shards {
     pub fn start(config: &Config) -> Result<Self, redis::RedisError> {
         let mut shards = Vec::with_capacity(config.redis_urls.len());
         for (i, url) in config.redis_urls.iter().enumerate() {
-            let client = redis::Client::open(url.as_str())?;
+            let client = tls::redis_client(url)?;
             let conn = ConnectionManager::new_lazy_with_config(
                 client,
                 redis::aio::ConnectionManagerConfig::new()
@@ -107,6 +109,7 @@ impl Shards {
                 up: AtomicBool::new(false),
                 bound: config.queue_bound,
                 store_timeout: config.store_timeout,
+                hint: tls::redis_hint(url),
             });
             tokio::spawn(write_loop(
                 Arc::downgrade(&shard),
@@ -221,6 +224,8 @@ async fn write_loop(
 }
 
 async fn probe_loop(shard: std::sync::Weak<Shard>, region: RegionName) {
+    // Logged on the way down, not on every failed probe; `None` until the first probe.
+    let mut was_up: Option<bool> = None;
     loop {
         let Some(s) = shard.upgrade() else { return };
         let mut conn = s.conn.clone();
@@ -237,12 +242,21 @@ async fn probe_loop(shard: std::sync::Weak<Shard>, region: RegionName) {
         ];
         match probe {
             Ok(Ok(depth)) => {
+                was_up = Some(true);
                 s.depth.store(depth, Ordering::Relaxed);
                 s.up.store(true, Ordering::Relaxed);
                 metrics::gauge!("tally_ingest_queue_depth", &labels).set(depth as f64);
                 metrics::gauge!("tally_ingest_shard_up", &labels).set(1.0);
             }
-            _ => {
+            failed => {
+                if was_up != Some(false) {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {RESPONSE_TIMEOUT:?}"),
+                    };
+                    tracing::warn!(shard = s.index, error = %why, "queue shard unavailable{}", s.hint);
+                }
+                was_up = Some(false);
                 s.up.store(false, Ordering::Relaxed);
                 metrics::gauge!("tally_ingest_shard_up", &labels).set(0.0);
             }

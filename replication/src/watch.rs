@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::failover::{Action, Failover, Observation};
 use crate::ReplicationError;
@@ -87,7 +87,7 @@ struct Probe {
 impl Probe {
     async fn client(&mut self) -> Result<&Client, ReplicationError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            let (client, conn) = self.config.connect(NoTls).await?;
+            let (client, conn) = self.config.connect(tls::postgres()).await?;
             tokio::spawn(conn);
             self.client = Some(client);
         }
@@ -303,7 +303,7 @@ async fn act(config: &Config, probes: &[Probe], action: &Action) -> Result<(), R
     let connect = |p: &Probe| {
         let config = p.config.clone();
         async move {
-            let (client, conn) = config.connect(NoTls).await?;
+            let (client, conn) = config.connect(tls::postgres()).await?;
             tokio::spawn(conn);
             Ok::<_, ReplicationError>(client)
         }

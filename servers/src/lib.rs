@@ -12,6 +12,7 @@ mod postgres;
 mod process;
 mod prometheus;
 mod redis;
+mod tls;
 
 pub use postgres::{PgBin, Postgres, StopMode, SUPERUSER};
 
@@ -21,6 +22,7 @@ pub use process::{
 };
 pub use prometheus::Prometheus;
 pub use redis::{Fsync, Redis};
+pub use tls::TestCa;
 
 use std::path::PathBuf;
 

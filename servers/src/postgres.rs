@@ -7,7 +7,7 @@ use std::process::Command;
 
 use crate::process::{ensure_port_free, log_tail, run, running_as_root};
 use crate::redis::which;
-use crate::{ServerError, INSTALL_HINT};
+use crate::{ServerError, TestCa, INSTALL_HINT};
 
 /// The OS user PostgreSQL runs as when `tally` runs as root.
 const SERVER_USER: &str = "postgres";
@@ -42,6 +42,23 @@ const HBA: &str = "
 local all all trust
 host all all 127.0.0.1/32 trust
 host replication all 127.0.0.1/32 trust
+";
+
+/// With TLS required: the same trust, but only over TLS; a plain connection is refused by name
+/// ("pg_hba.conf rejects connection ... no encryption").
+const HBA_TLS_ONLY: &str = "
+hostssl all all 127.0.0.1/32 trust
+hostssl replication all 127.0.0.1/32 trust
+hostnossl all all 127.0.0.1/32 reject
+hostnossl replication all 127.0.0.1/32 reject
+";
+
+/// The server's certificate and key, copied into the data directory (where the server user can
+/// read them, and where `pg_basebackup` takes them to a replica).
+const TLS_CONF: &str = "
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
 ";
 
 /// Where the PostgreSQL server binaries are.
@@ -107,6 +124,8 @@ pub struct Postgres {
     pub bin: PgBin,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// When set, the server takes only TLS connections, presenting this CA's server certificate.
+    pub tls: Option<TestCa>,
 }
 
 impl Postgres {
@@ -115,11 +134,19 @@ impl Postgres {
             bin,
             data_dir: data_dir.into(),
             port,
+            tls: None,
         }
     }
 
+    /// Takes only TLS connections (set before [`Postgres::init_primary`]).
+    pub fn with_tls(mut self, ca: TestCa) -> Self {
+        self.tls = Some(ca);
+        self
+    }
+
     pub fn url(&self, user: &str, db: &str) -> String {
-        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port)
+        let tls = if self.tls.is_some() { "?sslmode=require" } else { "" };
+        format!("postgres://{user}@127.0.0.1:{}/{db}{tls}", self.port)
     }
 
     /// The superuser's URL to the `postgres` database.
@@ -154,7 +181,15 @@ impl Postgres {
                 "--no-instructions",
             ]))?;
         append(&self.data_dir.join("postgresql.conf"), CONF)?;
-        std::fs::write(self.data_dir.join("pg_hba.conf"), HBA)
+        let hba = match &self.tls {
+            None => HBA,
+            Some(ca) => {
+                self.install_certificate(ca)?;
+                append(&self.data_dir.join("postgresql.conf"), TLS_CONF)?;
+                HBA_TLS_ONLY
+            }
+        };
+        std::fs::write(self.data_dir.join("pg_hba.conf"), hba)
             .map_err(ServerError::io(&self.data_dir))?;
         Ok(())
     }
@@ -245,6 +280,21 @@ impl Postgres {
             "-qAtc",
             sql,
         ]))?;
+        Ok(())
+    }
+
+    /// PostgreSQL refuses a key anyone but its owner, the server user, can read.
+    fn install_certificate(&self, ca: &TestCa) -> Result<(), ServerError> {
+        use std::os::unix::fs::PermissionsExt;
+        for (from, to) in [(ca.cert_file(), "server.crt"), (ca.key_file(), "server.key")] {
+            let to = self.data_dir.join(to);
+            std::fs::copy(&from, &to).map_err(ServerError::io(&from))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .map_err(ServerError::io(&to))?;
+            if running_as_root() {
+                run(Command::new("chown").arg(format!("{SERVER_USER}:")).arg(&to))?;
+            }
+        }
         Ok(())
     }
 

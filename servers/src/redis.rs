@@ -7,13 +7,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::process::{ensure_port_free, pid_alive, read_pid, run, signal, wait_ready};
-use crate::{ServerError, INSTALL_HINT};
+use crate::{ServerError, TestCa, INSTALL_HINT};
 
 #[derive(Debug, Clone)]
 pub struct Redis {
     pub dir: PathBuf,
     pub port: u16,
     pub fsync: Fsync,
+    /// When set, the server takes only TLS connections, presenting this CA's server certificate.
+    pub tls: Option<TestCa>,
 }
 
 /// When Redis fsyncs its append-only file.
@@ -57,11 +59,19 @@ impl Redis {
             dir: dir.into(),
             port,
             fsync: Fsync::Always,
+            tls: None,
         }
     }
 
+    /// Takes only TLS connections.
+    pub fn with_tls(mut self, ca: TestCa) -> Self {
+        self.tls = Some(ca);
+        self
+    }
+
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     fn pidfile(&self) -> PathBuf {
@@ -87,9 +97,21 @@ impl Redis {
         let bin = Self::binary()?;
         ensure_port_free(self.port)?;
         std::fs::create_dir_all(&self.dir).map_err(ServerError::io(&self.dir))?;
-        run(Command::new(bin)
-            .arg("--port")
-            .arg(self.port.to_string())
+        let mut cmd = Command::new(bin);
+        match &self.tls {
+            None => cmd.arg("--port").arg(self.port.to_string()),
+            Some(ca) => cmd
+                .args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(ca.cert_file())
+                .arg("--tls-key-file")
+                .arg(ca.key_file())
+                .arg("--tls-ca-cert-file")
+                .arg(ca.ca_file())
+                .args(["--tls-auth-clients", "no"]),
+        };
+        run(cmd
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&self.dir)
@@ -110,7 +132,7 @@ impl Redis {
             &format!("redis on port {}", self.port),
             &self.logfile(),
             Duration::from_secs(20),
-            || ping(self.port),
+            || self.ping(),
             || self.pid().is_some_and(pid_alive),
         )
     }
@@ -120,14 +142,14 @@ impl Redis {
     }
 
     pub fn is_running(&self) -> bool {
-        self.pid().is_some_and(pid_alive) && ping(self.port)
+        self.pid().is_some_and(pid_alive) && self.ping()
     }
 
     /// Clean stop: `SHUTDOWN` writes and fsyncs the AOF before exiting.
     pub fn stop(&self) -> Result<(), ServerError> {
         let Some(pid) = self.pid() else { return Ok(()) };
         if pid_alive(pid) {
-            let _ = command(self.port, "SHUTDOWN");
+            let _ = self.command("SHUTDOWN");
             if !wait_exit(pid, Duration::from_secs(10)) {
                 signal(pid, "KILL");
                 wait_exit(pid, Duration::from_secs(5));
@@ -157,6 +179,25 @@ fn wait_exit(pid: u32, limit: Duration) -> bool {
     true
 }
 
+impl Redis {
+    /// One command's reply; through `redis-cli` when the server takes only TLS.
+    fn command(&self, cmd: &str) -> std::io::Result<String> {
+        let Some(ca) = &self.tls else {
+            return command(self.port, cmd);
+        };
+        let out = Command::new(which("redis-cli").ok_or(std::io::ErrorKind::NotFound)?)
+            .args(["--tls", "--cacert"])
+            .arg(ca.ca_file())
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), cmd])
+            .output()?;
+        Ok(format!("+{}", String::from_utf8_lossy(&out.stdout).trim()))
+    }
+
+    fn ping(&self) -> bool {
+        self.command("PING").is_ok_and(|r| r.starts_with("+PONG"))
+    }
+}
+
 fn command(port: u16, cmd: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(
         &(Ipv4Addr::LOCALHOST, port).into(),
@@ -167,10 +208,6 @@ fn command(port: u16, cmd: &str) -> std::io::Result<String> {
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
-fn ping(port: u16) -> bool {
-    command(port, "PING").is_ok_and(|r| r.starts_with("+PONG"))
 }
 
 /// The program `$env` names, else `name` on the PATH.

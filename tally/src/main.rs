@@ -1,6 +1,7 @@
 //! `tally`: one binary for every role of the data plane and the tools around it.
 #![forbid(unsafe_code)]
 
+mod bad_input;
 mod capacity;
 mod drill;
 mod edge;
@@ -90,6 +91,28 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Print the scoreboard as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hostile requests against every HTTP endpoint of every region (malformed, huge, slow,
+    /// mistyped, traversing, injecting) while well-formed votes run alongside: each must get its
+    /// 4xx, none may be stored, and the well-formed votes must keep 80% of their rate alone.
+    BadInput {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Well-formed votes per second, alone and then under attack.
+        #[arg(long, default_value_t = 5_000.0)]
+        rate: f64,
+        /// Seconds of each of the two phases.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Hostile requests per second.
+        #[arg(long, default_value_t = 300.0)]
+        attack_rate: f64,
+        /// Connections that trickle their headers and never finish them.
+        #[arg(long, default_value_t = 100)]
+        slow_connections: usize,
+        /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -519,6 +542,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // One trust for every connection the process makes, checked before any port is bound.
+    if let Err(e) = tls::trust_from_env() {
+        eprintln!("tally: invalid configuration: {}: {e}", tls::ENV_CA_FILE);
+        return ExitCode::from(EXIT_USAGE);
+    }
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<roles::BadConfig>() => {
@@ -734,6 +762,35 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
             }
             if !board.passed() {
                 anyhow::bail!("the gauntlet found lost or doubled votes, crashes or failed drills");
+            }
+            Ok(())
+        }
+        Cmd::BadInput {
+            dir,
+            rate,
+            seconds,
+            attack_rate,
+            slow_connections,
+            json,
+        } => {
+            let stack = local::Stack::require(&dir.path())?;
+            let opts = bad_input::Options {
+                rate,
+                seconds,
+                attack_rate,
+                slow_connections,
+                voters: 20_000,
+                connections_per_region: 64,
+                progress: !json,
+            };
+            let report = runtime()?.block_on(bad_input::run(&stack, &opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                bad_input::print(&report);
+            }
+            if !report.passed {
+                anyhow::bail!("the bad-input suite failed: see the rows with wrong answers, stored votes or the rate");
             }
             Ok(())
         }

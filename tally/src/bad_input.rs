@@ -1,0 +1,637 @@
+//! The bad-input suite: every HTTP endpoint of every region gets hostile requests (malformed,
+//! huge, slow, mistyped, traversing, injecting) while well-formed votes run alongside. Each
+//! hostile request must get its 4xx, none may be stored, slow clients must be cut off, and the
+//! well-formed votes must keep at least [`MIN_RATE_RATIO`] of the rate they reach alone.
+//!
+//! Requests are raw bytes on a TCP socket: most of them are not requests an HTTP client would
+//! agree to build.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::load;
+use crate::local::Stack;
+
+/// Well-formed votes under attack must reach at least this share of their rate without it.
+pub const MIN_RATE_RATIO: f64 = 0.8;
+/// Every hostile vote that names a voter names one starting with this, so a stored one is found.
+const HOSTILE_VOTER: &str = "hostile";
+/// A hostile request not answered in this long is a failure (the stalled body waits the longest:
+/// ingest's 5 s body timeout).
+const ANSWER_WITHIN: Duration = Duration::from_secs(15);
+/// Slow-loris connections must be closed by the server within the roles' header timeout (10 s)
+/// plus this.
+const SLOW_LORIS_SLACK: Duration = Duration::from_secs(5);
+const MAX_IN_FLIGHT: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Well-formed votes per second, in both phases.
+    pub rate: f64,
+    pub seconds: u64,
+    /// Hostile requests per second during the attack phase.
+    pub attack_rate: f64,
+    /// Connections that trickle a request's headers one line a second and never finish.
+    pub slow_connections: usize,
+    pub voters: u64,
+    pub connections_per_region: usize,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Ingest,
+    Reader,
+}
+
+/// One hostile request and the answer it must get.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: &'static str,
+    pub target: Target,
+    pub request: Vec<u8>,
+    pub status: u16,
+    /// The role answers it with `{"error":{"code","message"}}`. When false, hyper's parser refuses
+    /// it before there is a request to hand to a role, with a bare status.
+    pub json: bool,
+}
+
+fn case(name: &'static str, target: Target, status: u16, request: impl Into<Vec<u8>>) -> Case {
+    Case {
+        name,
+        target,
+        request: request.into(),
+        status,
+        json: true,
+    }
+}
+
+fn bare(mut c: Case) -> Case {
+    c.json = false;
+    c
+}
+
+/// A request with a body and `Content-Length`; `extra` are whole header lines.
+fn post(path: &str, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+fn get(path: &str, extra: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n{extra}\r\n").into_bytes()
+}
+
+fn with_path(method: &str, path: &[u8]) -> Vec<u8> {
+    let mut r = format!("{method} ").into_bytes();
+    r.extend_from_slice(path);
+    r.extend_from_slice(b" HTTP/1.1\r\nHost: tally\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    r
+}
+
+/// Every hostile case. `voter` is a valid voter id, so a refusal is for what the case is about.
+pub fn cases(voter: &str) -> Vec<Case> {
+    use Target::{Ingest, Reader};
+    const VOTES: &str = "/v1/polls/default/votes";
+    const JSON: &str = "application/json";
+    let as_voter = format!("X-Voter-Id: {voter}\r\n");
+    let vote = |body: &[u8]| post(VOTES, JSON, &as_voter, body);
+    let nested = {
+        let mut b = b"{\"option\":".to_vec();
+        b.extend(std::iter::repeat_n(b'[', 3000));
+        b
+    };
+    let header_flood: String = (0..150).map(|i| format!("X-Flood-{i}: {i}\r\n")).collect();
+    let huge_header = format!("X-Huge: {}\r\n", "h".repeat(512 * 1024));
+    let huge_body = {
+        // Announces 10 MB and sends 64 KiB: enough to be over any limit, without a write the
+        // server must drain to answer.
+        let mut r = format!(
+            "POST {VOTES} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\nContent-Type: {JSON}\r\nContent-Length: 10000000\r\n{as_voter}\r\n"
+        )
+        .into_bytes();
+        r.extend(std::iter::repeat_n(b' ', 64 * 1024));
+        r
+    };
+    let stalled_body = {
+        let mut r = post(VOTES, JSON, &as_voter, b"{\"option\":\"a\"}");
+        let declared = r.len() - b"{\"option\":\"a\"}".len();
+        r.truncate(declared + 2);
+        r
+    };
+    let mut invalid_utf8_voter = post(VOTES, JSON, "X-Voter-Id: \u{1}\r\n", b"{\"option\":\"a\"}");
+    let at = invalid_utf8_voter
+        .iter()
+        .position(|&b| b == 1)
+        .expect("marker");
+    invalid_utf8_voter.splice(at..=at, [0xff, 0xfe]);
+
+    let mut all = vec![
+        case("truncated-json", Ingest, 400, vote(b"{\"option\":\"a")),
+        case("malformed-json", Ingest, 400, vote(b"{option: a}")),
+        case("wrong-type-number", Ingest, 400, vote(b"{\"option\":7}")),
+        case("wrong-type-null", Ingest, 400, vote(b"{\"option\":null}")),
+        case("wrong-type-array", Ingest, 400, vote(b"[\"a\"]")),
+        case("empty-body", Ingest, 400, vote(b"")),
+        case("deeply-nested-json", Ingest, 400, vote(&nested)),
+        case("invalid-utf8-body", Ingest, 400, vote(b"{\"option\":\"\xff\xfe\"}")),
+        case("huge-body", Ingest, 413, huge_body),
+        case("stalled-body", Ingest, 408, stalled_body),
+        case("wrong-content-type", Ingest, 415, post(VOTES, "text/plain", &as_voter, b"{\"option\":\"a\"}")),
+        case("invalid-utf8-voter", Ingest, 400, invalid_utf8_voter),
+        case(
+            "oversized-cookie",
+            Ingest,
+            400,
+            post(VOTES, JSON, &format!("Cookie: voter_id={}\r\n", "c".repeat(16 * 1024)), b"{\"option\":\"a\"}"),
+        ),
+        case(
+            "sql-in-voter",
+            Ingest,
+            400,
+            post(VOTES, JSON, "X-Voter-Id: x';DROP TABLE ballots;--\r\n", b"{\"option\":\"a\"}"),
+        ),
+        case("sql-in-option", Ingest, 422, vote(b"{\"option\":\"a'; DROP TABLE ballots;--\"}")),
+        case(
+            "sql-in-poll",
+            Ingest,
+            404,
+            post("/v1/polls/x'%3BDROP%20TABLE%20ballots%3B--/votes", JSON, &as_voter, b"{\"option\":\"a\"}"),
+        ),
+        case(
+            "path-traversal-encoded",
+            Ingest,
+            404,
+            post("/v1/polls/..%2F..%2Fetc%2Fpasswd/votes", JSON, &as_voter, b"{\"option\":\"a\"}"),
+        ),
+        case(
+            "path-traversal",
+            Ingest,
+            404,
+            post("/v1/polls/../../etc/passwd/votes", JSON, &as_voter, b"{\"option\":\"a\"}"),
+        ),
+        case("unknown-path", Ingest, 404, get("/wp-login.php", "")),
+        case("unknown-method", Ingest, 405, with_path("BREW", VOTES.as_bytes())),
+        case("wrong-method-metrics", Ingest, 405, with_path("DELETE", b"/metrics")),
+        case(
+            "form-without-vote",
+            Ingest,
+            400,
+            post("/", "application/x-www-form-urlencoded", &as_voter, b"x=1"),
+        ),
+        case(
+            "sql-in-form",
+            Ingest,
+            422,
+            post("/", "application/x-www-form-urlencoded", &as_voter, b"vote=a'--"),
+        ),
+        bare(case("header-flood", Ingest, 431, get("/healthz", &header_flood))),
+        bare(case("huge-header", Ingest, 431, get("/healthz", &huge_header))),
+        bare(case("invalid-utf8-path", Ingest, 400, with_path("POST", b"/v1/polls/\xff\xfe/votes"))),
+        case("unknown-poll", Reader, 404, get("/v1/polls/nope/results", "")),
+        case("sql-in-poll", Reader, 404, get("/v1/polls/x'%20OR%201=1--/results", "")),
+        case("path-traversal-encoded", Reader, 404, get("/v1/polls/..%2F..%2Fetc%2Fpasswd/results", "")),
+        case("path-traversal", Reader, 404, get("/v1/polls/../../../etc/passwd", "")),
+        case("unknown-path", Reader, 404, get("/.env", "")),
+        case("unknown-method", Reader, 405, with_path("BREW", b"/v1/polls/default/results")),
+        case("write-to-reader", Reader, 405, post("/v1/polls/default/results", JSON, "", b"{}")),
+        bare(case("header-flood", Reader, 431, get("/v1/polls", &header_flood))),
+        bare(case("invalid-utf8-path", Reader, 400, with_path("GET", b"/v1/polls/\xff/results"))),
+    ];
+    all.sort_by_key(|c| (c.target, c.name));
+    all
+}
+
+/// What came back for one request: the status, and the `error.code` when the body is our JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub json_error: Option<String>,
+}
+
+/// A complete response in `buf` (status line, headers, `Content-Length` body), if there is one.
+pub fn parse_answer(buf: &[u8]) -> Option<Answer> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut length = 0;
+    let mut is_json = false;
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        if k.eq_ignore_ascii_case("content-length") {
+            length = v.trim().parse().ok()?;
+        } else if k.eq_ignore_ascii_case("content-type") {
+            is_json = v.trim().starts_with("application/json");
+        }
+    }
+    let body = buf.get(end..end + length)?;
+    let json_error = is_json
+        .then(|| serde_json::from_slice::<serde_json::Value>(body).ok())
+        .flatten()
+        .and_then(|v| {
+            let code = v["error"]["code"].as_str()?.to_string();
+            let message = v["error"]["message"].as_str()?;
+            (!code.is_empty() && !message.is_empty()).then_some(code)
+        });
+    Some(Answer { status, json_error })
+}
+
+/// Sends `request` and reads the answer. A write cut short by the server's early answer (a huge
+/// body refused after its first bytes) is not a failure: the answer is what counts.
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> anyhow::Result<Answer> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        if let Some(answer) = parse_answer(&buf) {
+            return Ok(answer);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => anyhow::bail!("closed without an answer ({} bytes)", buf.len()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if buf.is_empty() => return Err(e).context("no answer"),
+            Err(e) => return Err(e).context("cut off mid-answer"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaseResult {
+    pub case: String,
+    pub target: String,
+    pub expected: u16,
+    pub sent: u64,
+    /// Answers by status; 0 for no answer.
+    pub answers: BTreeMap<u16, u64>,
+    pub wrong: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_wrong: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlowLoris {
+    pub opened: usize,
+    pub closed_by_server: usize,
+    pub longest_open_seconds: f64,
+}
+
+/// Well-formed votes in one phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub acknowledged: u64,
+    pub rate_achieved: f64,
+    pub p99_ms: f64,
+    pub lost: u64,
+    pub doubled: u64,
+}
+
+impl From<&load::Report> for Phase {
+    fn from(r: &load::Report) -> Self {
+        Self {
+            acknowledged: r.acknowledged,
+            rate_achieved: r.rate_achieved,
+            p99_ms: r.p99_ms,
+            lost: r.lost,
+            doubled: r.doubled,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub alone: Phase,
+    pub under_attack: Phase,
+    pub rate_ratio: f64,
+    pub hostile_sent: u64,
+    pub cases: Vec<CaseResult>,
+    pub slow_loris: SlowLoris,
+    /// Ballots of hostile voters in PostgreSQL: must be 0.
+    pub stored: i64,
+    pub passed: bool,
+}
+
+impl Report {
+    fn judge(&mut self) {
+        self.passed = self.rate_ratio >= MIN_RATE_RATIO
+            && self.stored == 0
+            && self.cases.iter().all(|c| c.sent > 0 && c.wrong == 0)
+            && self.slow_loris.closed_by_server == self.slow_loris.opened
+            && [&self.alone, &self.under_attack]
+                .iter()
+                .all(|p| p.lost == 0 && p.doubled == 0);
+    }
+}
+
+struct Tally {
+    results: BTreeMap<(Target, &'static str), CaseResult>,
+}
+
+impl Tally {
+    fn record(&mut self, case: &Case, got: &anyhow::Result<Answer>) {
+        let r = self
+            .results
+            .entry((case.target, case.name))
+            .or_insert_with(|| CaseResult {
+                case: case.name.into(),
+                target: format!("{:?}", case.target).to_lowercase(),
+                expected: case.status,
+                ..Default::default()
+            });
+        r.sent += 1;
+        let verdict = match got {
+            Ok(a) => {
+                *r.answers.entry(a.status).or_default() += 1;
+                if a.status != case.status {
+                    Err(format!("answered {} instead of {}", a.status, case.status))
+                } else if case.json && a.json_error.is_none() {
+                    Err("no JSON error body".to_string())
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => {
+                *r.answers.entry(0).or_default() += 1;
+                Err(format!("{e:#}"))
+            }
+        };
+        if let Err(why) = verdict {
+            r.wrong += 1;
+            r.first_wrong.get_or_insert(why);
+        }
+    }
+}
+
+/// Sends every case in turn, to every region's ingest or reader, at `rate` a second until
+/// `stop`; every case is sent at least once per region.
+async fn attack(
+    targets: Vec<(Target, SocketAddr)>,
+    cases: Arc<Vec<Case>>,
+    rate: f64,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Tally {
+    let tally = Arc::new(Mutex::new(Tally {
+        results: BTreeMap::new(),
+    }));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let pairs: Vec<(SocketAddr, usize)> = targets
+        .iter()
+        .flat_map(|(t, addr)| {
+            cases
+                .iter()
+                .enumerate()
+                .filter(move |(_, c)| c.target == *t)
+                .map(move |(i, _)| (*addr, i))
+        })
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0.. {
+        if *stop.borrow() && n >= pairs.len() {
+            break;
+        }
+        tick.tick().await;
+        let (addr, i) = pairs[n % pairs.len()];
+        let slot = slots.clone().acquire_owned().await.expect("open");
+        let (cases, tally) = (cases.clone(), tally.clone());
+        tasks.spawn(async move {
+            let case = &cases[i];
+            let got = tokio::time::timeout(ANSWER_WITHIN, exchange(addr, &case.request))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {ANSWER_WITHIN:?}")));
+            tally.lock().expect("tally").record(case, &got);
+            drop(slot);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Arc::try_unwrap(tally)
+        .ok()
+        .expect("every sender finished")
+        .into_inner()
+        .expect("tally")
+}
+
+/// Opens `n` connections that send a request line and then one header line a second, forever;
+/// waits until the server has closed each, or `header_timeout + SLOW_LORIS_SLACK` has passed.
+async fn slow_loris(targets: Vec<SocketAddr>, n: usize, header_timeout: Duration) -> SlowLoris {
+    let started = Instant::now();
+    let limit = header_timeout + SLOW_LORIS_SLACK;
+    let mut conns = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let addr = targets[i % targets.len()];
+        conns.spawn(async move {
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return None;
+            };
+            let opened = Instant::now();
+            let trickle = async {
+                if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: tally\r\n").await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                for line in 0u64.. {
+                    tokio::select! {
+                        read = s.read(&mut buf) => match read {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => continue,
+                        },
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            if s.write_all(format!("X-Slow-{line}: .\r\n").as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
+            tokio::time::timeout(limit, trickle)
+                .await
+                .ok()
+                .map(|()| opened.elapsed())
+        });
+    }
+    let mut report = SlowLoris::default();
+    while let Some(done) = conns.join_next().await {
+        report.opened += 1;
+        if let Ok(Some(open_for)) = done {
+            report.closed_by_server += 1;
+            report.longest_open_seconds = report.longest_open_seconds.max(open_for.as_secs_f64());
+        }
+    }
+    if report.closed_by_server < report.opened {
+        report.longest_open_seconds = started.elapsed().as_secs_f64();
+    }
+    report
+}
+
+/// Runs the suite against the local stack in `dir`: well-formed votes alone, then again with the
+/// hostile traffic alongside; then checks that no hostile vote was stored.
+pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
+    let load_opts = load::Options {
+        rate: opts.rate,
+        duration: Duration::from_secs(opts.seconds),
+        voters: opts.voters,
+        connections_per_region: opts.connections_per_region,
+        progress: opts.progress,
+    };
+    if opts.progress {
+        eprintln!("bad-input: {} votes/s alone", opts.rate);
+    }
+    let alone = load::run(stack, &load_opts).await?;
+
+    let voter = format!("{HOSTILE_VOTER}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let cases = Arc::new(cases(&voter));
+    let localhost = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let targets: Vec<(Target, SocketAddr)> = stack
+        .regions
+        .iter()
+        .flat_map(|r| {
+            [
+                (Target::Ingest, localhost(r.ingest)),
+                (Target::Reader, localhost(r.reader)),
+            ]
+        })
+        .collect();
+    if opts.progress {
+        eprintln!(
+            "bad-input: {} votes/s with {} hostile requests/s ({} cases) and {} slow-loris connections",
+            opts.rate,
+            opts.attack_rate,
+            cases.len(),
+            opts.slow_connections
+        );
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let attacker = tokio::spawn(attack(targets.clone(), cases, opts.attack_rate, stopped));
+    let loris = tokio::spawn(slow_loris(
+        targets.iter().map(|(_, a)| *a).collect(),
+        opts.slow_connections,
+        web::ServeConfig::default().header_read_timeout,
+    ));
+    let under_attack = load::run(stack, &load_opts).await;
+    let _ = stop.send(true);
+    let tally = attacker.await?;
+    let slow_loris = loris.await?;
+    let under_attack = under_attack?;
+
+    let stored: i64 = db::connect(&stack.primary_url())
+        .await?
+        .query_one(
+            "SELECT count(*) FROM ballots WHERE voter_id LIKE $1",
+            &[&format!("{HOSTILE_VOTER}-%")],
+        )
+        .await?
+        .get(0);
+    let cases: Vec<CaseResult> = tally.results.into_values().collect();
+    let mut report = Report {
+        rate_ratio: under_attack.rate_achieved / alone.rate_achieved.max(f64::MIN_POSITIVE),
+        alone: (&alone).into(),
+        under_attack: (&under_attack).into(),
+        hostile_sent: cases.iter().map(|c| c.sent).sum(),
+        cases,
+        slow_loris,
+        stored,
+        passed: false,
+    };
+    report.judge();
+    Ok(report)
+}
+
+pub fn print(r: &Report) {
+    println!(
+        "{:<8} {:<24} {:>6} {:>6} {:>6}  answers",
+        "target", "case", "expect", "sent", "wrong"
+    );
+    for c in &r.cases {
+        let answers: Vec<String> = c.answers.iter().map(|(s, n)| format!("{s}x{n}")).collect();
+        println!(
+            "{:<8} {:<24} {:>6} {:>6} {:>6}  {}{}",
+            c.target,
+            c.case,
+            c.expected,
+            c.sent,
+            c.wrong,
+            answers.join(" "),
+            c.first_wrong
+                .as_ref()
+                .map(|w| format!("  ({w})"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "slow-loris: {}/{} closed by the server, the longest after {:.1} s",
+        r.slow_loris.closed_by_server, r.slow_loris.opened, r.slow_loris.longest_open_seconds
+    );
+    println!("hostile votes stored: {}", r.stored);
+    for (name, p) in [("alone", &r.alone), ("under attack", &r.under_attack)] {
+        println!(
+            "well-formed votes {name:<12}: {:>8.0}/s, p99 {:.1} ms, {} lost, {} doubled",
+            p.rate_achieved, p.p99_ms, p.lost, p.doubled
+        );
+    }
+    println!(
+        "rate under attack / alone: {:.2}x (must be at least {MIN_RATE_RATIO}x) -> {}",
+        r.rate_ratio,
+        if r.passed { "PASSED" } else { "FAILED" }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn answers_are_parsed_only_when_complete() {
+        let full = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 48\r\n\r\n{\"error\":{\"code\":\"malformed\",\"message\":\"bad\"}}  ";
+        let answer = parse_answer(full).expect("complete");
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json_error.as_deref(), Some("malformed"));
+        assert_eq!(parse_answer(&full[..full.len() - 10]), None);
+        let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            parse_answer(bare),
+            Some(Answer {
+                status: 431,
+                json_error: None
+            })
+        );
+        let not_ours = b"HTTP/1.1 400 x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_answer(not_ours).unwrap().json_error, None);
+    }
+
+    #[test]
+    fn every_case_is_well_aimed() {
+        let all = cases("hostile-x");
+        let names: std::collections::BTreeSet<_> = all.iter().map(|c| (c.target, c.name)).collect();
+        assert_eq!(names.len(), all.len(), "case names are unique per target");
+        for c in &all {
+            assert!((400..500).contains(&c.status), "{}", c.name);
+            let text = String::from_utf8_lossy(&c.request);
+            if text.contains("X-Voter-Id: hostile") {
+                assert!(c.target == Target::Ingest);
+            }
+        }
+        assert!(all.iter().any(|c| c.target == Target::Reader));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_parser(buf in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_answer(&buf);
+        }
+    }
+}

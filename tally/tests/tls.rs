@@ -1,0 +1,208 @@
+//! TLS to PostgreSQL and Redis: servers that take only TLS, with a test CA made by `openssl`. The
+//! roles run as the real binary, configured as an operator would: `rediss://` URLs,
+//! `sslmode=require`, and `TALLY_TLS_CA_FILE`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{command, http_get};
+
+/// A role process, killed when the test ends; its stderr goes to a file the test can read.
+struct Role {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Role {
+    fn start(args: &[&str], ca: Option<&Path>, log: PathBuf) -> Self {
+        let mut c = command(args);
+        c.env_remove(tls::ENV_CA_FILE);
+        if let Some(ca) = ca {
+            c.env(tls::ENV_CA_FILE, ca);
+        }
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn vote(addr: &str, voter: &str, option: &str) -> String {
+    use std::io::{Read, Write};
+    let body = format!(r#"{{"option":"{option}"}}"#);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/polls/default/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nX-Voter-Id: {voter}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn listen() -> String {
+    format!("127.0.0.1:{}", servers::free_port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -> anyhow::Result<()> {
+    let (ca_dir, ca) = harness::test_ca()?;
+    let ca_file = ca.ca_file();
+    // This process's own checks go through TLS too.
+    tls::trust(Some(&ca_file))?;
+    let pg = harness::PgCluster::start_tls(ca.clone()).await?;
+    let redis = harness::RedisServer::start_tls(ca.clone()).await?;
+    let (pg_url, redis_url) = (pg.url(), redis.url());
+    assert!(pg_url.ends_with("sslmode=require") && redis_url.starts_with("rediss://"));
+    let logs = ca_dir.path();
+
+    // With the CA: a vote goes ingest -> Redis -> aggregator -> PostgreSQL -> reader, all over TLS.
+    let ingest_at = listen();
+    let ingest = Role::start(
+        &["ingest", "--listen", &ingest_at, "--redis-urls", &redis_url, "--postgres-url", &pg_url],
+        Some(&ca_file),
+        logs.join("ingest.log"),
+    );
+    until("ingest ready over TLS", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&ingest_at).is_ok()
+            && status(&http_get(&ingest_at, "/readyz", "")) == 200
+    })
+    .await;
+    let accepted = vote(&ingest_at, "tls-voter", "b");
+    assert_eq!(status(&accepted), 202, "{accepted}\n{}", ingest.log());
+    let mut queue = redis.connection().await?;
+    let queued: u64 = redis::cmd("LLEN")
+        .arg(model::queue::VOTES)
+        .query_async(&mut queue)
+        .await?;
+    assert_eq!(queued, 1, "the vote is in the TLS-only Redis");
+
+    let _aggregator = Role::start(
+        &["aggregator", "--listen", &listen(), "--redis-urls", &redis_url, "--postgres-url", &pg_url],
+        Some(&ca_file),
+        logs.join("aggregator.log"),
+    );
+    let client = pg.client().await?;
+    let start = Instant::now();
+    loop {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM ballots WHERE voter_id = 'tls-voter'", &[])
+            .await?
+            .get(0);
+        if n == 1 {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the aggregator never wrote the ballot over TLS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let reader_at = listen();
+    let _reader = Role::start(
+        &["reader", "--listen", &reader_at, "--sources", &pg_url],
+        Some(&ca_file),
+        logs.join("reader.log"),
+    );
+    until("the reader serves the count read over TLS", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&reader_at).is_ok() && {
+            let r = http_get(&reader_at, "/v1/polls/default/results", "");
+            status(&r) == 200 && r.contains(r#""b":1"#)
+        }
+    })
+    .await;
+
+    // Without the CA, the server's certificate is not trusted, and the error says what to set.
+    let out = command(&["poll", "list", "--postgres-url", &pg_url])
+        .env_remove(tls::ENV_CA_FILE)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("TLS handshake with 127.0.0.1 failed") && err.contains(tls::ENV_CA_FILE),
+        "{err}"
+    );
+
+    // Without TLS at all, PostgreSQL refuses by name.
+    let plain = pg_url.replace("sslmode=require", "sslmode=disable");
+    let out = command(&["poll", "list", "--postgres-url", &plain])
+        .env(tls::ENV_CA_FILE, &ca_file)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no encryption"), "{err}");
+
+    // A plain redis:// URL to the TLS-only Redis: ingest is not ready, votes get 503, and the
+    // log says what the URL must be.
+    let plain_at = listen();
+    let plain_ingest = Role::start(
+        &[
+            "ingest",
+            "--listen",
+            &plain_at,
+            "--redis-urls",
+            &redis_url.replace("rediss://", "redis://"),
+            "--postgres-url",
+            &pg_url,
+        ],
+        Some(&ca_file),
+        logs.join("plain-ingest.log"),
+    );
+    until("the plain ingest says why its shard is down", Duration::from_secs(30), || {
+        plain_ingest.log().contains("its URL must start with rediss://")
+    })
+    .await;
+    let readyz = http_get(&plain_at, "/readyz", "");
+    assert_eq!(status(&readyz), 503, "{readyz}");
+    assert!(readyz.contains(r#""shards_down":[0]"#), "{readyz}");
+    assert_eq!(status(&vote(&plain_at, "plain-voter", "a")), 503);
+    let queued: u64 = redis::cmd("LLEN")
+        .arg(model::queue::VOTES)
+        .query_async(&mut queue)
+        .await?;
+    assert_eq!(queued, 0, "nothing was queued through the plain URL");
+
+    // A CA file that is not one stops a role before it binds its port.
+    let not_a_ca = logs.join("not-a-ca.pem");
+    std::fs::write(&not_a_ca, "hello\n")?;
+    let out = command(&["ingest", "--listen", &listen(), "--redis-urls", &redis_url, "--postgres-url", &pg_url])
+        .env(tls::ENV_CA_FILE, &not_a_ca)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("holds no PEM certificate"), "{err}");
+    drop(ingest);
+    Ok(())
+}
