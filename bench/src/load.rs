@@ -63,7 +63,8 @@ impl Outcome {
         }
     }
 
-    fn merge(&mut self, other: &Outcome) {
+    /// Adds `other`'s answers (its time is the caller's to combine).
+    pub fn merge(&mut self, other: &Outcome) {
         for (s, n) in &other.statuses {
             *self.statuses.entry(*s).or_default() += n;
         }

@@ -32,6 +32,12 @@ struct VoteBody {
 
 /// The option of a JSON vote, `{"option":"a"}`.
 pub fn json_vote(body: &[u8]) -> Result<String, DecodeError> {
+    // serde fills a struct from an array by position too, which would take `["a"]` as a vote.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(DecodeError::Malformed(
+            "expected {\"option\":\"...\"}: the body is not a JSON object".into(),
+        ));
+    }
     serde_json::from_slice::<VoteBody>(body)
         .map(|v| v.option)
         .map_err(|e| DecodeError::Malformed(format!("expected {{\"option\":\"...\"}}: {e}")))
@@ -69,6 +75,8 @@ mod tests {
         assert!(!content_type_is(Some(b"text/plain"), "application/json"));
         assert!(!content_type_is(None, "application/json"));
         assert_eq!(json_vote(br#"{"option":"a","extra":1}"#), Ok("a".into()));
+        assert_eq!(json_vote(b" \n{\"option\":\"a\"}"), Ok("a".into()));
+        assert!(matches!(json_vote(br#"["a"]"#), Err(DecodeError::Malformed(_))));
         assert!(matches!(
             json_vote(br#"{"option":7}"#),
             Err(DecodeError::Malformed(_))

@@ -209,6 +209,16 @@ async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> an
             )
             .await?,
         ),
+        (
+            400,
+            "malformed",
+            c.post_json(
+                "/v1/polls/default/votes",
+                &[("x-voter-id", "v1")],
+                r#"["a"]"#,
+            )
+            .await?,
+        ),
         (404, "unknown_poll", vote(c, "nope", "a", "v1").await?),
         (404, "unknown_poll", vote(c, "..%2Fetc", "a", "v1").await?),
         (409, "poll_closed", vote(c, "closed", "a", "v1").await?),

@@ -280,11 +280,7 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
         match &mut outcome {
             None => outcome = Some(o),
             Some(total) => {
-                for (s, n) in &o.statuses {
-                    *total.statuses.entry(*s).or_default() += n;
-                }
-                total.transport_errors += o.transport_errors;
-                total.latency.add(&o.latency).ok();
+                total.merge(&o);
                 total.elapsed = total.elapsed.max(o.elapsed);
             }
         }
@@ -409,7 +405,7 @@ fn parse_uuid(s: &str) -> Option<u128> {
 }
 
 /// Until no shard holds a vote, waiting or in flight, and every replica has replayed the primary.
-async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
+pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut shards = Vec::new();
     for port in stack.regions.iter().flat_map(|r| &r.redis) {

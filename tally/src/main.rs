@@ -95,19 +95,20 @@ enum Cmd {
         json: bool,
     },
     /// Hostile requests against every HTTP endpoint of every region (malformed, huge, slow,
-    /// mistyped, traversing, injecting) while well-formed votes run alongside: each must get its
-    /// 4xx, none may be stored, and the well-formed votes must keep 80% of their rate alone.
+    /// mistyped, traversing, injecting) while well-formed votes run alongside as fast as ingest
+    /// takes them: each must get its 4xx, none may be stored, and the well-formed votes must keep
+    /// 80% of their rate alone.
     BadInput {
         #[command(flatten)]
         dir: DirArg,
-        /// Well-formed votes per second, alone and then under attack.
-        #[arg(long, default_value_t = 5_000.0)]
-        rate: f64,
         /// Seconds of each of the two phases.
         #[arg(long, default_value_t = 15)]
         seconds: u64,
+        /// Connections per region sending well-formed votes back to back.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
         /// Hostile requests per second.
-        #[arg(long, default_value_t = 300.0)]
+        #[arg(long, default_value_t = 200.0)]
         attack_rate: f64,
         /// Connections that trickle their headers and never finish them.
         #[arg(long, default_value_t = 100)]
@@ -767,20 +768,18 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::BadInput {
             dir,
-            rate,
             seconds,
+            connections,
             attack_rate,
             slow_connections,
             json,
         } => {
             let stack = local::Stack::require(&dir.path())?;
             let opts = bad_input::Options {
-                rate,
                 seconds,
+                connections_per_region: connections,
                 attack_rate,
                 slow_connections,
-                voters: 20_000,
-                connections_per_region: 64,
                 progress: !json,
             };
             let report = runtime()?.block_on(bad_input::run(&stack, &opts))?;

@@ -1,0 +1,74 @@
+//! `tally bad-input` on a real local stack: every hostile case answered with its 4xx (JSON where a
+//! role answers), nothing stored, slow clients cut off, and the well-formed votes alongside at
+//! no less than 80% of their rate alone.
+
+mod common;
+
+use common::{ok, tally, StackDir};
+
+#[test]
+fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
+    let _turn = common::one_stack_at_a_time();
+    let stack = StackDir::new("tally-bad-input-");
+    let dir = stack.dir();
+    ok(&["local", "up", "--dir", dir]);
+
+    let args = [
+        "bad-input",
+        "--json",
+        "--seconds",
+        "12",
+        "--slow-connections",
+        "60",
+        "--dir",
+        dir,
+    ];
+    let out = tally(&args);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+
+    let cases = report["cases"].as_array().unwrap();
+    let ingest_cases = cases.iter().filter(|c| c["target"] == "ingest").count();
+    let reader_cases = cases.iter().filter(|c| c["target"] == "reader").count();
+    assert!(ingest_cases >= 25 && reader_cases >= 9, "{report}");
+    for c in cases {
+        let expected = c["expected"].as_u64().unwrap();
+        assert!((400..500).contains(&expected), "{c}");
+        // Each case went to each of the three regions at least once.
+        assert!(c["sent"].as_u64().unwrap() >= 3, "{c}");
+        assert_eq!(c["wrong"], 0, "{c}");
+        assert_eq!(
+            c["answers"],
+            serde_json::json!({ expected.to_string(): c["sent"] }),
+            "{c}"
+        );
+    }
+    let expected = |name: &str| {
+        cases
+            .iter()
+            .find(|c| c["case"] == name && c["target"] == "ingest")
+            .map(|c| c["expected"].as_u64().unwrap())
+    };
+    assert_eq!(expected("wrong-type-array"), Some(400));
+    assert_eq!(expected("huge-body"), Some(413));
+    assert_eq!(expected("stalled-body"), Some(408));
+    assert_eq!(expected("header-flood"), Some(431));
+    assert_eq!(expected("sql-in-option"), Some(422));
+
+    assert_eq!(report["stored"], 0, "{report}");
+    let loris = &report["slow_loris"];
+    assert_eq!(loris["opened"], 60, "{report}");
+    assert_eq!(loris["closed_by_server"], 60, "{report}");
+    assert!(loris["longest_open_seconds"].as_f64().unwrap() < 13.0, "{report}");
+
+    let alone = report["alone"]["accepted"].as_u64().unwrap();
+    assert!(alone > 1_000, "{report}");
+    assert!(report["rate_ratio"].as_f64().unwrap() >= 0.8, "{report}");
+    assert_eq!(report["passed"], true, "{report}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
