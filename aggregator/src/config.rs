@@ -110,7 +110,7 @@ impl Config {
             return Err(ConfigError::NoShards);
         }
         for url in &self.redis_urls {
-            tls::redis_client(url).map_err(|_| ConfigError::BadRedisUrl(url.clone()))?;
+            tls::redis_client(url).map_err(|_| ConfigError::BadRedisUrl(tls::redact(url)))?;
         }
         self.postgres_url
             .parse::<tokio_postgres::Config>()

@@ -151,19 +151,29 @@ impl RedisServer {
     }
 
     pub async fn start_with(fsync: servers::Fsync) -> anyhow::Result<Self> {
-        Self::start_inner(fsync, None).await
+        Self::start_inner(fsync, None, Vec::new()).await
     }
 
     /// Takes only TLS connections, with `ca`'s server certificate.
     pub async fn start_tls(ca: TestCa) -> anyhow::Result<Self> {
-        Self::start_inner(servers::Fsync::Always, Some(ca)).await
+        Self::start_inner(servers::Fsync::Always, Some(ca), Vec::new()).await
     }
 
-    async fn start_inner(fsync: servers::Fsync, tls: Option<TestCa>) -> anyhow::Result<Self> {
+    /// With ACL users besides `default`.
+    pub async fn start_with_users(users: Vec<servers::AclUser>) -> anyhow::Result<Self> {
+        Self::start_inner(servers::Fsync::Always, None, users).await
+    }
+
+    async fn start_inner(
+        fsync: servers::Fsync,
+        tls: Option<TestCa>,
+        users: Vec<servers::AclUser>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
         let server = Redis {
             fsync,
             tls,
+            users,
             ..Redis::new(dir.path(), free_port())
         };
         let s = server.clone();

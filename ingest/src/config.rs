@@ -103,7 +103,7 @@ impl Config {
             return Err(ConfigError::NoShards);
         }
         for url in &self.redis_urls {
-            tls::redis_client(url).map_err(|_| ConfigError::BadRedisUrl(url.clone()))?;
+            tls::redis_client(url).map_err(|_| ConfigError::BadRedisUrl(tls::redact(url)))?;
         }
         for (name, v) in [
             ("group commit max votes", self.group.max_votes),

@@ -21,7 +21,7 @@ pub use process::{
     free_port, http_call, http_status, pid_alive, port_is_free, read_pid, running_as_root, signal,
 };
 pub use prometheus::Prometheus;
-pub use redis::{Fsync, Redis};
+pub use redis::{AclUser, Fsync, Redis};
 pub use tls::TestCa;
 
 use std::path::PathBuf;

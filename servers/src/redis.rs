@@ -16,6 +16,16 @@ pub struct Redis {
     pub fsync: Fsync,
     /// When set, the server takes only TLS connections, presenting this CA's server certificate.
     pub tls: Option<TestCa>,
+    /// ACL users besides `default` (which keeps every right, for the operator's tools).
+    pub users: Vec<AclUser>,
+}
+
+/// A Redis ACL user: its name, its password, and its rules (`~keys +commands ...`).
+#[derive(Debug, Clone)]
+pub struct AclUser {
+    pub name: String,
+    pub password: String,
+    pub rules: String,
 }
 
 /// When Redis fsyncs its append-only file.
@@ -60,6 +70,7 @@ impl Redis {
             port,
             fsync: Fsync::Always,
             tls: None,
+            users: Vec::new(),
         }
     }
 
@@ -111,6 +122,15 @@ impl Redis {
                 .arg(ca.ca_file())
                 .args(["--tls-auth-clients", "no"]),
         };
+        if !self.users.is_empty() {
+            let file = self.dir.join("users.acl");
+            let mut acl = String::from("user default on nopass ~* &* +@all\n");
+            for u in &self.users {
+                acl.push_str(&format!("user {} on >{} {}\n", u.name, u.password, u.rules));
+            }
+            write_private(&file, &acl)?;
+            cmd.arg("--aclfile").arg(&file);
+        }
         run(cmd
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
@@ -166,6 +186,19 @@ impl Redis {
             wait_exit(pid, Duration::from_secs(5));
         }
     }
+}
+
+/// Readable by its owner only: it holds passwords.
+fn write_private(path: &Path, text: &str) -> Result<(), ServerError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(ServerError::io(path))
 }
 
 fn wait_exit(pid: u32, limit: Duration) -> bool {

@@ -4,84 +4,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{command, http_get};
-
-/// A role process, killed when the test ends; its stderr goes to a file the test can read.
-struct Role {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Role {
-    fn start(args: &[&str], ca: Option<&Path>, log: PathBuf) -> Self {
-        let mut c = command(args);
-        c.env_remove(tls::ENV_CA_FILE);
-        if let Some(ca) = ca {
-            c.env(tls::ENV_CA_FILE, ca);
-        }
-        let child = c
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn status(response: &str) -> u16 {
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-fn vote(addr: &str, voter: &str, option: &str) -> String {
-    use std::io::{Read, Write};
-    let body = format!(r#"{{"option":"{option}"}}"#);
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST /v1/polls/default/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nX-Voter-Id: {voter}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn listen() -> String {
-    format!("127.0.0.1:{}", servers::free_port())
-}
+use common::{command, http_get, listen, status, until, vote, Role};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -> anyhow::Result<()> {
     let (ca_dir, ca) = harness::test_ca()?;
     let ca_file = ca.ca_file();
+    let with_ca = [(tls::ENV_CA_FILE, ca_file.to_str().unwrap())];
     // This process's own checks go through TLS too.
     tls::trust(Some(&ca_file))?;
     let pg = harness::PgCluster::start_tls(ca.clone()).await?;
@@ -94,7 +25,7 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     let ingest_at = listen();
     let ingest = Role::start(
         &["ingest", "--listen", &ingest_at, "--redis-urls", &redis_url, "--postgres-url", &pg_url],
-        Some(&ca_file),
+        &with_ca,
         logs.join("ingest.log"),
     );
     until("ingest ready over TLS", Duration::from_secs(30), || {
@@ -113,7 +44,7 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
 
     let _aggregator = Role::start(
         &["aggregator", "--listen", &listen(), "--redis-urls", &redis_url, "--postgres-url", &pg_url],
-        Some(&ca_file),
+        &with_ca,
         logs.join("aggregator.log"),
     );
     let client = pg.client().await?;
@@ -133,7 +64,7 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     let reader_at = listen();
     let _reader = Role::start(
         &["reader", "--listen", &reader_at, "--sources", &pg_url],
-        Some(&ca_file),
+        &with_ca,
         logs.join("reader.log"),
     );
     until("the reader serves the count read over TLS", Duration::from_secs(30), || {
@@ -177,7 +108,7 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
             "--postgres-url",
             &pg_url,
         ],
-        Some(&ca_file),
+        &with_ca,
         logs.join("plain-ingest.log"),
     );
     until("the plain ingest says why its shard is down", Duration::from_secs(30), || {

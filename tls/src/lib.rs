@@ -161,6 +161,22 @@ pub fn redis_hint(url: &str) -> &'static str {
     }
 }
 
+/// `url` with its password, if any, replaced by `***`: for error messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 #[derive(Clone)]
 pub struct MakeRustlsConnect {
     config: Arc<rustls::ClientConfig>,
@@ -260,6 +276,15 @@ mod tests {
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let err = load(Some(&empty)).err().unwrap().to_string();
         assert!(err.contains("holds no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_redacted_and_nothing_else() {
+        assert_eq!(redact("redis://tally-ingest:s3cr%40t@10.0.0.1:6379/"), "redis://tally-ingest:***@10.0.0.1:6379/");
+        assert_eq!(redact("rediss://:pw@h:1"), "rediss://:***@h:1");
+        assert_eq!(redact("postgres://tally_reader@h/tally?sslmode=require"), "postgres://tally_reader@h/tally?sslmode=require");
+        assert_eq!(redact("redis://h:1/"), "redis://h:1/");
+        assert_eq!(redact("not a url"), "not a url");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! way out, a raw HTTP GET.
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn tally(args: &[&str]) -> Output {
     command(args).output().expect("running tally")
@@ -73,4 +75,72 @@ pub fn http_get(addr: &str, path: &str, headers: &str) -> String {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body
+}
+
+/// A role process, killed when the test ends; its stderr goes to a file the test can read.
+pub struct Role {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Role {
+    /// `tally args` with `env` added to the test's own environment (less any CA file: a test
+    /// names the one it wants).
+    pub fn start(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Self {
+        let mut c = command(args);
+        c.env_remove(tls::ENV_CA_FILE);
+        c.envs(env.iter().copied());
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn vote(addr: &str, voter: &str, option: &str) -> String {
+    use std::io::{Read, Write};
+    let body = format!(r#"{{"option":"{option}"}}"#);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/polls/default/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nX-Voter-Id: {voter}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+pub fn listen() -> String {
+    format!("127.0.0.1:{}", servers::free_port())
 }
