@@ -73,6 +73,13 @@ def overlay_assertions(region, docs, plan):
         workload = find(docs, "StatefulSet" if role == "aggregator" else "Deployment", f"tally-{role}")
         spec = workload["spec"]["template"]["spec"] if workload else {}
         c = spec.get("containers", [{}])[0]
+        ca_file = (cm or {}).get("data", {}).get("TALLY_TLS_CA_FILE", "")
+        mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+        ca_volume = any(v.get("secret", {}).get("secretName") == "tally-credentials" for v in spec.get("volumes", []))
+        check(
+            f"{region}: {role} verifies TLS against the CA mounted from tally-credentials ({ca_file})",
+            ca_volume and any(ca_file.startswith(m + "/") for m in mounts),
+        )
         sc = c.get("securityContext", {})
         check(
             f"{region}: {role} is non-root with a read-only root filesystem and probes",

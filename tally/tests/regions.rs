@@ -138,7 +138,7 @@ fn sync_twice_sends_nothing_the_second_time_and_moto_holds_the_topology() {
         .unwrap();
     assert_eq!(one(europe_xml, "ContinentCode"), Some("EU"));
     assert!(rrsets.contains("<CountryCode>*</CountryCode>"));
-    assert!(all(&rrsets, "Failover").iter().any(|f| *f == "PRIMARY"));
+    assert!(all(&rrsets, "Failover").contains(&"PRIMARY"));
 
     // A changed topology: only the difference goes out, then the zone is in step again.
     let changed = tmp.path().join("topology");
