@@ -110,8 +110,7 @@ impl Writer {
     }
 
     async fn connect(&mut self) -> Result<(), tokio_postgres::Error> {
-        let (client, connection) =
-            tokio_postgres::connect(&self.url, tls::postgres()).await?;
+        let (client, connection) = tokio_postgres::connect(&self.url, tls::postgres()).await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });

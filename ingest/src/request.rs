@@ -76,7 +76,10 @@ mod tests {
         assert!(!content_type_is(None, "application/json"));
         assert_eq!(json_vote(br#"{"option":"a","extra":1}"#), Ok("a".into()));
         assert_eq!(json_vote(b" \n{\"option\":\"a\"}"), Ok("a".into()));
-        assert!(matches!(json_vote(br#"["a"]"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            json_vote(br#"["a"]"#),
+            Err(DecodeError::Malformed(_))
+        ));
         assert!(matches!(
             json_vote(br#"{"option":7}"#),
             Err(DecodeError::Malformed(_))

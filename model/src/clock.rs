@@ -83,8 +83,14 @@ mod tests {
         let wall = Stamp::now().0;
         let ahead = Clock::skewed(5_000_000).stamp().0;
         let behind = Clock::skewed(-5_000_000).stamp().0;
-        assert!(ahead >= wall + 5_000_000 && ahead < wall + 6_000_000, "{ahead} vs {wall}");
-        assert!(behind >= wall - 5_000_000 && behind < wall - 4_000_000, "{behind} vs {wall}");
+        assert!(
+            ahead >= wall + 5_000_000 && ahead < wall + 6_000_000,
+            "{ahead} vs {wall}"
+        );
+        assert!(
+            behind >= wall - 5_000_000 && behind < wall - 4_000_000,
+            "{behind} vs {wall}"
+        );
     }
 
     #[test]

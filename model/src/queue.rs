@@ -11,14 +11,14 @@ pub const IN_FLIGHT_PREFIX: &str = "tally:inflight:";
 
 /// Redis ACL rules for ingest's user: push onto [`VOTES`] and read its length, nothing else and
 /// no other key (`WAIT` for replicas).
-pub const INGEST_ACL: &str =
-    "resetkeys ~tally:votes resetchannels -@all +rpush +llen +wait +ping";
+pub const INGEST_ACL: &str = "resetkeys ~tally:votes resetchannels -@all +rpush +llen +wait +ping";
 
 /// Redis ACL rules for the aggregator's user: pop and move votes from [`VOTES`] into its
 /// in-flight lists, read those back after a restart, delete them once committed, dead-letter; no
 /// other key. The selector in brackets allows pushing onto in-flight lists and dead letters
 /// only, so not even the move script (it runs with the same rights) can push onto [`VOTES`].
-pub const AGGREGATOR_ACL: &str = "resetkeys ~tally:votes ~tally:inflight:* ~tally:dead resetchannels -@all \
+pub const AGGREGATOR_ACL: &str =
+    "resetkeys ~tally:votes ~tally:inflight:* ~tally:dead resetchannels -@all \
 +lpop +blmove +lrange +del +scan +llen +evalsha +eval +script|load +multi +exec +ping \
 (~tally:inflight:* ~tally:dead +rpush)";
 

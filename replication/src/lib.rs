@@ -14,7 +14,9 @@ use tokio::net::TcpListener;
 use tokio_postgres::Client;
 
 pub use failover::{Action, Failover, Observation};
-pub use watch::{fence_dir, fence_marker, require_one_standby, slot_name, Config, Route, Server, View};
+pub use watch::{
+    fence_dir, fence_marker, require_one_standby, slot_name, Config, Route, Server, View,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {

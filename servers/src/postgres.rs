@@ -145,7 +145,11 @@ impl Postgres {
     }
 
     pub fn url(&self, user: &str, db: &str) -> String {
-        let tls = if self.tls.is_some() { "?sslmode=require" } else { "" };
+        let tls = if self.tls.is_some() {
+            "?sslmode=require"
+        } else {
+            ""
+        };
         format!("postgres://{user}@127.0.0.1:{}/{db}{tls}", self.port)
     }
 
@@ -197,7 +201,12 @@ impl Postgres {
     /// Clone `primary` into a streaming replica with its own replication slot (so the primary
     /// keeps the WAL it has not received yet), streaming from port `via` (the primary's own, or a
     /// link's that leads to it). The primary must be running.
-    pub fn init_replica(&self, primary: &Postgres, via: u16, slot: &str) -> Result<(), ServerError> {
+    pub fn init_replica(
+        &self,
+        primary: &Postgres,
+        via: u16,
+        slot: &str,
+    ) -> Result<(), ServerError> {
         if self.is_initialized() {
             return Ok(());
         }
@@ -286,13 +295,18 @@ impl Postgres {
     /// PostgreSQL refuses a key anyone but its owner, the server user, can read.
     fn install_certificate(&self, ca: &TestCa) -> Result<(), ServerError> {
         use std::os::unix::fs::PermissionsExt;
-        for (from, to) in [(ca.cert_file(), "server.crt"), (ca.key_file(), "server.key")] {
+        for (from, to) in [
+            (ca.cert_file(), "server.crt"),
+            (ca.key_file(), "server.key"),
+        ] {
             let to = self.data_dir.join(to);
             std::fs::copy(&from, &to).map_err(ServerError::io(&from))?;
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
                 .map_err(ServerError::io(&to))?;
             if running_as_root() {
-                run(Command::new("chown").arg(format!("{SERVER_USER}:")).arg(&to))?;
+                run(Command::new("chown")
+                    .arg(format!("{SERVER_USER}:"))
+                    .arg(&to))?;
             }
         }
         Ok(())

@@ -28,7 +28,13 @@ impl TestCa {
         })?;
         std::fs::create_dir_all(&ca.dir).map_err(ServerError::io(&ca.dir))?;
         let at = |name: &str| ca.dir.join(name);
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
         run(Command::new(&openssl)
             .args(["req", "-x509"])
             .args(ec)

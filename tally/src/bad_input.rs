@@ -100,7 +100,9 @@ fn get(path: &str, extra: &str) -> Vec<u8> {
 fn with_path(method: &str, path: &[u8]) -> Vec<u8> {
     let mut r = format!("{method} ").into_bytes();
     r.extend_from_slice(path);
-    r.extend_from_slice(b" HTTP/1.1\r\nHost: tally\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    r.extend_from_slice(
+        b" HTTP/1.1\r\nHost: tally\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    );
     r
 }
 
@@ -149,45 +151,95 @@ pub fn cases(voter: &str) -> Vec<Case> {
         case("wrong-type-array", Ingest, 400, vote(b"[\"a\"]")),
         case("empty-body", Ingest, 400, vote(b"")),
         case("deeply-nested-json", Ingest, 400, vote(&nested)),
-        case("invalid-utf8-body", Ingest, 400, vote(b"{\"option\":\"\xff\xfe\"}")),
+        case(
+            "invalid-utf8-body",
+            Ingest,
+            400,
+            vote(b"{\"option\":\"\xff\xfe\"}"),
+        ),
         case("huge-body", Ingest, 413, huge_body),
         case("stalled-body", Ingest, 408, stalled_body),
-        case("wrong-content-type", Ingest, 415, post(VOTES, "text/plain", &as_voter, b"{\"option\":\"a\"}")),
+        case(
+            "wrong-content-type",
+            Ingest,
+            415,
+            post(VOTES, "text/plain", &as_voter, b"{\"option\":\"a\"}"),
+        ),
         case("invalid-utf8-voter", Ingest, 400, invalid_utf8_voter),
         case(
             "oversized-cookie",
             Ingest,
             400,
-            post(VOTES, JSON, &format!("Cookie: voter_id={}\r\n", "c".repeat(16 * 1024)), b"{\"option\":\"a\"}"),
+            post(
+                VOTES,
+                JSON,
+                &format!("Cookie: voter_id={}\r\n", "c".repeat(16 * 1024)),
+                b"{\"option\":\"a\"}",
+            ),
         ),
         case(
             "sql-in-voter",
             Ingest,
             400,
-            post(VOTES, JSON, "X-Voter-Id: x';DROP TABLE ballots;--\r\n", b"{\"option\":\"a\"}"),
+            post(
+                VOTES,
+                JSON,
+                "X-Voter-Id: x';DROP TABLE ballots;--\r\n",
+                b"{\"option\":\"a\"}",
+            ),
         ),
-        case("sql-in-option", Ingest, 422, vote(b"{\"option\":\"a'; DROP TABLE ballots;--\"}")),
+        case(
+            "sql-in-option",
+            Ingest,
+            422,
+            vote(b"{\"option\":\"a'; DROP TABLE ballots;--\"}"),
+        ),
         case(
             "sql-in-poll",
             Ingest,
             404,
-            post("/v1/polls/x'%3BDROP%20TABLE%20ballots%3B--/votes", JSON, &as_voter, b"{\"option\":\"a\"}"),
+            post(
+                "/v1/polls/x'%3BDROP%20TABLE%20ballots%3B--/votes",
+                JSON,
+                &as_voter,
+                b"{\"option\":\"a\"}",
+            ),
         ),
         case(
             "path-traversal-encoded",
             Ingest,
             404,
-            post("/v1/polls/..%2F..%2Fetc%2Fpasswd/votes", JSON, &as_voter, b"{\"option\":\"a\"}"),
+            post(
+                "/v1/polls/..%2F..%2Fetc%2Fpasswd/votes",
+                JSON,
+                &as_voter,
+                b"{\"option\":\"a\"}",
+            ),
         ),
         case(
             "path-traversal",
             Ingest,
             404,
-            post("/v1/polls/../../etc/passwd/votes", JSON, &as_voter, b"{\"option\":\"a\"}"),
+            post(
+                "/v1/polls/../../etc/passwd/votes",
+                JSON,
+                &as_voter,
+                b"{\"option\":\"a\"}",
+            ),
         ),
         case("unknown-path", Ingest, 404, get("/wp-login.php", "")),
-        case("unknown-method", Ingest, 405, with_path("BREW", VOTES.as_bytes())),
-        case("wrong-method-metrics", Ingest, 405, with_path("DELETE", b"/metrics")),
+        case(
+            "unknown-method",
+            Ingest,
+            405,
+            with_path("BREW", VOTES.as_bytes()),
+        ),
+        case(
+            "wrong-method-metrics",
+            Ingest,
+            405,
+            with_path("DELETE", b"/metrics"),
+        ),
         case(
             "form-without-vote",
             Ingest,
@@ -198,20 +250,80 @@ pub fn cases(voter: &str) -> Vec<Case> {
             "sql-in-form",
             Ingest,
             422,
-            post("/", "application/x-www-form-urlencoded", &as_voter, b"vote=a'--"),
+            post(
+                "/",
+                "application/x-www-form-urlencoded",
+                &as_voter,
+                b"vote=a'--",
+            ),
         ),
-        bare(case("header-flood", Ingest, 431, get("/healthz", &header_flood))),
-        bare(case("huge-header", Ingest, 431, get("/healthz", &huge_header))),
-        bare(case("invalid-utf8-path", Ingest, 400, with_path("POST", b"/v1/polls/\xff\xfe/votes"))),
-        case("unknown-poll", Reader, 404, get("/v1/polls/nope/results", "")),
-        case("sql-in-poll", Reader, 404, get("/v1/polls/x'%20OR%201=1--/results", "")),
-        case("path-traversal-encoded", Reader, 404, get("/v1/polls/..%2F..%2Fetc%2Fpasswd/results", "")),
-        case("path-traversal", Reader, 404, get("/v1/polls/../../../etc/passwd", "")),
+        bare(case(
+            "header-flood",
+            Ingest,
+            431,
+            get("/healthz", &header_flood),
+        )),
+        bare(case(
+            "huge-header",
+            Ingest,
+            431,
+            get("/healthz", &huge_header),
+        )),
+        bare(case(
+            "invalid-utf8-path",
+            Ingest,
+            400,
+            with_path("POST", b"/v1/polls/\xff\xfe/votes"),
+        )),
+        case(
+            "unknown-poll",
+            Reader,
+            404,
+            get("/v1/polls/nope/results", ""),
+        ),
+        case(
+            "sql-in-poll",
+            Reader,
+            404,
+            get("/v1/polls/x'%20OR%201=1--/results", ""),
+        ),
+        case(
+            "path-traversal-encoded",
+            Reader,
+            404,
+            get("/v1/polls/..%2F..%2Fetc%2Fpasswd/results", ""),
+        ),
+        case(
+            "path-traversal",
+            Reader,
+            404,
+            get("/v1/polls/../../../etc/passwd", ""),
+        ),
         case("unknown-path", Reader, 404, get("/.env", "")),
-        case("unknown-method", Reader, 405, with_path("BREW", b"/v1/polls/default/results")),
-        case("write-to-reader", Reader, 405, post("/v1/polls/default/results", JSON, "", b"{}")),
-        bare(case("header-flood", Reader, 431, get("/v1/polls", &header_flood))),
-        bare(case("invalid-utf8-path", Reader, 400, with_path("GET", b"/v1/polls/\xff/results"))),
+        case(
+            "unknown-method",
+            Reader,
+            405,
+            with_path("BREW", b"/v1/polls/default/results"),
+        ),
+        case(
+            "write-to-reader",
+            Reader,
+            405,
+            post("/v1/polls/default/results", JSON, "", b"{}"),
+        ),
+        bare(case(
+            "header-flood",
+            Reader,
+            431,
+            get("/v1/polls", &header_flood),
+        )),
+        bare(case(
+            "invalid-utf8-path",
+            Reader,
+            400,
+            with_path("GET", b"/v1/polls/\xff/results"),
+        )),
     ];
     all.sort_by_key(|c| (c.target, c.name));
     all
@@ -233,7 +345,9 @@ pub fn parse_answer(buf: &[u8]) -> Option<Answer> {
     let mut length = 0;
     let mut is_json = false;
     for line in lines {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         if k.eq_ignore_ascii_case("content-length") {
             length = v.trim().parse().ok()?;
         } else if k.eq_ignore_ascii_case("content-type") {
@@ -491,7 +605,11 @@ async fn wellformed(stack: &Stack, opts: &Options, tag: &str, phase: &str) -> be
                 .header("content-type", "application/json")
                 .header("x-voter-id", format!("{prefix}-{n}"))
                 .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                    if n % 2 == 0 { br#"{"option":"a"}"# } else { br#"{"option":"b"}"# },
+                    if n % 2 == 0 {
+                        br#"{"option":"a"}"#
+                    } else {
+                        br#"{"option":"b"}"#
+                    },
                 )))
                 .expect("a valid request")
         });
@@ -550,7 +668,11 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                 round + 1,
                 opts.attack_rate,
                 cases.len(),
-                if round == 0 { format!(" and {} slow-loris connections", opts.slow_connections) } else { String::new() }
+                if round == 0 {
+                    format!(" and {} slow-loris connections", opts.slow_connections)
+                } else {
+                    String::new()
+                }
             );
         }
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -632,7 +754,10 @@ pub fn print(r: &Report) {
         "slow-loris: {}/{} closed by the server, the longest after {:.1} s",
         r.slow_loris.closed_by_server, r.slow_loris.opened, r.slow_loris.longest_open_seconds
     );
-    println!("ballots beyond the accepted well-formed votes: {}", r.stored);
+    println!(
+        "ballots beyond the accepted well-formed votes: {}",
+        r.stored
+    );
     for (name, p) in [("alone", &r.alone), ("under attack", &r.under_attack)] {
         println!(
             "well-formed votes {name:<12}: {:>8.0}/s accepted, p99 {:.1} ms, statuses {:?}",
@@ -666,7 +791,8 @@ mod tests {
                 json_error: None
             })
         );
-        let not_ours = b"HTTP/1.1 400 x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let not_ours =
+            b"HTTP/1.1 400 x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
         assert_eq!(parse_answer(not_ours).unwrap().json_error, None);
     }
 

@@ -182,13 +182,16 @@ impl Stack {
 
     /// The region called `name`, or an error naming the ones there are.
     pub fn region(&self, name: &str) -> anyhow::Result<&RegionPorts> {
-        self.regions.iter().find(|r| r.name == name).with_context(|| {
-            let names: Vec<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
-            format!(
-                "no region {name} in the local stack (it has {})",
-                names.join(", ")
-            )
-        })
+        self.regions
+            .iter()
+            .find(|r| r.name == name)
+            .with_context(|| {
+                let names: Vec<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
+                format!(
+                    "no region {name} in the local stack (it has {})",
+                    names.join(", ")
+                )
+            })
     }
 
     /// The region whose server is the primary now: the one set up as a primary, not as a

@@ -618,7 +618,9 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Wan(args) => {
             let config = args.config()?;
-            serve_role(&args.listen, |l| wan::run(l, config, web::shutdown_signal()))
+            serve_role(&args.listen, |l| {
+                wan::run(l, config, web::shutdown_signal())
+            })
         }
         Cmd::Local { command } => match command {
             LocalCmd::Up(args) => {

@@ -351,7 +351,11 @@ fn route(item: &str) -> anyhow::Result<replication::Route> {
             port: port.parse().ok()?,
         })
     });
-    parsed.ok_or_else(|| bad(format!("--replica-routes: {item:?} is not from>to=host:port")))
+    parsed.ok_or_else(|| {
+        bad(format!(
+            "--replica-routes: {item:?} is not from>to=host:port"
+        ))
+    })
 }
 
 #[derive(Debug, Args)]

@@ -64,11 +64,18 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
     let loris = &report["slow_loris"];
     assert_eq!(loris["opened"], 60, "{report}");
     assert_eq!(loris["closed_by_server"], 60, "{report}");
-    assert!(loris["longest_open_seconds"].as_f64().unwrap() < 13.0, "{report}");
+    assert!(
+        loris["longest_open_seconds"].as_f64().unwrap() < 13.0,
+        "{report}"
+    );
 
     let alone = report["alone"]["accepted"].as_u64().unwrap();
     assert!(alone > 1_000, "{report}");
     assert!(report["rate_ratio"].as_f64().unwrap() >= 0.8, "{report}");
     assert_eq!(report["passed"], true, "{report}");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

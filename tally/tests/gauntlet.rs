@@ -41,7 +41,10 @@ fn every_fault_loses_nothing_and_doubles_nothing() {
     let board: serde_json::Value = serde_json::from_str(&out).unwrap();
     let on_disk: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
-    assert_eq!(board, on_disk, "the saved scoreboard is not the printed one");
+    assert_eq!(
+        board, on_disk,
+        "the saved scoreboard is not the printed one"
+    );
 
     let rows = board["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["fault"].as_str().unwrap()).collect();
@@ -57,16 +60,24 @@ fn every_fault_loses_nothing_and_doubles_nothing() {
     // Faults that take a region's ingest or its Redis away are seen by voters as errors
     // (503s, refused connections), never as lost votes.
     let errors = |fault: &str| {
-        rows.iter()
-            .find(|r| r["fault"] == fault)
-            .unwrap()["errors_seen"]
+        rows.iter().find(|r| r["fault"] == fault).unwrap()["errors_seen"]
             .as_u64()
             .unwrap()
     };
     assert!(errors("redis-kill") > 0, "{board}");
     assert_eq!(
-        (&board["lost"], &board["doubled"], &board["crashes"], &board["failed"]),
-        (&serde_json::json!(0), &serde_json::json!(0), &serde_json::json!(0), &serde_json::json!(0)),
+        (
+            &board["lost"],
+            &board["doubled"],
+            &board["crashes"],
+            &board["failed"]
+        ),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        ),
         "{board}"
     );
 }

@@ -13,7 +13,11 @@ use servers::AclUser;
 const INGEST_PASSWORD: &str = "ingest-5ecret-Zq81";
 const AGGREGATOR_PASSWORD: &str = "aggregator-5ecret-Kp27";
 
-async fn as_user(port: u16, user: &str, password: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+async fn as_user(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     redis::Client::open(format!("redis://{user}:{password}@127.0.0.1:{port}/"))?
         .get_multiplexed_async_connection()
         .await
@@ -61,14 +65,26 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
     let ingest_at = listen();
     let ingest_redis = format!("redis://tally-ingest:{INGEST_PASSWORD}@127.0.0.1:{port}/");
     let ingest = Role::start(
-        &["ingest", "--listen", &ingest_at, "--redis-urls", &ingest_redis, "--postgres-url", &role_url(db::INGEST_ROLE)],
+        &[
+            "ingest",
+            "--listen",
+            &ingest_at,
+            "--redis-urls",
+            &ingest_redis,
+            "--postgres-url",
+            &role_url(db::INGEST_ROLE),
+        ],
         &info,
         logs.path().join("ingest.log"),
     );
-    until("ingest ready as its own users", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&ingest_at).is_ok()
-            && status(&http_get(&ingest_at, "/readyz", "")) == 200
-    })
+    until(
+        "ingest ready as its own users",
+        Duration::from_secs(30),
+        || {
+            std::net::TcpStream::connect(&ingest_at).is_ok()
+                && status(&http_get(&ingest_at, "/readyz", "")) == 200
+        },
+    )
     .await;
     for n in 0..20 {
         let r = vote(&ingest_at, &format!("acl-voter-{n}"), "a");
@@ -92,7 +108,10 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
     let start = Instant::now();
     loop {
         let n: i64 = client
-            .query_one("SELECT count(*) FROM ballots WHERE voter_id LIKE 'acl-voter-%'", &[])
+            .query_one(
+                "SELECT count(*) FROM ballots WHERE voter_id LIKE 'acl-voter-%'",
+                &[],
+            )
             .await?
             .get(0);
         if n == 20 {
@@ -106,16 +125,28 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut queue = redis.connection().await?;
-    let left: u64 = redis::cmd("LLEN").arg(model::queue::VOTES).query_async(&mut queue).await?;
+    let left: u64 = redis::cmd("LLEN")
+        .arg(model::queue::VOTES)
+        .query_async(&mut queue)
+        .await?;
     assert_eq!(left, 0);
 
     // Ingest can push and nothing else: not read, pop, move, delete, touch other keys or the server.
     let mut ingest_user = as_user(port, "tally-ingest", INGEST_PASSWORD).await?;
-    assert_eq!(refusal(&mut ingest_user, &["RPUSH", "tally:votes", "x"]).await, "allowed");
+    assert_eq!(
+        refusal(&mut ingest_user, &["RPUSH", "tally:votes", "x"]).await,
+        "allowed"
+    );
     for args in [
         &["LPOP", "tally:votes"][..],
         &["LRANGE", "tally:votes", "0", "-1"],
-        &["LMOVE", "tally:votes", "tally:inflight:x:1", "LEFT", "RIGHT"],
+        &[
+            "LMOVE",
+            "tally:votes",
+            "tally:inflight:x:1",
+            "LEFT",
+            "RIGHT",
+        ],
         &["DEL", "tally:votes"],
         &["RPUSH", "tally:dead", "x"],
         &["SET", "other", "x"],
@@ -129,16 +160,42 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
     }
     // The aggregator pops and moves, pushes only onto in-flight lists and dead letters.
     let mut aggregator_user = as_user(port, "tally-aggregator", AGGREGATOR_PASSWORD).await?;
-    let got = refusal(&mut aggregator_user, &["LMOVE", "tally:votes", "tally:inflight:t:1", "LEFT", "RIGHT"]).await;
+    let got = refusal(
+        &mut aggregator_user,
+        &[
+            "LMOVE",
+            "tally:votes",
+            "tally:inflight:t:1",
+            "LEFT",
+            "RIGHT",
+        ],
+    )
+    .await;
     assert!(refused(&got), "LMOVE is not needed (BLMOVE is): {got}");
     assert_eq!(
-        refusal(&mut aggregator_user, &["BLMOVE", "tally:votes", "tally:inflight:t:1", "LEFT", "RIGHT", "0.1"]).await,
+        refusal(
+            &mut aggregator_user,
+            &[
+                "BLMOVE",
+                "tally:votes",
+                "tally:inflight:t:1",
+                "LEFT",
+                "RIGHT",
+                "0.1"
+            ]
+        )
+        .await,
         "allowed"
     );
     for args in [
         &["RPUSH", "tally:votes", "forged"][..],
         &["LPUSH", "tally:votes", "forged"],
-        &["EVAL", "return redis.call('RPUSH', KEYS[1], 'forged')", "1", "tally:votes"],
+        &[
+            "EVAL",
+            "return redis.call('RPUSH', KEYS[1], 'forged')",
+            "1",
+            "tally:votes",
+        ],
         &["SET", "other", "x"],
         &["GET", "other"],
         &["FLUSHALL"],
@@ -148,7 +205,10 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
         let got = refusal(&mut aggregator_user, args).await;
         assert!(refused(&got), "aggregator: {args:?}: {got}");
     }
-    let left: u64 = redis::cmd("LLEN").arg(model::queue::VOTES).query_async(&mut queue).await?;
+    let left: u64 = redis::cmd("LLEN")
+        .arg(model::queue::VOTES)
+        .query_async(&mut queue)
+        .await?;
     assert_eq!(left, 0, "a forged vote reached the queue");
     assert!(
         as_user(port, "tally-ingest", "wrong").await.is_err(),
@@ -156,8 +216,14 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
     );
 
     // A URL the role refuses is reported without its password.
-    let out = command(&["ingest", "--redis-urls", &format!("http://tally-ingest:{INGEST_PASSWORD}@x/"), "--postgres-url", "postgres://x"])
-        .output()?;
+    let out = command(&[
+        "ingest",
+        "--redis-urls",
+        &format!("http://tally-ingest:{INGEST_PASSWORD}@x/"),
+        "--postgres-url",
+        "postgres://x",
+    ])
+    .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("tally-ingest:***@x"), "{err}");
@@ -167,7 +233,10 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
     drop(aggregator);
     for log in ["ingest.log", "aggregator.log"] {
         let text = std::fs::read_to_string(logs.path().join(log))?;
-        assert!(!text.is_empty(), "{log} is empty: the grep would prove nothing");
+        assert!(
+            !text.is_empty(),
+            "{log} is empty: the grep would prove nothing"
+        );
         for secret in [INGEST_PASSWORD, AGGREGATOR_PASSWORD] {
             assert!(!text.contains(secret), "{log} holds a password:\n{text}");
         }

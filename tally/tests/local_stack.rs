@@ -45,7 +45,11 @@ fn up_status_poll_and_down() {
     );
     // A second `up` changes nothing and succeeds.
     ok(&["local", "up", "--dir", dir]);
-    assert_eq!(pids(stack.path()), running, "a second up restarted something");
+    assert_eq!(
+        pids(stack.path()),
+        running,
+        "a second up restarted something"
+    );
 
     let status: serde_json::Value =
         serde_json::from_str(&ok(&["local", "status", "--dir", dir, "--json"])).unwrap();

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use common::{command, http_get, listen, status, until, vote, Role};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -> anyhow::Result<()> {
+async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -> anyhow::Result<()>
+{
     let (ca_dir, ca) = harness::test_ca()?;
     let ca_file = ca.ca_file();
     let with_ca = [(tls::ENV_CA_FILE, ca_file.to_str().unwrap())];
@@ -24,7 +25,15 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     // With the CA: a vote goes ingest -> Redis -> aggregator -> PostgreSQL -> reader, all over TLS.
     let ingest_at = listen();
     let ingest = Role::start(
-        &["ingest", "--listen", &ingest_at, "--redis-urls", &redis_url, "--postgres-url", &pg_url],
+        &[
+            "ingest",
+            "--listen",
+            &ingest_at,
+            "--redis-urls",
+            &redis_url,
+            "--postgres-url",
+            &pg_url,
+        ],
         &with_ca,
         logs.join("ingest.log"),
     );
@@ -43,7 +52,15 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     assert_eq!(queued, 1, "the vote is in the TLS-only Redis");
 
     let _aggregator = Role::start(
-        &["aggregator", "--listen", &listen(), "--redis-urls", &redis_url, "--postgres-url", &pg_url],
+        &[
+            "aggregator",
+            "--listen",
+            &listen(),
+            "--redis-urls",
+            &redis_url,
+            "--postgres-url",
+            &pg_url,
+        ],
         &with_ca,
         logs.join("aggregator.log"),
     );
@@ -51,13 +68,19 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     let start = Instant::now();
     loop {
         let n: i64 = client
-            .query_one("SELECT count(*) FROM ballots WHERE voter_id = 'tls-voter'", &[])
+            .query_one(
+                "SELECT count(*) FROM ballots WHERE voter_id = 'tls-voter'",
+                &[],
+            )
             .await?
             .get(0);
         if n == 1 {
             break;
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the aggregator never wrote the ballot over TLS");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the aggregator never wrote the ballot over TLS"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -67,12 +90,16 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
         &with_ca,
         logs.join("reader.log"),
     );
-    until("the reader serves the count read over TLS", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(&reader_at).is_ok() && {
-            let r = http_get(&reader_at, "/v1/polls/default/results", "");
-            status(&r) == 200 && r.contains(r#""b":1"#)
-        }
-    })
+    until(
+        "the reader serves the count read over TLS",
+        Duration::from_secs(30),
+        || {
+            std::net::TcpStream::connect(&reader_at).is_ok() && {
+                let r = http_get(&reader_at, "/v1/polls/default/results", "");
+                status(&r) == 200 && r.contains(r#""b":1"#)
+            }
+        },
+    )
     .await;
 
     // Without the CA, the server's certificate is not trusted, and the error says what to set.
@@ -111,9 +138,15 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
         &with_ca,
         logs.join("plain-ingest.log"),
     );
-    until("the plain ingest says why its shard is down", Duration::from_secs(30), || {
-        plain_ingest.log().contains("its URL must start with rediss://")
-    })
+    until(
+        "the plain ingest says why its shard is down",
+        Duration::from_secs(30),
+        || {
+            plain_ingest
+                .log()
+                .contains("its URL must start with rediss://")
+        },
+    )
     .await;
     let readyz = http_get(&plain_at, "/readyz", "");
     assert_eq!(status(&readyz), 503, "{readyz}");
@@ -128,9 +161,17 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     // A CA file that is not one stops a role before it binds its port.
     let not_a_ca = logs.join("not-a-ca.pem");
     std::fs::write(&not_a_ca, "hello\n")?;
-    let out = command(&["ingest", "--listen", &listen(), "--redis-urls", &redis_url, "--postgres-url", &pg_url])
-        .env(tls::ENV_CA_FILE, &not_a_ca)
-        .output()?;
+    let out = command(&[
+        "ingest",
+        "--listen",
+        &listen(),
+        "--redis-urls",
+        &redis_url,
+        "--postgres-url",
+        &pg_url,
+    ])
+    .env(tls::ENV_CA_FILE, &not_a_ca)
+    .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("holds no PEM certificate"), "{err}");

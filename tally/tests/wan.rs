@@ -73,19 +73,39 @@ fn seventy_ms_between_regions_holds_commits_back_and_loses_nothing() {
         assert!(open(&seen, from, "us-east-1") >= 2, "{from}: {seen}");
     }
     // Every commit waits until a replica 70 ms away has it and says so 70 ms later.
-    let primary = st["regions"][0]["postgres_url"].as_str().unwrap().to_string();
+    let primary = st["regions"][0]["postgres_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let took = three_commits(&primary);
-    assert!(took >= Duration::from_millis(3 * 140), "three commits took {took:?}");
+    assert!(
+        took >= Duration::from_millis(3 * 140),
+        "three commits took {took:?}"
+    );
 
     let report: serde_json::Value = serde_json::from_str(&ok(&[
-        "drill", "primary-failover", "--rate", "5000", "--seconds", "20", "--json", "--dir", dir,
+        "drill",
+        "primary-failover",
+        "--rate",
+        "5000",
+        "--seconds",
+        "20",
+        "--json",
+        "--dir",
+        dir,
     ]))
     .unwrap();
     assert_eq!(report["lost"], 0, "{report}");
     assert_eq!(report["doubled"], 0, "{report}");
     assert_eq!(report["counted"], report["acknowledged"], "{report}");
-    assert!(report["acknowledged"].as_u64().unwrap() >= 95_000, "{report}");
-    assert!(report["recovery_seconds"].as_f64().unwrap() < 30.0, "{report}");
+    assert!(
+        report["acknowledged"].as_u64().unwrap() >= 95_000,
+        "{report}"
+    );
+    assert!(
+        report["recovery_seconds"].as_f64().unwrap() < 30.0,
+        "{report}"
+    );
 
     // The other two servers follow the new primary across the links, the old one rewound.
     let new = report["new_primary"].as_str().unwrap().to_string();
@@ -107,5 +127,9 @@ fn seventy_ms_between_regions_holds_commits_back_and_loses_nothing() {
         String::from_utf8_lossy(&too_far.stderr).contains("over the most allowed"),
         "{too_far:?}"
     );
-    assert_eq!(status(dir)["wan_ms"], 0, "a refused delay changed the stack");
+    assert_eq!(
+        status(dir)["wan_ms"],
+        0,
+        "a refused delay changed the stack"
+    );
 }

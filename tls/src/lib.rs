@@ -271,7 +271,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
         let err = load(Some(&missing)).err().unwrap().to_string();
-        assert!(err.contains("cannot read the CA file") && err.contains("missing.pem"), "{err}");
+        assert!(
+            err.contains("cannot read the CA file") && err.contains("missing.pem"),
+            "{err}"
+        );
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let err = load(Some(&empty)).err().unwrap().to_string();
@@ -280,9 +283,15 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted_and_nothing_else() {
-        assert_eq!(redact("redis://tally-ingest:s3cr%40t@10.0.0.1:6379/"), "redis://tally-ingest:***@10.0.0.1:6379/");
+        assert_eq!(
+            redact("redis://tally-ingest:s3cr%40t@10.0.0.1:6379/"),
+            "redis://tally-ingest:***@10.0.0.1:6379/"
+        );
         assert_eq!(redact("rediss://:pw@h:1"), "rediss://:***@h:1");
-        assert_eq!(redact("postgres://tally_reader@h/tally?sslmode=require"), "postgres://tally_reader@h/tally?sslmode=require");
+        assert_eq!(
+            redact("postgres://tally_reader@h/tally?sslmode=require"),
+            "postgres://tally_reader@h/tally?sslmode=require"
+        );
         assert_eq!(redact("redis://h:1/"), "redis://h:1/");
         assert_eq!(redact("not a url"), "not a url");
     }

@@ -60,8 +60,7 @@ impl Link {
         let (listen, upstream) = addrs.split_once('=').ok_or_else(bad)?;
         let region_ok = |r: &str| {
             !r.is_empty()
-                && r
-                    .chars()
+                && r.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         };
         if !region_ok(from) || !region_ok(to) {
@@ -180,7 +179,11 @@ mod tests {
             "a b>c@127.0.0.1:1=127.0.0.1:2",
             "a>b@localhost:1=127.0.0.1:2",
         ] {
-            assert_eq!(Link::parse(bad), Err(WanError::BadLink(bad.into())), "{bad}");
+            assert_eq!(
+                Link::parse(bad),
+                Err(WanError::BadLink(bad.into())),
+                "{bad}"
+            );
         }
         let twice = "a>b@127.0.0.1:1=127.0.0.1:2,b>a@127.0.0.1:1=127.0.0.1:3";
         assert_eq!(

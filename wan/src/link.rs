@@ -102,7 +102,12 @@ impl Links {
     /// Drops every connection on the links to and from `region`, and refuses new ones, until
     /// [`Links::heal`]. Returns whether anything changed.
     pub fn cut(&self, region: &str) -> bool {
-        let changed = self.0.cut.lock().expect("cut set").insert(region.to_string());
+        let changed = self
+            .0
+            .cut
+            .lock()
+            .expect("cut set")
+            .insert(region.to_string());
         if changed {
             self.0.cuts.send_modify(|n| *n += 1);
             tracing::warn!(region, "region cut off");
@@ -129,7 +134,14 @@ impl Links {
 
     pub fn status(&self) -> Status {
         // Collected before the links: `is_cut` takes the same lock.
-        let cut_regions = self.0.cut.lock().expect("cut set").iter().cloned().collect();
+        let cut_regions = self
+            .0
+            .cut
+            .lock()
+            .expect("cut set")
+            .iter()
+            .cloned()
+            .collect();
         Status {
             delay_ms: self.delay().as_secs_f64() * 1000.0,
             cut_regions,

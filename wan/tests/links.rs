@@ -45,7 +45,11 @@ async fn start(delay_ms: u64) -> anyhow::Result<Wan> {
         let _ = stopped.await;
     }));
     control.wait_ready(Duration::from_secs(10)).await?;
-    Ok(Wan { control, link, stop })
+    Ok(Wan {
+        control,
+        link,
+        stop,
+    })
 }
 
 async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -62,7 +66,10 @@ async fn a_round_trip_takes_the_delay_each_way() -> anyhow::Result<()> {
     let start = Instant::now();
     assert_eq!(round_trip(&mut s, b"ping").await?, b"ping");
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(300), "round trip took {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "round trip took {took:?}"
+    );
     let _ = wan.stop.send(());
     Ok(())
 }
@@ -92,7 +99,10 @@ async fn chunks_in_flight_share_the_delay() -> anyhow::Result<()> {
     assert_eq!(back.len(), sent.len());
     assert!(back == sent, "bytes changed or reordered on the way");
     assert!(took >= Duration::from_millis(400), "took {took:?}");
-    assert!(took < Duration::from_secs(8), "took {took:?}: held in series");
+    assert!(
+        took < Duration::from_secs(8),
+        "took {took:?}: held in series"
+    );
     let _ = wan.stop.send(());
     Ok(())
 }
@@ -141,12 +151,24 @@ async fn the_delay_changes_live_and_bad_requests_are_refused() -> anyhow::Result
     assert!(start.elapsed() >= Duration::from_millis(240));
 
     let too_long = c.request(Method::POST, "/delay?ms=60000", &[], "").await?;
-    assert_eq!((too_long.status.as_u16(), too_long.error_code().as_str()), (400, "bad_delay"));
-    assert!(too_long.text().contains("over the most allowed"), "{}", too_long.text());
+    assert_eq!(
+        (too_long.status.as_u16(), too_long.error_code().as_str()),
+        (400, "bad_delay")
+    );
+    assert!(
+        too_long.text().contains("over the most allowed"),
+        "{}",
+        too_long.text()
+    );
     let no_ms = c.request(Method::POST, "/delay?seconds=1", &[], "").await?;
     assert_eq!(no_ms.status, 400);
-    let unknown = c.request(Method::POST, "/cut?region=mars-1", &[], "").await?;
-    assert_eq!((unknown.status.as_u16(), unknown.error_code().as_str()), (404, "unknown_region"));
+    let unknown = c
+        .request(Method::POST, "/cut?region=mars-1", &[], "")
+        .await?;
+    assert_eq!(
+        (unknown.status.as_u16(), unknown.error_code().as_str()),
+        (404, "unknown_region")
+    );
     let wrong_method = c.get("/cut?region=us-east-1").await?;
     assert_eq!(wrong_method.status, 405);
     // None of that changed anything.
@@ -165,6 +187,10 @@ async fn a_port_already_taken_is_a_clear_error() -> anyhow::Result<()> {
     let config = wan::Config::parse(&format!("a>b@{addr}=127.0.0.1:1"), 0)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let err = wan::run(listener, config, async {}).await.unwrap_err();
-    assert!(err.to_string().starts_with(&format!("cannot listen on {addr}")), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot listen on {addr}")),
+        "{err}"
+    );
     Ok(())
 }
