@@ -59,5 +59,5 @@ impl ServerError {
 
 /// Installing the servers, for error messages.
 pub const INSTALL_HINT: &str =
-    "install PostgreSQL 15 and Redis 7 (Debian/Ubuntu: `sudo apt-get install postgresql redis-server`; \
+    "install PostgreSQL 15, Redis 7 and openssl (Debian/Ubuntu: `sudo apt-get install postgresql redis-server redis-tools openssl`; \
      elsewhere put initdb, pg_ctl, pg_basebackup and redis-server on PATH or set TALLY_PG_BIN)";
