@@ -234,18 +234,28 @@ mod tests {
         "[A-Za-z0-9_-]{1,32}"
     }
 
-    proptest! {
-        #[test]
-        fn round_trips_every_field(id: u128, at: u64, poll in name(), option in name(),
-                                   voter in "[!-~]{1,128}", region in name()) {
-            let v = Vote {
+    fn any_vote() -> impl Strategy<Value = Vote> {
+        (
+            any::<u128>(),
+            any::<u64>(),
+            name(),
+            name(),
+            "[!-~]{1,128}",
+            name(),
+        )
+            .prop_map(|(id, at, poll, option, voter, region)| Vote {
                 id: VoteId(id),
                 poll: PollId::new(poll).unwrap(),
                 option: OptionId::new(option).unwrap(),
                 voter: VoterId::new(voter).unwrap(),
                 cast_at: Stamp(at),
                 region: RegionName::new(region).unwrap(),
-            };
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_every_field(v in any_vote()) {
             prop_assert_eq!(decode(&encode(&v)), Ok(v));
         }
 
@@ -259,18 +269,10 @@ mod tests {
         /// a valid vote that encodes back to the same bytes: nothing half-read is ever counted.
         #[test]
         fn damaged_payloads_are_refused_or_decode_to_exactly_what_they_say(
-            id: u128, at: u64, poll in name(), option in name(), voter in "[!-~]{1,128}",
+            v in any_vote(),
             cut in any::<proptest::sample::Index>(),
             damage in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..4),
         ) {
-            let v = Vote {
-                id: VoteId(id),
-                poll: PollId::new(poll).unwrap(),
-                option: OptionId::new(option).unwrap(),
-                voter: VoterId::new(voter).unwrap(),
-                cast_at: Stamp(at),
-                region: RegionName::new("us-east-1").unwrap(),
-            };
             let mut bytes = encode(&v);
             for (at, byte) in &damage {
                 let i = at.index(bytes.len());

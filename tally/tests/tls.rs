@@ -24,16 +24,21 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
 
     // With the CA: a vote goes ingest -> Redis -> aggregator -> PostgreSQL -> reader, all over TLS.
     let ingest_at = listen();
-    let ingest = Role::start(
-        &[
+    let ingest_args = |listen: &str, redis: &str| -> [String; 7] {
+        [
             "ingest",
             "--listen",
-            &ingest_at,
+            listen,
             "--redis-urls",
-            &redis_url,
+            redis,
             "--postgres-url",
             &pg_url,
-        ],
+        ]
+        .map(String::from)
+    };
+    let args = ingest_args(&ingest_at, &redis_url);
+    let ingest = Role::start(
+        &args.each_ref().map(String::as_str),
         &with_ca,
         logs.join("ingest.log"),
     );
@@ -125,16 +130,9 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     // A plain redis:// URL to the TLS-only Redis: ingest is not ready, votes get 503, and the
     // log says what the URL must be.
     let plain_at = listen();
+    let args = ingest_args(&plain_at, &redis_url.replace("rediss://", "redis://"));
     let plain_ingest = Role::start(
-        &[
-            "ingest",
-            "--listen",
-            &plain_at,
-            "--redis-urls",
-            &redis_url.replace("rediss://", "redis://"),
-            "--postgres-url",
-            &pg_url,
-        ],
+        &args.each_ref().map(String::as_str),
         &with_ca,
         logs.join("plain-ingest.log"),
     );
@@ -161,17 +159,10 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     // A CA file that is not one stops a role before it binds its port.
     let not_a_ca = logs.join("not-a-ca.pem");
     std::fs::write(&not_a_ca, "hello\n")?;
-    let out = command(&[
-        "ingest",
-        "--listen",
-        &listen(),
-        "--redis-urls",
-        &redis_url,
-        "--postgres-url",
-        &pg_url,
-    ])
-    .env(tls::ENV_CA_FILE, &not_a_ca)
-    .output()?;
+    let args = ingest_args(&listen(), &redis_url);
+    let out = command(&args.each_ref().map(String::as_str))
+        .env(tls::ENV_CA_FILE, &not_a_ca)
+        .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("holds no PEM certificate"), "{err}");
