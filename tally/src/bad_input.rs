@@ -37,7 +37,7 @@ const ROUNDS: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Seconds of each phase: well-formed votes alone, then under attack.
+    /// Seconds of well-formed votes alone, and as many under attack, each split into [`ROUNDS`].
     pub seconds: u64,
     /// Keep-alive connections to each region's ingest sending well-formed votes back to back.
     pub connections_per_region: usize,
@@ -620,18 +620,11 @@ async fn wellformed(stack: &Stack, opts: &Options, tag: &str, phase: &str) -> be
             make,
         ));
     }
-    let mut total: Option<bench::load::Outcome> = None;
+    let mut outcomes = Vec::new();
     while let Some(Ok(o)) = runs.join_next().await {
-        match &mut total {
-            None => total = Some(o),
-            // The regions ran side by side: their answers add up, their time does not.
-            Some(t) => {
-                t.merge(&o);
-                t.elapsed = t.elapsed.max(o.elapsed);
-            }
-        }
+        outcomes.push(o);
     }
-    total.expect("a stack has regions")
+    bench::load::side_by_side(outcomes).expect("a stack has regions")
 }
 
 /// Runs the suite against a running local stack: well-formed votes alone, then again with the

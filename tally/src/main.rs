@@ -101,7 +101,7 @@ enum Cmd {
     BadInput {
         #[command(flatten)]
         dir: DirArg,
-        /// Seconds of each of the two phases.
+        /// Seconds of well-formed votes alone, and as many under attack (taking turns in 3 rounds).
         #[arg(long, default_value_t = 15)]
         seconds: u64,
         /// Connections per region sending well-formed votes back to back.

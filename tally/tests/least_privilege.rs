@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{command, http_get, listen, status, until, vote, Role};
+use common::{command, http_get, listen, status, until, vote, wait_for_count, Role};
 use servers::AclUser;
 
 const INGEST_PASSWORD: &str = "ingest-5ecret-Zq81";
@@ -105,25 +105,18 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
         logs.path().join("aggregator.log"),
     );
     let client = pg.client().await?;
-    let start = Instant::now();
-    loop {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM ballots WHERE voter_id LIKE 'acl-voter-%'",
-                &[],
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM ballots WHERE voter_id LIKE 'acl-voter-%'",
+        20,
+        |n| {
+            format!(
+                "{n}/20 ballots: the aggregator's user lacks a right it needs?\n{}",
+                aggregator.log()
             )
-            .await?
-            .get(0);
-        if n == 20 {
-            break;
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "{n}/20 ballots: the aggregator's user lacks a right it needs?\n{}",
-            aggregator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await?;
     let mut queue = redis.connection().await?;
     let left: u64 = redis::cmd("LLEN")
         .arg(model::queue::VOTES)

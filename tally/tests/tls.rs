@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{command, http_get, listen, status, until, vote, Role};
+use common::{command, http_get, listen, status, until, vote, wait_for_count, Role};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -> anyhow::Result<()>
@@ -70,24 +70,13 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
         logs.join("aggregator.log"),
     );
     let client = pg.client().await?;
-    let start = Instant::now();
-    loop {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM ballots WHERE voter_id = 'tls-voter'",
-                &[],
-            )
-            .await?
-            .get(0);
-        if n == 1 {
-            break;
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "the aggregator never wrote the ballot over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM ballots WHERE voter_id = 'tls-voter'",
+        1,
+        |_| "the aggregator never wrote the ballot over TLS".into(),
+    )
+    .await?;
 
     let reader_at = listen();
     let _reader = Role::start(

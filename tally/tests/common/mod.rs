@@ -144,3 +144,22 @@ pub fn vote(addr: &str, voter: &str, option: &str) -> String {
 pub fn listen() -> String {
     format!("127.0.0.1:{}", servers::free_port())
 }
+
+/// Waits until `count_sql` (a `SELECT count(*)`) on `client` gives `want`; `why` says what a
+/// timeout would mean.
+pub async fn wait_for_count(
+    client: &db::Client,
+    count_sql: &str,
+    want: i64,
+    why: impl Fn(i64) -> String,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let n: i64 = client.query_one(count_sql, &[]).await?.get(0);
+        if n == want {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "{}", why(n));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
