@@ -274,17 +274,11 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
             }
         })
     };
-    let mut outcome: Option<bench::load::Outcome> = None;
+    let mut outcomes = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let (o, _) = t.await?;
-        match &mut outcome {
-            None => outcome = Some(o),
-            Some(total) => {
-                total.merge(&o);
-                total.elapsed = total.elapsed.max(o.elapsed);
-            }
-        }
+        outcomes.push(t.await?.0);
     }
+    let outcome = bench::load::side_by_side(outcomes);
     progress.abort();
     let _ = stop_edge.send(true);
     let _ = edge.await;
@@ -431,15 +425,24 @@ pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> 
     }
     let primary = db::connect(&stack.primary_url()).await?;
     let lsn = replication::current_lsn(&primary).await?;
-    let primary_region = stack.primary().name.clone();
-    for r in stack.regions.iter().filter(|r| r.name != primary_region) {
+    // Every server is asked, not the ones the data directories call replicas: while a failed
+    // primary is rewound its directory looks like a primary's, and the real primary would then be
+    // waited on as a replica, for ever.
+    for r in &stack.regions {
         // A replica just rewound or restarted refuses connections until it is consistent.
         loop {
-            let replayed = match db::connect(&stack.server_url(r)).await {
-                Ok(replica) => replication::has_replayed(&replica, &lsn).await.ok(),
+            let caught_up = match db::connect(&stack.server_url(r)).await {
+                Ok(server) => server
+                    .query_one(
+                        "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                        &[&lsn],
+                    )
+                    .await
+                    .ok()
+                    .map(|row| row.get::<_, bool>(0)),
                 Err(_) => None,
             };
-            if replayed == Some(true) {
+            if caught_up == Some(true) {
                 break;
             }
             anyhow::ensure!(
