@@ -148,11 +148,7 @@ async fn crashes_at_random_instants_lose_nothing_and_double_nothing() -> anyhow:
         tokio::spawn(async move {
             let mut cons = Vec::new();
             for u in &urls {
-                cons.push(
-                    redis::Client::open(u.as_str())?
-                        .get_multiplexed_async_connection()
-                        .await?,
-                );
+                cons.push(harness::redis_connection(u).await?);
             }
             for part in votes.chunks(600) {
                 for v in part {

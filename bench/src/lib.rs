@@ -47,6 +47,30 @@ impl Comparison {
         }
     }
 
+    /// From alternating rounds: the mean rates, and as the ratio the median of the round pairs'
+    /// ratios (each pair's ratio is in `details.pair_ratios`).
+    pub fn alternated(
+        role: &str,
+        baseline: &str,
+        rounds: &load::Alternation,
+        mut details: serde_json::Value,
+    ) -> Self {
+        if let Some(map) = details.as_object_mut() {
+            map.insert(
+                "pair_ratios".into(),
+                serde_json::json!(rounds.pair_ratios()),
+            );
+        }
+        Self {
+            role: role.into(),
+            rate: rounds.tally_rate(),
+            baseline: baseline.into(),
+            baseline_rate: rounds.baseline_rate(),
+            ratio: rounds.ratio(),
+            details,
+        }
+    }
+
     /// `<role>: <rate>/s vs <baseline>: <rate>/s = <ratio>x`
     pub fn line(&self) -> String {
         format!(

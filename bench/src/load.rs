@@ -192,31 +192,91 @@ pub async fn closed_loop(
     total
 }
 
-/// Baseline and Tally measured in alternating rounds under the same load, after a warm-up of each,
-/// so drift on a shared machine hits both alike. Returns (baseline rate, Tally rate, Tally's last
-/// round) in successful answers per second.
+/// Round pairs [`alternate`] runs unless told otherwise: enough that one disturbed round does not
+/// decide the median.
+pub const DEFAULT_PAIRS: usize = 5;
+
+/// Baseline and Tally measured in alternating rounds under the same load: what each round pair
+/// measured, and Tally's last round.
+pub struct Alternation {
+    /// Successful answers per second, one per round.
+    pub baseline: Vec<f64>,
+    pub tally: Vec<f64>,
+    pub last: Outcome,
+}
+
+impl Alternation {
+    pub fn baseline_rate(&self) -> f64 {
+        mean(&self.baseline)
+    }
+
+    pub fn tally_rate(&self) -> f64 {
+        mean(&self.tally)
+    }
+
+    /// Each pair's Tally rate over its baseline rate. A pair runs back to back, so drift on a
+    /// shared machine between pairs cancels out of each ratio.
+    pub fn pair_ratios(&self) -> Vec<f64> {
+        self.tally
+            .iter()
+            .zip(&self.baseline)
+            .map(|(t, b)| if *b > 0.0 { t / b } else { 0.0 })
+            .collect()
+    }
+
+    /// The median pair ratio: one noisy round moves it less than it moves the ratio of means.
+    pub fn ratio(&self) -> f64 {
+        let mut ratios = self.pair_ratios();
+        ratios.sort_by(f64::total_cmp);
+        match ratios.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        }
+    }
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+/// `pairs` rounds of each, after a warm-up of each. The order within a pair alternates too, so
+/// neither side always runs on the warmer (or more loaded) half of a pair.
 pub async fn alternate(
     baseline: SocketAddr,
     tally: SocketAddr,
     connections: usize,
     round: Duration,
+    pairs: usize,
     make: MakeRequest,
-) -> (f64, f64, Outcome) {
+) -> Alternation {
     closed_loop(baseline, connections, Duration::from_secs(1), make.clone()).await;
     closed_loop(tally, connections, Duration::from_secs(1), make.clone()).await;
-    let (mut base_runs, mut tally_runs) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
-        base_runs.push(closed_loop(baseline, connections, round, make.clone()).await);
-        tally_runs.push(closed_loop(tally, connections, round, make.clone()).await);
-    }
-    let rate = |runs: &[Outcome]| {
-        runs.iter()
-            .map(|o| o.ok() as f64 / o.elapsed.as_secs_f64())
-            .sum::<f64>()
-            / runs.len() as f64
+    let rate = |o: &Outcome| o.ok() as f64 / o.elapsed.as_secs_f64();
+    let mut result = Alternation {
+        baseline: Vec::with_capacity(pairs),
+        tally: Vec::with_capacity(pairs),
+        last: Outcome::new(),
     };
-    let (b, t) = (rate(&base_runs), rate(&tally_runs));
-    (b, t, tally_runs.pop().expect("two rounds"))
+    for pair in 0..pairs.max(1) {
+        let tally_first = pair % 2 == 1;
+        if !tally_first {
+            let b = closed_loop(baseline, connections, round, make.clone()).await;
+            result.baseline.push(rate(&b));
+        }
+        let t = closed_loop(tally, connections, round, make.clone()).await;
+        result.tally.push(rate(&t));
+        result.last = t;
+        if tally_first {
+            let b = closed_loop(baseline, connections, round, make.clone()).await;
+            result.baseline.push(rate(&b));
+        }
+    }
+    result
 }
 
 /// What one open-loop request did, for reports over time.
@@ -230,7 +290,10 @@ pub struct Sample {
 }
 
 /// Requests at `rate` per second for `duration` over up to `connections` keep-alive connections.
-/// `on_answer` sees each answered request (the load's own bookkeeping: acknowledged vote ids).
+/// Each connection, when free, claims the next request and sends it when it is due, so a slow
+/// answer holds up only its own connection and no dispatcher sits between the clock and the
+/// connections. `on_answer` sees each answered request (the load's own bookkeeping: acknowledged
+/// vote ids).
 pub async fn open_loop(
     route: Route,
     rate: f64,
@@ -241,11 +304,11 @@ pub async fn open_loop(
 ) -> (Outcome, Vec<Sample>) {
     let start = Instant::now();
     let total = (rate * duration.as_secs_f64()).round() as u64;
-    let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Instant)>(connections * 4);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let workers: Vec<_> = (0..connections)
         .map(|_| {
-            let rx = rx.clone();
+            let next = next.clone();
             let make = make.clone();
             let on_answer = on_answer.clone();
             let route = route.clone();
@@ -254,9 +317,12 @@ pub async fn open_loop(
                 let mut samples = Vec::new();
                 let mut sender: Option<(SocketAddr, Sender)> = None;
                 loop {
-                    let Some((n, due)) = rx.lock().await.recv().await else {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= total {
                         break;
-                    };
+                    }
+                    let due = start + interval.mul_f64(n as f64);
+                    tokio::time::sleep_until(due.into()).await;
                     let addr = route();
                     if sender.as_ref().is_none_or(|(a, _)| *a != addr) {
                         sender = connect(addr).await.ok().map(|s| (addr, s));
@@ -299,15 +365,6 @@ pub async fn open_loop(
             })
         })
         .collect();
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    for n in 0..total {
-        let due = start + interval.mul_f64(n as f64);
-        tokio::time::sleep_until(due.into()).await;
-        if tx.send((n, due)).await.is_err() {
-            break;
-        }
-    }
-    drop(tx);
     let mut outcome = Outcome::new();
     let mut samples = Vec::with_capacity(total as usize);
     for w in workers {
@@ -319,4 +376,29 @@ pub async fn open_loop(
     outcome.elapsed = start.elapsed();
     samples.sort_by(|a, b| a.due.total_cmp(&b.due));
     (outcome, samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rounds(baseline: &[f64], tally: &[f64]) -> Alternation {
+        Alternation {
+            baseline: baseline.to_vec(),
+            tally: tally.to_vec(),
+            last: Outcome::new(),
+        }
+    }
+
+    #[test]
+    fn the_ratio_is_the_median_pair_not_the_ratio_of_means() {
+        // One disturbed pair (the third) drags the ratio of means to 0.42; the median stays.
+        let r = rounds(&[100.0, 100.0, 400.0], &[80.0, 70.0, 100.0]);
+        assert_eq!(r.pair_ratios(), vec![0.8, 0.7, 0.25]);
+        assert_eq!(r.ratio(), 0.7);
+        assert!((r.tally_rate() / r.baseline_rate() - 0.4167).abs() < 1e-3);
+        assert!((rounds(&[10.0, 10.0], &[6.0, 8.0]).ratio() - 0.7).abs() < 1e-9);
+        assert_eq!(rounds(&[0.0], &[5.0]).ratio(), 0.0);
+        assert_eq!(rounds(&[], &[]).ratio(), 0.0);
+    }
 }

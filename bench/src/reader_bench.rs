@@ -16,6 +16,8 @@ use crate::Comparison;
 #[derive(Debug, Clone)]
 pub struct Options {
     pub round: Duration,
+    /// Rounds per side, alternating.
+    pub pairs: usize,
     pub connections: usize,
     pub subscribers: usize,
 }
@@ -23,7 +25,8 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            round: Duration::from_secs(5),
+            round: Duration::from_secs(3),
+            pairs: crate::load::DEFAULT_PAIRS,
             connections: 32,
             subscribers: 1_000,
         }
@@ -65,18 +68,24 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 .body(Full::new(Bytes::new()))
                 .expect("static request")
         });
-        let (bare_rate, reader_rate, last) =
-            alternate(bare_addr, reader_addr, opts.connections, opts.round, make).await;
+        let rounds = alternate(
+            bare_addr,
+            reader_addr,
+            opts.connections,
+            opts.round,
+            opts.pairs,
+            make,
+        )
+        .await;
 
         let fanout = fanout(&pg, reader_addr, opts.subscribers).await?;
         let _ = stop.send(());
         server.await??;
-        let summary = last.summary();
-        Ok(Comparison::new(
+        let summary = rounds.last.summary();
+        Ok(Comparison::alternated(
             "reader",
-            reader_rate,
             "bare-hyper",
-            bare_rate,
+            &rounds,
             serde_json::json!({
                 "connections": opts.connections,
                 "p99_ms": summary.p99_ms,

@@ -188,9 +188,22 @@ impl RedisServer {
     }
 
     pub async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        let client = tls::redis_client(&self.url())?;
-        Ok(client.get_multiplexed_async_connection().await?)
+        redis_connection(&self.url()).await
     }
+}
+
+/// How long tests and loads wait for one Redis reply. redis's own default is 500 ms, which a
+/// busy 2-core CI machine exceeds now and then (an fsync, a starved core); a test must not fail
+/// on that, only on a reply that never comes.
+pub const PATIENT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection for tests and load tooling, waiting [`PATIENT_RESPONSE_TIMEOUT`] for a reply.
+pub async fn redis_connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENT_RESPONSE_TIMEOUT));
+    Ok(tls::redis_client(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
 }
 
 impl Drop for RedisServer {

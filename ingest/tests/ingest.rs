@@ -289,6 +289,44 @@ async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_shard_answers_503_by_the_store_timeout() -> anyhow::Result<()> {
+    let store_timeout = Duration::from_millis(400);
+    let stack = Stack::start(2, |c| c.store_timeout = store_timeout).await?;
+    let on_shard = |shard: u32| {
+        (0..)
+            .map(|i| format!("stall-{i}"))
+            .find(|v| model::shard_of("default", v, 2) == shard)
+            .unwrap()
+    };
+    // Writes to shard 1 hang for 4 s; reads (the health probe) still answer, so the shard is
+    // not "down": only the write's deadline can answer these votes.
+    let mut paused = stack.shards[1].connection().await?;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(4_000)
+        .arg("WRITE")
+        .query_async(&mut paused)
+        .await?;
+    let started = std::time::Instant::now();
+    let stalled = vote(&stack.client, "default", "a", &on_shard(1)).await?;
+    let waited = started.elapsed();
+    assert_eq!(stalled.status, 503, "{}", stalled.text());
+    assert_eq!(stalled.error_code(), "unavailable");
+    assert!(
+        stalled.text().contains("did not confirm the write in time"),
+        "{}",
+        stalled.text()
+    );
+    assert!(
+        waited >= store_timeout && waited < Duration::from_millis(2_500),
+        "answered after {waited:?}, the deadline is {store_timeout:?}"
+    );
+    let live = vote(&stack.client, "default", "a", &on_shard(0)).await?;
+    assert_eq!(live.status, 202, "{}", live.text());
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shard_gets_503_while_the_other_keeps_taking_votes() -> anyhow::Result<()> {
     let stack = Stack::start(2, |c| c.store_timeout = Duration::from_millis(500)).await?;
     let voters: Vec<String> = (0..400).map(|i| format!("v{i}")).collect();

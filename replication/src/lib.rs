@@ -117,11 +117,13 @@ pub async fn current_lsn(primary: &Client) -> Result<String, ReplicationError> {
         .get(0))
 }
 
-/// Has this replica replayed everything up to `lsn`?
-pub async fn has_replayed(replica: &Client, lsn: &str) -> Result<bool, ReplicationError> {
-    Ok(replica
+/// Does this server hold everything up to `lsn`: a replica once it has replayed it, a primary
+/// always (a promoted server's replay position stays where its recovery ended, and one never in
+/// recovery has none, so asking a primary for it would wait for ever or read NULL).
+pub async fn has_replayed(server: &Client, lsn: &str) -> Result<bool, ReplicationError> {
+    Ok(server
         .query_one(
-            "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+            "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
             &[&lsn],
         )
         .await?

@@ -333,10 +333,8 @@ async fn sample_every_second(
     let mut shards = Vec::new();
     for r in &stack.regions {
         for (i, port) in r.redis.iter().enumerate() {
-            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
-                continue;
-            };
-            if let Ok(con) = client.get_multiplexed_async_connection().await {
+            if let Ok(con) = harness::redis_connection(&format!("redis://127.0.0.1:{port}/")).await
+            {
                 shards.push((
                     Series {
                         name: format!("{} shard {i}", r.name),
@@ -403,11 +401,7 @@ pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> 
     let start = Instant::now();
     let mut shards = Vec::new();
     for port in stack.regions.iter().flat_map(|r| &r.redis) {
-        shards.push(
-            redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
-                .get_multiplexed_async_connection()
-                .await?,
-        );
+        shards.push(harness::redis_connection(&format!("redis://127.0.0.1:{port}/")).await?);
     }
     loop {
         let mut left = 0u64;
@@ -432,14 +426,7 @@ pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> 
         // A replica just rewound or restarted refuses connections until it is consistent.
         loop {
             let caught_up = match db::connect(&stack.server_url(r)).await {
-                Ok(server) => server
-                    .query_one(
-                        "SELECT NOT pg_is_in_recovery() OR pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
-                        &[&lsn],
-                    )
-                    .await
-                    .ok()
-                    .map(|row| row.get::<_, bool>(0)),
+                Ok(server) => replication::has_replayed(&server, &lsn).await.ok(),
                 Err(_) => None,
             };
             if caught_up == Some(true) {

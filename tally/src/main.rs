@@ -268,9 +268,13 @@ fn check_report(report: &load::Report) -> anyhow::Result<()> {
 enum BenchCmd {
     /// Ingest with real Redis vs a bare hyper server answering 202.
     Ingest {
-        /// Seconds per measured round (two rounds each side).
-        #[arg(long, default_value_t = 5)]
+        /// Seconds per measured round.
+        #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// Rounds each side, alternating; the ratio is the median of the pairs' ratios.
+        #[arg(long, default_value_t = bench::load::DEFAULT_PAIRS as u64,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
         #[arg(long, default_value_t = 32)]
         connections: usize,
         /// Redis's fsync policy, as on `tally local up`.
@@ -324,8 +328,13 @@ enum BenchCmd {
     },
     /// Results from a replica vs a bare hyper server with a fixed body; SSE fan-out.
     Reader {
-        #[arg(long, default_value_t = 5)]
+        /// Seconds per measured round.
+        #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// Rounds each side, alternating; the ratio is the median of the pairs' ratios.
+        #[arg(long, default_value_t = bench::load::DEFAULT_PAIRS as u64,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
         #[arg(long, default_value_t = 32)]
         connections: usize,
         #[arg(long, default_value_t = 1_000)]
@@ -869,10 +878,12 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 } => return gate(&criterion_dir, &baseline, threshold, json),
                 BenchCmd::Ingest {
                     seconds,
+                    rounds,
                     connections,
                     redis_fsync,
                 } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
                     round: std::time::Duration::from_secs(seconds),
+                    pairs: usize::try_from(rounds)?,
                     connections,
                     redis_fsync,
                     ..Default::default()
@@ -917,10 +928,12 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 ],
                 BenchCmd::Reader {
                     seconds,
+                    rounds,
                     connections,
                     subscribers,
                 } => vec![bench::reader_bench::run(&bench::reader_bench::Options {
                     round: std::time::Duration::from_secs(seconds),
+                    pairs: usize::try_from(rounds)?,
                     connections,
                     subscribers,
                 })?],

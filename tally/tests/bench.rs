@@ -1,0 +1,111 @@
+//! `tally bench ingest` and `tally bench reader` keep their contract on a short run: one JSON
+//! object whose ratio is the median of as many alternating round pairs as were asked for, every
+//! answer a success, and (ingest) every acknowledged vote really in Redis.
+
+mod common;
+
+/// One benchmark at a time: each starts its own servers on free ports, and two at once would
+/// also share the two cores they measure on.
+fn bench(args: &[&str]) -> serde_json::Value {
+    let _one = common::one_stack_at_a_time();
+    let out = common::ok(args);
+    let last = out.lines().last().expect("bench printed nothing");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {last}"))
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn number(v: &serde_json::Value, what: &str) -> f64 {
+    v.as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {v}"))
+}
+
+/// The HTTP statuses a `{"<status>": count}` object holds.
+fn statuses(counts: &serde_json::Value) -> Vec<String> {
+    counts
+        .as_object()
+        .unwrap_or_else(|| panic!("not a status count: {counts}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// Checks what both benchmarks share and returns the details.
+fn check_rounds(result: &serde_json::Value, pairs: usize) -> &serde_json::Value {
+    let ratios: Vec<f64> = result["details"]["pair_ratios"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no pair_ratios: {result}"))
+        .iter()
+        .map(|r| number(r, "a pair ratio"))
+        .collect();
+    assert_eq!(ratios.len(), pairs, "{result}");
+    assert!(ratios.iter().all(|r| *r > 0.0), "{result}");
+    assert!(
+        (number(&result["ratio"], "ratio") - median(&ratios)).abs() < 1e-9,
+        "the ratio is not the median pair: {result}"
+    );
+    assert!(number(&result["rate"], "rate") > 0.0, "{result}");
+    assert!(
+        number(&result["baseline_rate"], "baseline_rate") > 0.0,
+        "{result}"
+    );
+    &result["details"]
+}
+
+#[test]
+fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
+    let result = bench(&[
+        "bench",
+        "ingest",
+        "--seconds",
+        "1",
+        "--rounds",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(result["role"], "ingest");
+    assert_eq!(result["baseline"], "bare-hyper");
+    let details = check_rounds(&result, 3);
+    assert_eq!(
+        statuses(&details["closed_loop_statuses"]),
+        ["202"],
+        "{result}"
+    );
+    let acked = number(
+        &details["acknowledged_in_last_closed_round_and_open_loop"],
+        "acknowledged",
+    );
+    assert!(acked > 0.0, "{result}");
+    // Redis holds every round's votes, warm-ups included: at least every one counted here.
+    assert!(
+        number(&details["stored_in_redis"], "stored") >= acked,
+        "fewer votes in Redis than acknowledged: {result}"
+    );
+}
+
+#[test]
+fn reader_reports_the_median_pair() {
+    let result = bench(&[
+        "bench",
+        "reader",
+        "--seconds",
+        "1",
+        "--rounds",
+        "2",
+        "--subscribers",
+        "50",
+        "--json",
+    ]);
+    assert_eq!(result["role"], "reader");
+    let details = check_rounds(&result, 2);
+    assert_eq!(statuses(&details["statuses"]), ["200"], "{result}");
+}
