@@ -35,13 +35,15 @@ impl Daemon {
         std::fs::create_dir_all(&self.dir).map_err(ServerError::io(&self.dir))?;
         let log = std::fs::File::create(self.logfile()).map_err(ServerError::io(self.logfile()))?;
         use std::os::unix::process::CommandExt;
+        // A spawn fails for the program's sake (a wrong TALLY_MOTO_SERVER, say), so name it.
+        let program = PathBuf::from(command.get_program());
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(ServerError::io(self.logfile()))?)
             .stderr(log)
             .process_group(0)
             .spawn()
-            .map_err(ServerError::io(&self.dir))?;
+            .map_err(ServerError::io(program))?;
         std::fs::write(self.pidfile(), child.id().to_string())
             .map_err(ServerError::io(self.pidfile()))?;
         let pid = child.id();
@@ -78,5 +80,29 @@ impl Daemon {
             }
         }
         let _ = std::fs::remove_file(self.pidfile());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_program_that_cannot_be_spawned_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon {
+            name: "moto",
+            dir: dir.path().join("moto"),
+            port: crate::free_port(),
+            ready_path: "/",
+        };
+        let missing = dir.path().join("no-such-moto_server");
+        let err = daemon.start(Command::new(&missing)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: ", missing.display())),
+            "{err}"
+        );
+        assert!(!daemon.is_running());
     }
 }
