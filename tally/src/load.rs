@@ -333,8 +333,7 @@ async fn sample_every_second(
     let mut shards = Vec::new();
     for r in &stack.regions {
         for (i, port) in r.redis.iter().enumerate() {
-            if let Ok(con) = harness::redis_connection(&format!("redis://127.0.0.1:{port}/")).await
-            {
+            if let Ok(con) = harness::redis_connection(&Stack::redis_url(*port)).await {
                 shards.push((
                     Series {
                         name: format!("{} shard {i}", r.name),
@@ -401,7 +400,7 @@ pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> 
     let start = Instant::now();
     let mut shards = Vec::new();
     for port in stack.regions.iter().flat_map(|r| &r.redis) {
-        shards.push(harness::redis_connection(&format!("redis://127.0.0.1:{port}/")).await?);
+        shards.push(harness::redis_connection(&Stack::redis_url(*port)).await?);
     }
     loop {
         let mut left = 0u64;

@@ -271,6 +271,11 @@ impl Stack {
         format!("postgres://{user}@127.0.0.1:{port}/{}", db::DATABASE)
     }
 
+    /// A Redis shard of the stack, by its port.
+    pub fn redis_url(port: u16) -> String {
+        format!("redis://127.0.0.1:{port}/")
+    }
+
     /// The superuser URL of the primary's database: every server, whichever takes writes.
     pub fn primary_url(&self) -> String {
         self.writer_url(servers::SUPERUSER)
@@ -333,7 +338,7 @@ impl Stack {
         let redis = r
             .redis
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .map(|&p| Self::redis_url(p))
             .collect::<Vec<_>>()
             .join(",");
         let mut env = vec![
@@ -821,11 +826,7 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
                     .map(|&p| format!("{}/metrics", http(p)))
                     .collect(),
                 postgres_url: Stack::pg_url(r.postgres, servers::SUPERUSER),
-                redis_urls: r
-                    .redis
-                    .iter()
-                    .map(|p| format!("redis://127.0.0.1:{p}/"))
-                    .collect(),
+                redis_urls: r.redis.iter().map(|&p| Stack::redis_url(p)).collect(),
                 replica_lag_bytes: if primary {
                     Some(0)
                 } else {

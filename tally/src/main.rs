@@ -268,13 +268,8 @@ fn check_report(report: &load::Report) -> anyhow::Result<()> {
 enum BenchCmd {
     /// Ingest with real Redis vs a bare hyper server answering 202.
     Ingest {
-        /// Seconds per measured round.
-        #[arg(long, default_value_t = 3)]
-        seconds: u64,
-        /// Rounds each side, alternating; the ratio is the median of the pairs' ratios.
-        #[arg(long, default_value_t = bench::load::DEFAULT_PAIRS as u64,
-              value_parser = clap::value_parser!(u64).range(1..))]
-        rounds: u64,
+        #[command(flatten)]
+        rounds: RoundArgs,
         #[arg(long, default_value_t = 32)]
         connections: usize,
         /// Redis's fsync policy, as on `tally local up`.
@@ -328,18 +323,35 @@ enum BenchCmd {
     },
     /// Results from a replica vs a bare hyper server with a fixed body; SSE fan-out.
     Reader {
-        /// Seconds per measured round.
-        #[arg(long, default_value_t = 3)]
-        seconds: u64,
-        /// Rounds each side, alternating; the ratio is the median of the pairs' ratios.
-        #[arg(long, default_value_t = bench::load::DEFAULT_PAIRS as u64,
-              value_parser = clap::value_parser!(u64).range(1..))]
-        rounds: u64,
+        #[command(flatten)]
+        rounds: RoundArgs,
         #[arg(long, default_value_t = 32)]
         connections: usize,
         #[arg(long, default_value_t = 1_000)]
         subscribers: usize,
     },
+}
+
+/// How the alternating benches (ingest, reader) split their time.
+#[derive(Debug, clap::Args)]
+struct RoundArgs {
+    /// Seconds per measured round.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Rounds each side, alternating; the ratio is the median of the pairs' ratios.
+    #[arg(long, default_value_t = bench::load::DEFAULT_PAIRS as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+}
+
+impl RoundArgs {
+    fn round(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.seconds)
+    }
+
+    fn pairs(&self) -> anyhow::Result<usize> {
+        Ok(usize::try_from(self.rounds)?)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -877,13 +889,12 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     criterion_dir,
                 } => return gate(&criterion_dir, &baseline, threshold, json),
                 BenchCmd::Ingest {
-                    seconds,
                     rounds,
                     connections,
                     redis_fsync,
                 } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
-                    round: std::time::Duration::from_secs(seconds),
-                    pairs: usize::try_from(rounds)?,
+                    round: rounds.round(),
+                    pairs: rounds.pairs()?,
                     connections,
                     redis_fsync,
                     ..Default::default()
@@ -927,13 +938,12 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     })?,
                 ],
                 BenchCmd::Reader {
-                    seconds,
                     rounds,
                     connections,
                     subscribers,
                 } => vec![bench::reader_bench::run(&bench::reader_bench::Options {
-                    round: std::time::Duration::from_secs(seconds),
-                    pairs: usize::try_from(rounds)?,
+                    round: rounds.round(),
+                    pairs: rounds.pairs()?,
                     connections,
                     subscribers,
                 })?],
