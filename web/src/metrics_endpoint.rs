@@ -1,6 +1,7 @@
 //! One Prometheus recorder per process; every role renders it on `GET /metrics`.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use hyper::{Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -17,7 +18,11 @@ const SIZE_BUCKETS: &[f64] = &[
     1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0,
 ];
 
-/// Installs the process-wide recorder on first use. Tests run several roles in one process and share it.
+/// How often histogram samples are folded into their buckets between scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Installs the process-wide recorder on first use, with its upkeep. Tests run several roles in
+/// one process and share it.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -29,8 +34,22 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may be installed already (a test harness); ours then renders empty.
         let _ = metrics::set_global_recorder(recorder);
+        spawn_upkeep(handle.clone(), UPKEEP_EVERY);
         handle
     })
+}
+
+/// A recorder built with `build_recorder` keeps every histogram sample until a scrape renders
+/// it: an ingest nobody scrapes would hold 8 bytes per vote forever. This thread folds the
+/// samples in on its own, whatever the scrape interval, and lives as long as the process.
+pub fn spawn_upkeep(handle: PrometheusHandle, every: Duration) {
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            handle.run_upkeep();
+        })
+        .expect("spawning the metrics upkeep thread");
 }
 
 pub fn render_metrics() -> Response<Body> {
