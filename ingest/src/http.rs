@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use metrics::{Counter, Histogram};
 use model::{Clock, RegionName, Rejection, VoteId, VoterId};
@@ -22,6 +22,8 @@ use db::CatalogCache;
 
 /// The cookie holding a voter's id when there is no token or header.
 pub const VOTER_COOKIE: &str = "voter_id";
+/// The voter's id when there is no token; a `HeaderName`, so the lookup skips parsing a name.
+const VOTER_HEADER: HeaderName = HeaderName::from_static("x-voter-id");
 /// The cookie the vote page uses to show the voter's current choice.
 const CHOICE_COOKIE: &str = "tally_choice";
 const COOKIE_MAX_AGE_SECS: u64 = 60 * 60 * 24 * 365;
@@ -363,7 +365,7 @@ impl Ingest {
                 .map(|()| (Cow::Borrowed(s), None))
                 .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", e.to_string()))
         };
-        if let Some(h) = headers.get("x-voter-id") {
+        if let Some(h) = headers.get(VOTER_HEADER) {
             return checked(h.to_str().map_err(|_| {
                 Refusal::new(
                     StatusCode::BAD_REQUEST,
