@@ -12,11 +12,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::Body;
+
+/// The connections' stop signals are swept of closed connections whenever their count doubles
+/// past the last sweep, starting here: amortised, and bounded by twice the open connections.
+const PRUNE_FIRST_AT: usize = 1024;
 
 /// A role's request handler.
 pub trait Service: Send + Sync + 'static {
@@ -55,8 +58,12 @@ pub async fn serve<S: Service>(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    // One stop signal per connection rather than one shared watch: a connection is polled at
+    // least twice a request, and polling a pending oneshot is an atomic load where a shared
+    // watch takes its waiters' lock, contended across the workers.
+    let mut stops: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut prune_at = PRUNE_FIRST_AT;
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -75,6 +82,12 @@ pub async fn serve<S: Service>(
             metrics::counter!("tally_http_connections_refused_total").increment(1);
             continue;
         };
+        if stops.len() >= prune_at {
+            stops.retain(|s| !s.is_closed());
+            prune_at = (stops.len() * 2).max(PRUNE_FIRST_AT);
+        }
+        let (stop, stopped) = oneshot::channel();
+        stops.push(stop);
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
         let conn = http1::Builder::new()
@@ -87,14 +100,29 @@ pub async fn serve<S: Service>(
                     async move { Ok::<_, Infallible>(svc.call(req, peer).await) }
                 }),
             );
-        let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let _ = conn.await;
+            let mut conn = std::pin::pin!(conn);
+            let mut stopped = stopped;
+            tokio::select! {
+                biased;
+                _ = conn.as_mut() => {}
+                // A sent stop or a dropped sender (the serve loop is gone): finish what is in
+                // flight, close when idle.
+                _ = &mut stopped => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
             drop(slot);
         });
     }
     drop(listener);
-    if tokio::time::timeout(config.drain_timeout, graceful.shutdown())
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    // Every connection task holds a slot until it ends: all slots back means all answered.
+    let drained = slots.acquire_many(config.max_connections as u32);
+    if tokio::time::timeout(config.drain_timeout, drained)
         .await
         .is_err()
     {
