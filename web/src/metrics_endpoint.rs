@@ -40,7 +40,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 }
 
 /// A recorder built with `build_recorder` keeps every histogram sample until a scrape renders
-/// it: an ingest nobody scrapes would hold 8 bytes per vote forever. This thread folds the
+/// it: an ingest nobody scrapes would hold about 16 bytes per vote forever. This thread folds the
 /// samples in on its own, whatever the scrape interval, and lives as long as the process.
 pub fn spawn_upkeep(handle: PrometheusHandle, every: Duration) {
     std::thread::Builder::new()
