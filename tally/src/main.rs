@@ -20,9 +20,6 @@ use clap::{Parser, Subcommand};
 /// Exit status for a bad setting or bad arguments (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "tally",
