@@ -275,6 +275,14 @@ enum BenchCmd {
         /// Redis's fsync policy, as on `tally local up`.
         #[arg(long, default_value = "everysec")]
         redis_fsync: servers::Fsync,
+        /// Redis shards behind ingest, each a `redis-server` on this machine.
+        #[arg(long, default_value_t = bench::ingest_bench::DEFAULT_SHARDS as u16,
+              value_parser = clap::value_parser!(u16).range(1..=64))]
+        shards: u16,
+        /// Group-commit writes one shard may have outstanding at once.
+        #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT as u16,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        max_in_flight: u16,
     },
     /// Drain a pre-filled backlog into PostgreSQL vs the original one-row-per-vote worker.
     Aggregator {
@@ -892,11 +900,15 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     rounds,
                     connections,
                     redis_fsync,
+                    shards,
+                    max_in_flight,
                 } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
                     round: rounds.round(),
                     pairs: rounds.pairs()?,
                     connections,
                     redis_fsync,
+                    shards: shards.into(),
+                    max_in_flight: max_in_flight.into(),
                     ..Default::default()
                 })?],
                 BenchCmd::Aggregator {

@@ -70,14 +70,30 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
         "1",
         "--rounds",
         "3",
+        "--shards",
+        "3",
+        "--max-in-flight",
+        "1",
         "--json",
     ]);
     assert_eq!(result["role"], "ingest");
     assert_eq!(result["baseline"], "bare-hyper");
     let details = check_rounds(&result, 3);
+    assert_eq!(details["shards"], 3, "{result}");
+    assert_eq!(details["max_in_flight"], 1, "{result}");
     assert_eq!(
         statuses(&details["closed_loop_statuses"]),
         ["202"],
+        "{result}"
+    );
+    // The baseline ran the same open loop, so ingest's latency there has a control.
+    assert_eq!(
+        statuses(&details["baseline_open_loop_statuses"]),
+        ["202"],
+        "{result}"
+    );
+    assert!(
+        number(&details["baseline_open_loop_p99_ms"], "baseline p99") > 0.0,
         "{result}"
     );
     let acked = number(
@@ -85,7 +101,8 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
         "acknowledged",
     );
     assert!(acked > 0.0, "{result}");
-    // Redis holds every round's votes, warm-ups included: at least every one counted here.
+    // Redis holds every round's votes, warm-ups included, across the three shards: at least every
+    // one counted here.
     assert!(
         number(&details["stored_in_redis"], "stored") >= acked,
         "fewer votes in Redis than acknowledged: {result}"
