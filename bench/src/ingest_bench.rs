@@ -135,29 +135,22 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         // as many connections as the closed loop had (more connections cost the shared cores
         // more than they cost a server that keeps up).
         let target = 0.8 * rounds.baseline_rate();
-        let (open, _) = open_loop(
-            crate::load::fixed(ingest_addr),
-            target,
-            opts.round,
-            opts.connections,
-            make.clone(),
-            Arc::new(|_, _, _| {}),
-        )
-        .await;
+        let open_loop_at = |addr| {
+            open_loop(
+                crate::load::fixed(addr),
+                target,
+                opts.round,
+                opts.connections,
+                make.clone(),
+                Arc::new(|_, _, _| {}),
+            )
+        };
+        let (open, _) = open_loop_at(ingest_addr).await;
         let open_summary = open.summary();
         // The same open loop against the baseline: the latency a server that stores nothing gets
         // at this rate from this generator on these cores, so ingest's p99 can be read against
         // what the machine allows rather than against zero.
-        let (baseline_open, _) = open_loop(
-            crate::load::fixed(bare_addr),
-            target,
-            opts.round,
-            opts.connections,
-            make.clone(),
-            Arc::new(|_, _, _| {}),
-        )
-        .await;
-        let baseline_open = baseline_open.summary();
+        let baseline_open = open_loop_at(bare_addr).await.0.summary();
 
         let last = &rounds.last;
         let acked: u64 = [last, &open]
