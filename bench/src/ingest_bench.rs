@@ -23,7 +23,7 @@ pub struct Options {
     /// Redis shards behind ingest, each its own `redis-server` on this machine's cores.
     pub shards: usize,
     /// Ingest's group-commit writes one shard may have outstanding at once.
-    pub max_in_flight: usize,
+    pub group_max_in_flight: usize,
     pub redis_fsync: servers::Fsync,
     pub baseline: Baseline,
 }
@@ -47,7 +47,7 @@ impl Default for Options {
             connections: 32,
             voters: 1_000_000,
             shards: DEFAULT_SHARDS,
-            max_in_flight: ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT,
+            group_max_in_flight: ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT,
             redis_fsync: servers::Fsync::Everysec,
             baseline: Baseline::BareHyper,
         }
@@ -91,7 +91,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         );
         config.voter_limit = None;
         config.queue_bound = u64::MAX;
-        config.group.max_in_flight = opts.max_in_flight;
+        config.group.max_in_flight = opts.group_max_in_flight;
         let (ingest_listener, ingest_addr) = crate::loopback_listener()?;
         let (bare_listener, bare_addr) = crate::loopback_listener()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -171,7 +171,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             serde_json::json!({
                 "connections": opts.connections,
                 "shards": opts.shards,
-                "max_in_flight": opts.max_in_flight,
+                "group_max_in_flight": opts.group_max_in_flight,
                 "redis_fsync": opts.redis_fsync,
                 "closed_loop_p99_ms": closed_summary.p99_ms,
                 "closed_loop_statuses": closed_summary.statuses,

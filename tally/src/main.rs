@@ -282,7 +282,7 @@ enum BenchCmd {
         /// Group-commit writes one shard may have outstanding at once.
         #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT as u16,
               value_parser = clap::value_parser!(u16).range(1..))]
-        max_in_flight: u16,
+        group_max_in_flight: u16,
     },
     /// Drain a pre-filled backlog into PostgreSQL vs the original one-row-per-vote worker.
     Aggregator {
@@ -901,14 +901,14 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     connections,
                     redis_fsync,
                     shards,
-                    max_in_flight,
+                    group_max_in_flight,
                 } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
                     round: rounds.round(),
                     pairs: rounds.pairs()?,
                     connections,
                     redis_fsync,
                     shards: shards.into(),
-                    max_in_flight: max_in_flight.into(),
+                    group_max_in_flight: group_max_in_flight.into(),
                     ..Default::default()
                 })?],
                 BenchCmd::Aggregator {

@@ -72,7 +72,7 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
         "3",
         "--shards",
         "3",
-        "--max-in-flight",
+        "--group-max-in-flight",
         "1",
         "--json",
     ]);
@@ -80,7 +80,7 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
     assert_eq!(result["baseline"], "bare-hyper");
     let details = check_rounds(&result, 3);
     assert_eq!(details["shards"], 3, "{result}");
-    assert_eq!(details["max_in_flight"], 1, "{result}");
+    assert_eq!(details["group_max_in_flight"], 1, "{result}");
     assert_eq!(
         statuses(&details["closed_loop_statuses"]),
         ["202"],
