@@ -142,6 +142,10 @@ impl From<request::DecodeError> for Refusal {
 }
 
 impl web::Service for Ingest {
+    /// Every vote waits for its shard's write; a voter that half-closes after sending still
+    /// learns whether it was stored.
+    const ANSWERS_AFTER_HALF_CLOSE: bool = true;
+
     async fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let uri = req.uri().clone();
         let path = uri.path();

@@ -181,7 +181,10 @@ async fn write_loop(
         // write and 14% less Redis CPU a vote; at 32, 3 -> 5 votes and 28% less). With nothing
         // else runnable this returns at once: no timer, no idle wait.
         tokio::task::yield_now().await;
-        let mut batch = vec![first];
+        // Sized once: growing it, and the command below, by doubling reaches allocations big
+        // enough that glibc consolidates its free lists on each, measurable per vote.
+        let mut batch = Vec::with_capacity((rx.len() + 1).min(group.max_votes));
+        batch.push(first);
         while batch.len() < group.max_votes {
             match rx.try_recv() {
                 Ok(p) => batch.push(p),
@@ -192,11 +195,14 @@ async fn write_loop(
         let mut conn = conn.clone();
         let shard = shard.clone();
         tokio::spawn(async move {
-            let mut pipe = redis::pipe();
-            let push = pipe.cmd("RPUSH").arg(model::queue::VOTES);
+            let bytes: usize = batch.iter().map(|p| p.payload.len()).sum();
+            let mut push = redis::Cmd::with_capacity(batch.len() + 2, bytes + 16);
+            push.arg("RPUSH").arg(model::queue::VOTES);
             for p in &batch {
                 push.arg(&p.payload);
             }
+            let mut pipe = redis::Pipeline::with_capacity(2);
+            pipe.add_command(push);
             if wait_replicas > 0 {
                 pipe.cmd("WAIT")
                     .arg(wait_replicas)

@@ -327,6 +327,43 @@ async fn a_stalled_shard_answers_503_by_the_store_timeout() -> anyhow::Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_that_half_closes_after_sending_still_gets_its_receipt() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(1, |_| {}).await?;
+    // Hold the shard's writes so the vote is still waiting when the client's FIN arrives.
+    let mut paused = stack.shards[0].connection().await?;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(800)
+        .arg("WRITE")
+        .query_async(&mut paused)
+        .await?;
+    let body = r#"{"option":"b"}"#;
+    let request = format!(
+        "POST /v1/polls/default/votes HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+         x-voter-id: half-closer\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream =
+        tokio::net::TcpStream::connect(stack.base.trim_start_matches("http://")).await?;
+    stream.write_all(request.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 202 Accepted"),
+        "the vote is answered after the half-close: {answer:?}"
+    );
+    let queued = stack.queued().await?;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(queued[0].1.voter.as_str(), "half-closer");
+    assert_eq!(queued[0].1.option.as_str(), "b");
+    assert!(answer.contains(&queued[0].1.id.to_string()), "{answer}");
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_shard_gets_503_while_the_other_keeps_taking_votes() -> anyhow::Result<()> {
     let stack = Stack::start(2, |c| c.store_timeout = Duration::from_millis(500)).await?;
     let voters: Vec<String> = (0..400).map(|i| format!("v{i}")).collect();

@@ -23,6 +23,14 @@ const PRUNE_FIRST_AT: usize = 1024;
 
 /// A role's request handler.
 pub trait Service: Send + Sync + 'static {
+    /// Whether a request is still answered after its client shuts down its sending side
+    /// (hyper's `half_close`). Off, hyper reads ahead on every connection whose handler is
+    /// pending, to notice a client gone: one more `read` per request, and, because the
+    /// request's headers and body still point into the read buffer, a fresh 8 KiB buffer too.
+    /// A handler that always waits on something (ingest, for Redis) turns it on; one that
+    /// streams its answer keeps it off, so a departed client is noticed before the next write.
+    const ANSWERS_AFTER_HALF_CLOSE: bool = false;
+
     fn call(
         &self,
         req: Request<Incoming>,
@@ -93,6 +101,7 @@ pub async fn serve<S: Service>(
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
+            .half_close(S::ANSWERS_AFTER_HALF_CLOSE)
             .serve_connection(
                 TokioIo::new(stream),
                 service_fn(move |req| {
