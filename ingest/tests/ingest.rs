@@ -288,6 +288,18 @@ async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> an
     stack.shutdown().await
 }
 
+/// Holds `shard`'s writes for `ms` milliseconds (`CLIENT PAUSE ... WRITE`): reads still answer.
+async fn pause_writes(shard: &RedisServer, ms: u64) -> anyhow::Result<()> {
+    let mut con = shard.connection().await?;
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("WRITE")
+        .query_async::<()>(&mut con)
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_shard_answers_503_by_the_store_timeout() -> anyhow::Result<()> {
     let store_timeout = Duration::from_millis(400);
@@ -300,13 +312,7 @@ async fn a_stalled_shard_answers_503_by_the_store_timeout() -> anyhow::Result<()
     };
     // Writes to shard 1 hang for 4 s; reads (the health probe) still answer, so the shard is
     // not "down": only the write's deadline can answer these votes.
-    let mut paused = stack.shards[1].connection().await?;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(4_000)
-        .arg("WRITE")
-        .query_async(&mut paused)
-        .await?;
+    pause_writes(&stack.shards[1], 4_000).await?;
     let started = std::time::Instant::now();
     let stalled = vote(&stack.client, "default", "a", &on_shard(1)).await?;
     let waited = started.elapsed();
@@ -331,13 +337,7 @@ async fn a_voter_that_half_closes_after_sending_still_gets_its_receipt() -> anyh
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let stack = Stack::start(1, |_| {}).await?;
     // Hold the shard's writes so the vote is still waiting when the client's FIN arrives.
-    let mut paused = stack.shards[0].connection().await?;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(800)
-        .arg("WRITE")
-        .query_async(&mut paused)
-        .await?;
+    pause_writes(&stack.shards[0], 800).await?;
     let body = r#"{"option":"b"}"#;
     let request = format!(
         "POST /v1/polls/default/votes HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
