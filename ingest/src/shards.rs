@@ -195,9 +195,12 @@ async fn write_loop(
         let mut conn = conn.clone();
         let shard = shard.clone();
         tokio::spawn(async move {
-            let bytes: usize = batch.iter().map(|p| p.payload.len()).sum();
-            let mut push = redis::Cmd::with_capacity(batch.len() + 2, bytes + 16);
-            push.arg("RPUSH").arg(model::queue::VOTES);
+            const RPUSH: &str = "RPUSH";
+            let bytes: usize = RPUSH.len()
+                + model::queue::VOTES.len()
+                + batch.iter().map(|p| p.payload.len()).sum::<usize>();
+            let mut push = redis::Cmd::with_capacity(batch.len() + 2, bytes);
+            push.arg(RPUSH).arg(model::queue::VOTES);
             for p in &batch {
                 push.arg(&p.payload);
             }
