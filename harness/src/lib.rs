@@ -190,6 +190,22 @@ impl RedisServer {
     pub async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         redis_connection(&self.url()).await
     }
+
+    /// How many times the server has run `command` (`INFO commandstats`).
+    pub async fn calls(&self, command: &str) -> anyhow::Result<u64> {
+        let mut con = self.connection().await?;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut con)
+            .await?;
+        let key = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
+        Ok(stats
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map(|rest| rest.split(',').next().unwrap_or_default().parse())
+            .transpose()?
+            .unwrap_or(0))
+    }
 }
 
 /// How long tests and loads wait for one Redis reply. redis's own default is 500 ms, which a

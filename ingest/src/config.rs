@@ -5,10 +5,15 @@ use std::time::Duration;
 use model::RegionName;
 use web::ServeConfig;
 
+pub use crate::group::GroupCommit;
+
 /// Most votes one pipelined `RPUSH` carries.
 pub const DEFAULT_GROUP_MAX_VOTES: usize = 1024;
 /// Group-commit writes one shard may have outstanding at once.
 pub const DEFAULT_GROUP_MAX_IN_FLIGHT: usize = 2;
+/// How long a batch's first vote may wait for others while a write slot is free. Tokio's timer
+/// fires on millisecond ticks, so the wait is this rounded up to the next tick: 0.5-1.5 ms.
+pub const DEFAULT_GROUP_LINGER: Duration = Duration::from_micros(500);
 /// Above this many queued votes a shard refuses new ones (503) until aggregators catch up.
 pub const DEFAULT_QUEUE_BOUND: u64 = 5_000_000;
 /// Largest accepted request body.
@@ -47,13 +52,6 @@ pub struct Config {
     pub clock_skew_ms: i64,
 }
 
-/// Group commit: many concurrent requests share one pipelined write.
-#[derive(Debug, Clone, Copy)]
-pub struct GroupCommit {
-    pub max_votes: usize,
-    pub max_in_flight: usize,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
     pub per_second: f64,
@@ -68,6 +66,11 @@ pub enum ConfigError {
     BadRedisUrl(String),
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("the group-commit linger ({linger:?}) must be shorter than the store timeout ({store_timeout:?})")]
+    LingerTooLong {
+        linger: Duration,
+        store_timeout: Duration,
+    },
 }
 
 impl Config {
@@ -81,6 +84,7 @@ impl Config {
             group: GroupCommit {
                 max_votes: DEFAULT_GROUP_MAX_VOTES,
                 max_in_flight: DEFAULT_GROUP_MAX_IN_FLIGHT,
+                linger: DEFAULT_GROUP_LINGER,
             },
             queue_bound: DEFAULT_QUEUE_BOUND,
             store_timeout: DEFAULT_STORE_TIMEOUT,
@@ -118,11 +122,45 @@ impl Config {
         if self.queue_bound == 0 {
             return Err(ConfigError::Zero("queue bound"));
         }
+        // A vote that lingers its whole store timeout could never be acknowledged.
+        if self.group.linger >= self.store_timeout {
+            return Err(ConfigError::LingerTooLong {
+                linger: self.group.linger,
+                store_timeout: self.store_timeout,
+            });
+        }
         for rate in [self.voter_limit, self.ip_limit].into_iter().flatten() {
             if rate.per_second <= 0.0 || rate.burst < 1.0 {
                 return Err(ConfigError::Zero("rate limit"));
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new(
+            RegionName::new("us-east-1").unwrap(),
+            vec!["redis://127.0.0.1:6400/".into()],
+            "postgres://127.0.0.1/tally".into(),
+        )
+    }
+
+    #[test]
+    fn a_linger_as_long_as_the_store_timeout_is_refused() {
+        let mut c = config();
+        assert_eq!(c.validate(), Ok(()));
+        c.group.linger = c.store_timeout;
+        let err = c.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the group-commit linger (2s) must be shorter than the store timeout (2s)"
+        );
+        c.group.linger = Duration::ZERO;
+        assert_eq!(c.validate(), Ok(()), "no linger is allowed");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+mod group;
 mod http;
 mod limit;
 mod page;

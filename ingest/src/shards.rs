@@ -1,18 +1,22 @@
-//! The region's Redis shards, each with a group-commit writer: concurrent votes for one shard
-//! queue up while that shard's previous write is in flight, then go out together in one
-//! pipelined `RPUSH`. Each vote's request is answered only after Redis replied to the write
-//! holding it. A dead or slow shard holds only its own requests.
+//! The region's Redis shards, each with a group-commit writer: votes for one shard queue up while
+//! that shard's writes are in flight (and, below saturation, for up to a linger: see
+//! [`crate::group`]), then go out together in one pipelined `RPUSH`. Each vote's request is
+//! answered only after Redis replied to the write holding it. A dead or slow shard holds only its
+//! own requests.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use model::RegionName;
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
+use web::OpenConnections;
 
 use crate::config::Config;
+use crate::group::{Forming, GroupCommit, Next};
 
 /// Requests waiting for one shard beyond this are refused rather than queued in memory.
 const PENDING_PER_SHARD: usize = 65_536;
@@ -33,20 +37,95 @@ pub enum StoreError {
 
 struct Pending {
     payload: Vec<u8>,
-    /// When the request stops waiting: the write carrying it is bounded by its oldest vote's
-    /// deadline, so no vote needs a timer of its own.
-    deadline: Instant,
+    /// When the vote was handed to its writer. A write is bounded by its oldest vote's
+    /// `queued + store_timeout`, so no vote needs a timer of its own.
+    queued: Instant,
     done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Whether anyone could still vote: the server's open connections against the votes every shard
+/// holds unanswered. An HTTP/1 connection carries one request at a time, so once every open
+/// connection's vote is waiting, no vote can join a batch until some are answered.
+struct Census {
+    open: OpenConnections,
+    unanswered: AtomicUsize,
+}
+
+impl Census {
+    fn more_may_come(&self) -> bool {
+        self.unanswered.load(Ordering::Relaxed) < self.open.get()
+    }
+}
+
+/// How a lingering writer learns that its batch may go without being woken per vote: each vote
+/// that arrives meanwhile checks whether the batch is now full, its linger over or nobody else
+/// able to join, and wakes the writer if so. Under load that ends a linger to the microsecond;
+/// tokio's timer, which the writer also sets for when no vote comes, fires only on its next
+/// millisecond tick.
+struct Lingering {
+    wake: Notify,
+    /// When the batch being formed may go, in nanoseconds since `epoch`; `u64::MAX` while the
+    /// writer is not lingering.
+    until: AtomicU64,
+    epoch: Instant,
+    max_votes: usize,
+    census: Arc<Census>,
+}
+
+impl Lingering {
+    fn new(max_votes: usize, census: Arc<Census>) -> Self {
+        Self {
+            wake: Notify::new(),
+            until: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+            max_votes,
+            census,
+        }
+    }
+
+    /// A vote was queued at `at`, leaving `in_channel` in the shard's channel. A writer that is
+    /// waiting for a slot or for a first vote needs no word: a slot or the vote wakes it.
+    fn arrived(&self, at: Instant, in_channel: usize) {
+        let until = self.until.load(Ordering::Relaxed);
+        if until == u64::MAX {
+            return;
+        }
+        // The lingering writer holds the batch's first vote outside the channel.
+        let forming = in_channel + 1;
+        if forming >= self.max_votes || self.nanos(at) >= until || !self.census.more_may_come() {
+            self.wake.notify_one();
+        }
+    }
+
+    fn begin(&self, until: Instant) {
+        self.until.store(self.nanos(until), Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.until.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+}
+
+/// What every write of one shard's writer is formed and bounded by.
+#[derive(Debug, Clone, Copy)]
+struct WriteSettings {
+    group: GroupCommit,
+    wait_replicas: u32,
+    store_timeout: Duration,
 }
 
 pub struct Shard {
     index: u32,
     tx: mpsc::Sender<Pending>,
+    lingering: Arc<Lingering>,
     conn: ConnectionManager,
     depth: AtomicU64,
     up: AtomicBool,
     bound: u64,
-    store_timeout: Duration,
     /// Added to the log line when the shard cannot be reached (see [`tls::redis_hint`]).
     hint: &'static str,
 }
@@ -73,14 +152,23 @@ impl Shard {
             return Err(StoreError::Full);
         }
         let (done, confirmed) = oneshot::channel();
-        let deadline = Instant::now() + self.store_timeout;
-        self.tx
+        let queued = Instant::now();
+        let census = &self.lingering.census;
+        census.unanswered.fetch_add(1, Ordering::Relaxed);
+        if self
+            .tx
             .try_send(Pending {
                 payload,
-                deadline,
+                queued,
                 done,
             })
-            .map_err(|_| StoreError::Full)?;
+            .is_err()
+        {
+            census.unanswered.fetch_sub(1, Ordering::Relaxed);
+            return Err(StoreError::Full);
+        }
+        self.lingering
+            .arrived(queued, self.tx.max_capacity() - self.tx.capacity());
         // The writer answers every vote by its deadline; a writer gone drops the sender.
         confirmed.await.unwrap_or(Err(StoreError::Unavailable))
     }
@@ -96,6 +184,10 @@ impl Shards {
     /// queues are flushed.
     pub fn start(config: &Config) -> Result<Self, redis::RedisError> {
         let mut shards = Vec::with_capacity(config.redis_urls.len());
+        let census = Arc::new(Census {
+            open: config.serve.open.clone(),
+            unanswered: AtomicUsize::new(0),
+        });
         for (i, url) in config.redis_urls.iter().enumerate() {
             let client = tls::redis_client(url)?;
             let conn = ConnectionManager::new_lazy_with_config(
@@ -107,22 +199,27 @@ impl Shards {
                     .set_max_delay(Duration::from_millis(500)),
             )?;
             let (tx, rx) = mpsc::channel(PENDING_PER_SHARD);
+            let lingering = Arc::new(Lingering::new(config.group.max_votes, census.clone()));
             let shard = Arc::new(Shard {
                 index: i as u32,
                 tx,
+                lingering: lingering.clone(),
                 conn,
                 depth: AtomicU64::new(0),
                 up: AtomicBool::new(false),
                 bound: config.queue_bound,
-                store_timeout: config.store_timeout,
                 hint: tls::redis_hint(url),
             });
             tokio::spawn(write_loop(
                 Arc::downgrade(&shard),
                 shard.conn.clone(),
                 rx,
-                config.group,
-                config.wait_replicas,
+                lingering,
+                WriteSettings {
+                    group: config.group,
+                    wait_replicas: config.wait_replicas,
+                    store_timeout: config.store_timeout,
+                },
                 config.region.clone(),
             ));
             tokio::spawn(probe_loop(Arc::downgrade(&shard), config.region.clone()));
@@ -152,34 +249,65 @@ impl Shards {
     }
 }
 
+/// One shard's writer: forms batches as [`GroupCommit::next`] decides and drives up to
+/// `max_in_flight` writes at once; each write answers its own votes.
 async fn write_loop(
-    shard: std::sync::Weak<Shard>,
+    shard: Weak<Shard>,
     conn: ConnectionManager,
     mut rx: mpsc::Receiver<Pending>,
-    group: crate::config::GroupCommit,
-    wait_replicas: u32,
+    lingering: Arc<Lingering>,
+    write: WriteSettings,
     region: RegionName,
 ) {
-    let slots = Arc::new(Semaphore::new(group.max_in_flight));
+    let group = write.group;
     let index = shard
         .upgrade()
         .map(|s| s.index)
         .unwrap_or_default()
         .to_string();
     let batch_size = metrics::histogram!("tally_ingest_group_commit_size", "region" => region.to_string(), "shard" => index);
-    while let Some(first) = rx.recv().await {
-        // Take a write slot before collecting: while all slots are busy, votes pile up in the
-        // channel and the next write carries them all.
-        let slot = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+    let mut writes = FuturesUnordered::new();
+    let linger = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(linger);
+    loop {
+        // Nothing forming: wait for a batch's first vote, finishing writes meanwhile.
+        let first = tokio::select! {
+            biased;
+            Some(()) = writes.next() => continue,
+            first = rx.recv() => match first {
+                Some(first) => first,
+                None => break,
+            },
+        };
+        loop {
+            let forming = Forming {
+                queued: rx.len() + 1,
+                oldest: first.queued,
+                in_flight: writes.len(),
+                more_may_come: lingering.census.more_may_come(),
+            };
+            match group.next(forming, Instant::now()) {
+                Next::Cut => break,
+                Next::WaitForSlot => {
+                    writes.next().await;
+                }
+                Next::LingerUntil(until) => {
+                    lingering.begin(until);
+                    linger.as_mut().reset(until);
+                    tokio::select! {
+                        biased;
+                        Some(()) = writes.next() => {}
+                        () = lingering.wake.notified() => {}
+                        () = &mut linger => {}
+                    }
+                    lingering.end();
+                }
+            }
+        }
         // One pass of the scheduler first: connection tasks that are already runnable add their
-        // votes before the batch is cut. Under load a write carries more votes, and Redis's
-        // time goes by writes more than by votes (measured at 256 connections: 14 -> 23 votes a
-        // write and 14% less Redis CPU a vote; at 32, 3 -> 5 votes and 28% less). With nothing
-        // else runnable this returns at once: no timer, no idle wait.
+        // votes before the batch is cut (measured at 256 connections without a linger: 14 -> 23
+        // votes a write, 14% less Redis CPU a vote). With nothing else runnable this returns at
+        // once.
         tokio::task::yield_now().await;
         // Sized once: growing it, and the command below, by doubling reaches allocations big
         // enough that glibc consolidates its free lists on each, measurable per vote.
@@ -192,70 +320,83 @@ async fn write_loop(
             }
         }
         batch_size.record(batch.len() as f64);
-        let mut conn = conn.clone();
-        let shard = shard.clone();
-        tokio::spawn(async move {
-            const RPUSH: &str = "RPUSH";
-            let bytes: usize = RPUSH.len()
-                + model::queue::VOTES.len()
-                + batch.iter().map(|p| p.payload.len()).sum::<usize>();
-            let mut push = redis::Cmd::with_capacity(batch.len() + 2, bytes);
-            push.arg(RPUSH).arg(model::queue::VOTES);
-            for p in &batch {
-                push.arg(&p.payload);
-            }
-            let mut pipe = redis::Pipeline::with_capacity(2);
-            pipe.add_command(push);
-            if wait_replicas > 0 {
-                pipe.cmd("WAIT")
-                    .arg(wait_replicas)
-                    .arg(RESPONSE_TIMEOUT.as_millis() as u64 / 2);
-            }
-            // The first vote is the oldest, so its deadline bounds the whole write.
-            let deadline = batch[0].deadline;
-            let reply = if Instant::now() >= deadline {
-                None
-            } else {
-                tokio::time::timeout_at(deadline, pipe.query_async::<Vec<u64>>(&mut conn))
-                    .await
-                    .ok()
-            };
-            let outcome = match reply {
-                // Not confirmed in time: not acknowledged, though Redis may still store it (a
-                // retry is a re-vote, which the ballot upsert counts once).
-                None => Err(StoreError::Timeout),
-                Some(Ok(r))
-                    if wait_replicas > 0
-                        && r.get(1).copied().unwrap_or(0) < wait_replicas as u64 =>
-                {
-                    // Stored on the primary but not on enough replicas: not acknowledged.
-                    Err(StoreError::Unavailable)
-                }
-                Some(Ok(r)) => {
-                    if let Some(s) = shard.upgrade() {
-                        s.depth.store(r[0], Ordering::Relaxed);
-                    }
-                    Ok(())
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "shard write failed");
-                    if let Some(s) = shard.upgrade() {
-                        s.up.store(false, Ordering::Relaxed);
-                    }
-                    Err(StoreError::Unavailable)
-                }
-            };
-            for p in batch {
-                let _ = p.done.send(outcome);
-            }
-            drop(slot);
-        });
+        writes.push(write_batch(
+            batch,
+            conn.clone(),
+            shard.clone(),
+            lingering.census.clone(),
+            write,
+        ));
     }
-    // Every sender is gone: wait for the writes still in flight before returning.
-    let _ = slots.acquire_many(group.max_in_flight as u32).await;
+    // Every sender is gone: finish the writes still in flight before returning.
+    while writes.next().await.is_some() {}
 }
 
-async fn probe_loop(shard: std::sync::Weak<Shard>, region: RegionName) {
+/// Writes one batch with one pipelined `RPUSH` (and `WAIT`) and answers each of its votes.
+async fn write_batch(
+    batch: Vec<Pending>,
+    mut conn: ConnectionManager,
+    shard: Weak<Shard>,
+    census: Arc<Census>,
+    settings: WriteSettings,
+) {
+    const RPUSH: &str = "RPUSH";
+    let bytes: usize = RPUSH.len()
+        + model::queue::VOTES.len()
+        + batch.iter().map(|p| p.payload.len()).sum::<usize>();
+    let mut push = redis::Cmd::with_capacity(batch.len() + 2, bytes);
+    push.arg(RPUSH).arg(model::queue::VOTES);
+    for p in &batch {
+        push.arg(&p.payload);
+    }
+    let mut pipe = redis::Pipeline::with_capacity(2);
+    pipe.add_command(push);
+    let wait_replicas = settings.wait_replicas;
+    if wait_replicas > 0 {
+        pipe.cmd("WAIT")
+            .arg(wait_replicas)
+            .arg(RESPONSE_TIMEOUT.as_millis() as u64 / 2);
+    }
+    // The first vote is the oldest, so its deadline bounds the whole write.
+    let deadline = batch[0].queued + settings.store_timeout;
+    let reply = if Instant::now() >= deadline {
+        None
+    } else {
+        tokio::time::timeout_at(deadline, pipe.query_async::<Vec<u64>>(&mut conn))
+            .await
+            .ok()
+    };
+    let outcome = match reply {
+        // Not confirmed in time: not acknowledged, though Redis may still store it (a retry
+        // is a re-vote, which the ballot upsert counts once).
+        None => Err(StoreError::Timeout),
+        Some(Ok(r))
+            if wait_replicas > 0 && r.get(1).copied().unwrap_or(0) < wait_replicas as u64 =>
+        {
+            // Stored on the primary but not on enough replicas: not acknowledged.
+            Err(StoreError::Unavailable)
+        }
+        Some(Ok(r)) => {
+            if let Some(s) = shard.upgrade() {
+                s.depth.store(r[0], Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "shard write failed");
+            if let Some(s) = shard.upgrade() {
+                s.up.store(false, Ordering::Relaxed);
+            }
+            Err(StoreError::Unavailable)
+        }
+    };
+    census.unanswered.fetch_sub(batch.len(), Ordering::Relaxed);
+    for p in batch {
+        let _ = p.done.send(outcome);
+    }
+}
+
+async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
     // Logged on the way down, not on every failed probe; `None` until the first probe.
     let mut was_up: Option<bool> = None;
     loop {

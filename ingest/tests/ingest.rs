@@ -423,6 +423,130 @@ async fn a_dead_shard_gets_503_while_the_other_keeps_taking_votes() -> anyhow::R
     stack.shutdown().await
 }
 
+/// Votes from `clients` clients of their own, each sent `gap` after the one before, all in flight
+/// together: their statuses in order.
+async fn staggered_votes(stack: &Stack, clients: usize, gap: Duration) -> Vec<u16> {
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let client = Client::new(stack.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = vote(&client, "default", "a", &format!("linger-{i}")).await;
+            r.map(|r| r.status.as_u16()).unwrap_or(0)
+        }));
+        tokio::time::sleep(gap).await;
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap_or(0));
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn votes_arriving_within_the_linger_share_one_write() -> anyhow::Result<()> {
+    let stack = Stack::start(1, |c| {
+        c.group.linger = Duration::from_secs(2);
+        c.store_timeout = Duration::from_secs(10);
+    })
+    .await?;
+    // Ten votes, 20 ms apart: without a linger each would go out alone (a write takes well
+    // under 20 ms); with one, the first waits for the other nine.
+    let statuses = staggered_votes(&stack, 10, Duration::from_millis(20)).await;
+    assert_eq!(statuses, vec![202; 10]);
+    assert_eq!(
+        stack.shards[0].calls("RPUSH").await?,
+        1,
+        "one write for all ten"
+    );
+    assert_eq!(stack.queued().await?.len(), 10);
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_goes_without_waiting_out_the_linger() -> anyhow::Result<()> {
+    let linger = Duration::from_secs(3);
+    let stack = Stack::start(1, |c| {
+        c.group.linger = linger;
+        c.group.max_votes = 4;
+        c.store_timeout = Duration::from_secs(10);
+    })
+    .await?;
+    // The stack's own client stays connected and idle, so another vote could always come: only
+    // the batch reaching `max_votes` can end the linger early.
+    stack.client.get("/healthz").await?;
+    let started = std::time::Instant::now();
+    let statuses = staggered_votes(&stack, 4, Duration::ZERO).await;
+    let waited = started.elapsed();
+    assert_eq!(statuses, vec![202; 4]);
+    assert!(
+        waited < linger / 2,
+        "a full batch waited {waited:?} of its {linger:?} linger"
+    );
+    assert_eq!(stack.shards[0].calls("RPUSH").await?, 1);
+    stack.shutdown().await
+}
+
+/// One vote on one connection of its own; how long it took to be acknowledged.
+async fn vote_on(
+    conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    voter: &str,
+) -> anyhow::Result<Duration> {
+    let req = hyper::Request::post("/v1/polls/default/votes")
+        .header("host", "ingest")
+        .header("content-type", "application/json")
+        .header("x-voter-id", voter)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"option":"b"}"#,
+        )))?;
+    let started = std::time::Instant::now();
+    conn.ready().await?;
+    let resp = conn.send_request(req).await?;
+    let status = resp.status();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await?;
+    anyhow::ensure!(status == 202, "{status} {:?}", body.to_bytes());
+    Ok(started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_voter_is_not_held_by_the_linger() -> anyhow::Result<()> {
+    let linger = Duration::from_secs(2);
+    let mut stack = Stack::start(1, |c| {
+        c.group.linger = linger;
+        c.store_timeout = Duration::from_secs(10);
+    })
+    .await?;
+    // One client on one connection, one vote at a time: once its vote waits, nobody else can
+    // join the batch, so lingering would only add the linger to every vote. The stack's pooled
+    // client goes first: its idle connection would count as another voter (the server sees it
+    // close a moment later).
+    stack.client = Client::new(stack.base.clone());
+    let stream = tokio::net::TcpStream::connect(stack.base.trim_start_matches("http://")).await?;
+    let (mut conn, driver) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(driver);
+    // Until the server has seen the pooled connection close, a vote may linger.
+    let mut sent = 0;
+    loop {
+        let waited = vote_on(&mut conn, &format!("alone-{sent}")).await?;
+        sent += 1;
+        if waited < linger / 2 {
+            break;
+        }
+        anyhow::ensure!(sent < 5, "every vote lingered: {waited:?}");
+    }
+    let started = std::time::Instant::now();
+    for i in sent..sent + 5 {
+        vote_on(&mut conn, &format!("alone-{i}")).await?;
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < linger,
+        "five votes took {waited:?}: the linger ({linger:?}) held votes nobody could join"
+    );
+    assert_eq!(stack.shards[0].calls("RPUSH").await? as usize, sent + 5);
+    stack.shutdown().await
+}
+
 fn token(
     key_file: &str,
     kid: &str,

@@ -16,6 +16,7 @@ pub const ENV_MAX_CONNECTIONS: &str = "TALLY_MAX_CONNECTIONS";
 pub const ENV_QUEUE_BOUND: &str = "TALLY_QUEUE_BOUND";
 pub const ENV_GROUP_MAX_VOTES: &str = "TALLY_GROUP_MAX_VOTES";
 pub const ENV_GROUP_MAX_IN_FLIGHT: &str = "TALLY_GROUP_MAX_IN_FLIGHT";
+pub const ENV_GROUP_LINGER_US: &str = "TALLY_GROUP_LINGER_US";
 pub const ENV_WAIT_REPLICAS: &str = "TALLY_WAIT_REPLICAS";
 pub const ENV_VOTER_RATE: &str = "TALLY_VOTER_RATE";
 pub const ENV_VOTER_BURST: &str = "TALLY_VOTER_BURST";
@@ -106,6 +107,10 @@ pub struct IngestArgs {
     /// Group-commit writes in flight per shard.
     #[arg(long, env = ENV_GROUP_MAX_IN_FLIGHT, default_value_t = ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT)]
     pub group_max_in_flight: usize,
+    /// Microseconds a batch's first vote may wait for others while a write slot is free (0 = none).
+    #[arg(long, env = ENV_GROUP_LINGER_US,
+          default_value_t = ingest::config::DEFAULT_GROUP_LINGER.as_micros() as u64)]
+    pub group_linger_us: u64,
     /// Acknowledge only once this many Redis replicas have the vote (WAIT); 0 = do not wait.
     #[arg(long, env = ENV_WAIT_REPLICAS, default_value_t = 0)]
     pub wait_replicas: u32,
@@ -150,6 +155,7 @@ impl IngestArgs {
         c.group = ingest::GroupCommit {
             max_votes: self.group_max_votes,
             max_in_flight: self.group_max_in_flight,
+            linger: Duration::from_micros(self.group_linger_us),
         };
         c.wait_replicas = self.wait_replicas;
         c.voter_limit = rate(self.voter_rate, self.voter_burst);

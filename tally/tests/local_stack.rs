@@ -195,6 +195,15 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
         &["reader", "--sources", ""][..],
         &["ingest", "--postgres-url", "x"][..],
         &[
+            "ingest",
+            "--redis-urls",
+            "redis://127.0.0.1:1/",
+            "--postgres-url",
+            "postgres://x",
+            "--group-linger-us",
+            "2000000",
+        ][..],
+        &[
             "poll",
             "create",
             "p",

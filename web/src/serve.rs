@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub trait Service: Send + Sync + 'static {
 pub struct ServeConfig {
     /// Connections beyond this are closed on accept.
     pub max_connections: usize,
+    /// Counts the connections this server has open, for a service that wants to know.
+    pub open: OpenConnections,
     /// A client must send a request's headers within this.
     pub header_read_timeout: Duration,
     /// On shutdown, requests in flight get this long to finish.
@@ -52,9 +55,35 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            open: OpenConnections::default(),
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// How many connections a server has open. An HTTP/1 connection carries one request at a time,
+/// so a service that holds this many requests knows nobody else can send one yet.
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn opened(&self) -> OpenGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(self.0.clone())
+    }
+}
+
+/// Counts its connection as open until dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -94,6 +123,7 @@ pub async fn serve<S: Service>(
             stops.retain(|s| !s.is_closed());
             prune_at = (stops.len() * 2).max(PRUNE_FIRST_AT);
         }
+        let open = config.open.opened();
         let (stop, stopped) = oneshot::channel();
         stops.push(stop);
         let _ = stream.set_nodelay(true);
@@ -122,6 +152,7 @@ pub async fn serve<S: Service>(
                     let _ = conn.await;
                 }
             }
+            drop(open);
             drop(slot);
         });
     }

@@ -1,0 +1,162 @@
+//! When a shard's queued votes go out as one write: the group-commit decision, without IO.
+//!
+//! A write costs Redis and ingest far more than a vote in it does (a wakeup and a round trip on
+//! each side against a memcpy), so votes that arrive close together should share one. Under
+//! saturation they do by themselves: while every write slot is busy, votes pile up and the next
+//! write takes them all. Below saturation a slot is usually free and each vote would go out
+//! nearly alone; there the first vote of a batch waits up to `linger` for company, like a Kafka
+//! producer's `linger.ms`. A batch that reaches `max_votes` goes at once, and so does one that
+//! nobody else can join: when every open connection's request is already waiting on a shard (a
+//! lone client voting vote by vote, a closed-loop benchmark), lingering would only add latency.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How a shard's writer forms its writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommit {
+    /// Most votes one write carries; a batch this big does not wait out the linger.
+    pub max_votes: usize,
+    /// Writes one shard may have outstanding at once.
+    pub max_in_flight: usize,
+    /// How long the oldest vote of a batch may wait for others while a write slot is free.
+    pub linger: Duration,
+}
+
+/// What the writer does next with the batch it is forming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Take up to `max_votes` queued votes and write them now.
+    Cut,
+    /// Every write slot is busy: wait for a write to finish.
+    WaitForSlot,
+    /// Wait for more votes until this instant (or until the batch is full).
+    LingerUntil(Instant),
+}
+
+/// The batch being formed, as the writer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forming {
+    /// Votes queued for this shard.
+    pub queued: usize,
+    /// When the oldest of them was queued.
+    pub oldest: Instant,
+    /// Writes this shard has outstanding.
+    pub in_flight: usize,
+    /// Whether a client could still send a vote: some open connection has no request waiting.
+    pub more_may_come: bool,
+}
+
+impl GroupCommit {
+    pub fn next(&self, batch: Forming, now: Instant) -> Next {
+        if batch.in_flight >= self.max_in_flight {
+            return Next::WaitForSlot;
+        }
+        let until = batch.oldest + self.linger;
+        if batch.queued >= self.max_votes || now >= until || !batch.more_may_come {
+            Next::Cut
+        } else {
+            Next::LingerUntil(until)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy(max_votes: usize, max_in_flight: usize, linger_us: u64) -> GroupCommit {
+        GroupCommit {
+            max_votes,
+            max_in_flight,
+            linger: Duration::from_micros(linger_us),
+        }
+    }
+
+    fn forming(queued: usize, oldest: Instant, in_flight: usize) -> Forming {
+        Forming {
+            queued,
+            oldest,
+            in_flight,
+            more_may_come: true,
+        }
+    }
+
+    #[test]
+    fn a_lone_vote_waits_out_the_linger_then_goes() {
+        let p = policy(1024, 2, 500);
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_micros(500);
+        assert_eq!(p.next(forming(1, t0, 0), t0), Next::LingerUntil(until));
+        assert_eq!(
+            p.next(forming(1, t0, 1), t0 + Duration::from_micros(499)),
+            Next::LingerUntil(until)
+        );
+        assert_eq!(p.next(forming(1, t0, 1), until), Next::Cut);
+    }
+
+    #[test]
+    fn a_full_batch_goes_at_once_and_no_linger_means_no_wait() {
+        let t0 = Instant::now();
+        assert_eq!(policy(64, 2, 500).next(forming(64, t0, 1), t0), Next::Cut);
+        assert_eq!(policy(64, 2, 0).next(forming(1, t0, 0), t0), Next::Cut);
+    }
+
+    #[test]
+    fn a_batch_nobody_else_can_join_goes_at_once() {
+        let t0 = Instant::now();
+        let alone = Forming {
+            more_may_come: false,
+            ..forming(3, t0, 0)
+        };
+        assert_eq!(policy(64, 2, 500).next(alone, t0), Next::Cut);
+    }
+
+    #[test]
+    fn no_write_starts_while_every_slot_is_busy() {
+        let t0 = Instant::now();
+        let late = t0 + Duration::from_secs(1);
+        let full = Forming {
+            more_may_come: false,
+            ..forming(5000, t0, 2)
+        };
+        assert_eq!(policy(64, 2, 500).next(full, late), Next::WaitForSlot);
+    }
+
+    proptest! {
+        #[test]
+        fn the_decision_keeps_every_bound(
+            max_votes in 1usize..2048,
+            max_in_flight in 1usize..8,
+            linger_us in 0u64..5_000,
+            queued in 1usize..4096,
+            in_flight in 0usize..10,
+            age_us in 0u64..10_000,
+            more_may_come: bool,
+        ) {
+            let p = policy(max_votes, max_in_flight, linger_us);
+            let oldest = Instant::now();
+            let now = oldest + Duration::from_micros(age_us);
+            let batch = Forming { queued, oldest, in_flight, more_may_come };
+            match p.next(batch, now) {
+                // A write starts only into a free slot, and only when it is full, nobody else
+                // can join it, or its oldest vote has waited the whole linger.
+                Next::Cut => {
+                    prop_assert!(in_flight < max_in_flight);
+                    prop_assert!(queued >= max_votes || !more_may_come || age_us >= linger_us);
+                }
+                Next::WaitForSlot => prop_assert!(in_flight >= max_in_flight),
+                // Lingering never holds the oldest vote longer than the linger, and never
+                // holds a batch that is full or that nobody else can join.
+                Next::LingerUntil(until) => {
+                    prop_assert!(in_flight < max_in_flight);
+                    prop_assert!(queued < max_votes && more_may_come);
+                    prop_assert!(until > now);
+                    prop_assert_eq!(until, oldest + Duration::from_micros(linger_us));
+                }
+            }
+        }
+    }
+}
