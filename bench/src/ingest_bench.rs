@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 
+use crate::cpu::CpuMeter;
 use crate::load::{alternate, open_loop, MakeRequest};
 use crate::Comparison;
 
@@ -24,6 +25,8 @@ pub struct Options {
     pub shards: usize,
     /// Ingest's group-commit writes one shard may have outstanding at once.
     pub group_max_in_flight: usize,
+    /// How long a batch's first vote may wait for others while a write slot is free.
+    pub group_linger: Duration,
     pub redis_fsync: servers::Fsync,
     pub baseline: Baseline,
 }
@@ -48,6 +51,7 @@ impl Default for Options {
             voters: 1_000_000,
             shards: DEFAULT_SHARDS,
             group_max_in_flight: ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT,
+            group_linger: ingest::config::DEFAULT_GROUP_LINGER,
             redis_fsync: servers::Fsync::Everysec,
             baseline: Baseline::BareHyper,
         }
@@ -92,6 +96,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         config.voter_limit = None;
         config.queue_bound = u64::MAX;
         config.group.max_in_flight = opts.group_max_in_flight;
+        config.group.linger = opts.group_linger;
         let (ingest_listener, ingest_addr) = crate::loopback_listener()?;
         let (bare_listener, bare_addr) = crate::loopback_listener()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -121,6 +126,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             .await?;
 
         let make = votes(opts.voters);
+        let meter = CpuMeter::new(shards.iter().filter_map(|s| s.server.pid()).collect());
         let rounds = alternate(
             bare_addr,
             ingest_addr,
@@ -128,6 +134,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             opts.round,
             opts.pairs,
             make.clone(),
+            &meter,
         )
         .await;
 
@@ -136,21 +143,30 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         // more than they cost a server that keeps up).
         let target = 0.8 * rounds.baseline_rate();
         let open_loop_at = |addr| {
-            open_loop(
-                crate::load::fixed(addr),
-                target,
-                opts.round,
-                opts.connections,
-                make.clone(),
-                Arc::new(|_, _, _| {}),
-            )
+            let make = make.clone();
+            let meter = &meter;
+            async move {
+                let before = meter.read();
+                let (outcome, _) = open_loop(
+                    crate::load::fixed(addr),
+                    target,
+                    opts.round,
+                    opts.connections,
+                    make,
+                    Arc::new(|_, _, _| {}),
+                )
+                .await;
+                let cpu = meter.read().since(&before).per(outcome.ok());
+                (outcome, cpu)
+            }
         };
-        let (open, _) = open_loop_at(ingest_addr).await;
+        let (open, open_cpu) = open_loop_at(ingest_addr).await;
         let open_summary = open.summary();
         // The same open loop against the baseline: the latency a server that stores nothing gets
         // at this rate from this generator on these cores, so ingest's p99 can be read against
         // what the machine allows rather than against zero.
-        let baseline_open = open_loop_at(bare_addr).await.0.summary();
+        let (baseline_open, baseline_open_cpu) = open_loop_at(bare_addr).await;
+        let baseline_open = baseline_open.summary();
 
         let last = &rounds.last;
         let acked: u64 = [last, &open]
@@ -160,8 +176,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         let _ = stop.send(());
         server.await??;
         let mut stored = 0;
+        let mut writes = 0;
         for s in &shards {
             stored += s.outstanding().await?;
+            writes += s.calls("RPUSH").await?;
         }
         let closed_summary = last.summary();
         Ok(Comparison::alternated(
@@ -172,6 +190,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "connections": opts.connections,
                 "shards": opts.shards,
                 "group_max_in_flight": opts.group_max_in_flight,
+                "group_linger_us": opts.group_linger.as_micros() as u64,
                 "redis_fsync": opts.redis_fsync,
                 "closed_loop_p99_ms": closed_summary.p99_ms,
                 "closed_loop_statuses": closed_summary.statuses,
@@ -180,11 +199,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "open_loop_p50_ms": open_summary.p50_ms,
                 "open_loop_p99_ms": open_summary.p99_ms,
                 "open_loop_statuses": open_summary.statuses,
+                "open_loop_cpu_us_per_vote": open_cpu,
                 "baseline_open_loop_achieved": baseline_open.ok_rate,
                 "baseline_open_loop_p50_ms": baseline_open.p50_ms,
                 "baseline_open_loop_p99_ms": baseline_open.p99_ms,
                 "baseline_open_loop_statuses": baseline_open.statuses,
+                "baseline_open_loop_cpu_us_per_request": baseline_open_cpu,
                 "stored_in_redis": stored,
+                "votes_per_write": stored as f64 / writes.max(1) as f64,
                 "acknowledged_in_last_closed_round_and_open_loop": acked,
             }),
         ))

@@ -5,6 +5,7 @@
 
 pub mod aggregator_bench;
 pub mod bare;
+pub mod cpu;
 pub mod gate;
 pub mod ingest_bench;
 pub mod load;
@@ -60,6 +61,15 @@ impl Comparison {
                 "pair_ratios".into(),
                 serde_json::json!(rounds.pair_ratios()),
             );
+            map.insert(
+                "cpu_us_per_answer".into(),
+                serde_json::json!(rounds.tally_cpu_per_answer()),
+            );
+            map.insert(
+                "baseline_cpu_us_per_answer".into(),
+                serde_json::json!(rounds.baseline_cpu_per_answer()),
+            );
+            map.insert("cpu_ratio".into(), serde_json::json!(rounds.cpu_ratio()));
         }
         Self {
             role: role.into(),

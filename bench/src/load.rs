@@ -15,6 +15,8 @@ use hyper::Request;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
+use crate::cpu::{CpuMeter, CpuTime, PerAnswer};
+
 /// Builds the `n`th request.
 pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
 
@@ -203,6 +205,9 @@ pub struct Alternation {
     pub baseline: Vec<f64>,
     pub tally: Vec<f64>,
     pub last: Outcome,
+    /// CPU spent over all of each side's rounds, and the successful answers it bought.
+    pub baseline_cpu: (CpuTime, u64),
+    pub tally_cpu: (CpuTime, u64),
 }
 
 impl Alternation {
@@ -222,6 +227,26 @@ impl Alternation {
             .zip(&self.baseline)
             .map(|(t, b)| if *b > 0.0 { t / b } else { 0.0 })
             .collect()
+    }
+
+    pub fn baseline_cpu_per_answer(&self) -> PerAnswer {
+        self.baseline_cpu.0.per(self.baseline_cpu.1)
+    }
+
+    pub fn tally_cpu_per_answer(&self) -> PerAnswer {
+        self.tally_cpu.0.per(self.tally_cpu.1)
+    }
+
+    /// The baseline's CPU per answer over Tally's: the rate ratio two saturated cores would give
+    /// if CPU were all that limited either side. Steadier than [`Alternation::ratio`], which
+    /// also moves with the machine's speed from round to round.
+    pub fn cpu_ratio(&self) -> f64 {
+        let tally = self.tally_cpu_per_answer().total;
+        if tally > 0.0 {
+            self.baseline_cpu_per_answer().total / tally
+        } else {
+            0.0
+        }
     }
 
     /// The median pair ratio: one noisy round moves it less than it moves the ratio of means.
@@ -244,8 +269,9 @@ fn mean(xs: &[f64]) -> f64 {
     }
 }
 
-/// `pairs` rounds of each, after a warm-up of each. The order within a pair alternates too, so
-/// neither side always runs on the warmer (or more loaded) half of a pair.
+/// `pairs` rounds of each, after a warm-up of each, with `meter` reading the CPU each round
+/// spent. The order within a pair alternates too, so neither side always runs on the warmer (or
+/// more loaded) half of a pair.
 pub async fn alternate(
     baseline: SocketAddr,
     tally: SocketAddr,
@@ -253,6 +279,7 @@ pub async fn alternate(
     round: Duration,
     pairs: usize,
     make: MakeRequest,
+    meter: &CpuMeter,
 ) -> Alternation {
     closed_loop(baseline, connections, Duration::from_secs(1), make.clone()).await;
     closed_loop(tally, connections, Duration::from_secs(1), make.clone()).await;
@@ -261,19 +288,36 @@ pub async fn alternate(
         baseline: Vec::with_capacity(pairs),
         tally: Vec::with_capacity(pairs),
         last: Outcome::new(),
+        baseline_cpu: Default::default(),
+        tally_cpu: Default::default(),
+    };
+    let measured = |addr: SocketAddr| {
+        let make = make.clone();
+        async move {
+            let before = meter.read();
+            let outcome = closed_loop(addr, connections, round, make).await;
+            (meter.read().since(&before), outcome)
+        }
+    };
+    let count = |into: &mut (CpuTime, u64), spent: CpuTime, o: &Outcome| {
+        into.0.add(&spent);
+        into.1 += o.ok();
     };
     for pair in 0..pairs.max(1) {
         let tally_first = pair % 2 == 1;
         if !tally_first {
-            let b = closed_loop(baseline, connections, round, make.clone()).await;
+            let (spent, b) = measured(baseline).await;
             result.baseline.push(rate(&b));
+            count(&mut result.baseline_cpu, spent, &b);
         }
-        let t = closed_loop(tally, connections, round, make.clone()).await;
+        let (spent, t) = measured(tally).await;
         result.tally.push(rate(&t));
+        count(&mut result.tally_cpu, spent, &t);
         result.last = t;
         if tally_first {
-            let b = closed_loop(baseline, connections, round, make.clone()).await;
+            let (spent, b) = measured(baseline).await;
             result.baseline.push(rate(&b));
+            count(&mut result.baseline_cpu, spent, &b);
         }
     }
     result
@@ -387,6 +431,8 @@ mod tests {
             baseline: baseline.to_vec(),
             tally: tally.to_vec(),
             last: Outcome::new(),
+            baseline_cpu: Default::default(),
+            tally_cpu: Default::default(),
         }
     }
 
@@ -400,5 +446,32 @@ mod tests {
         assert!((rounds(&[10.0, 10.0], &[6.0, 8.0]).ratio() - 0.7).abs() < 1e-9);
         assert_eq!(rounds(&[0.0], &[5.0]).ratio(), 0.0);
         assert_eq!(rounds(&[], &[]).ratio(), 0.0);
+    }
+
+    #[test]
+    fn the_cpu_ratio_is_the_baseline_cpu_per_answer_over_tallys() {
+        let ms = std::time::Duration::from_millis;
+        let mut r = rounds(&[100.0], &[80.0]);
+        assert_eq!(r.cpu_ratio(), 0.0, "nothing measured");
+        r.baseline_cpu = (
+            CpuTime {
+                server: ms(300),
+                load: ms(300),
+                redis: ms(0),
+            },
+            60_000,
+        );
+        r.tally_cpu = (
+            CpuTime {
+                server: ms(400),
+                load: ms(300),
+                redis: ms(100),
+            },
+            50_000,
+        );
+        // 10 us an answer against 16.
+        assert!((r.baseline_cpu_per_answer().total - 10.0).abs() < 1e-9);
+        assert!((r.tally_cpu_per_answer().redis - 2.0).abs() < 1e-9);
+        assert!((r.cpu_ratio() - 0.625).abs() < 1e-9);
     }
 }

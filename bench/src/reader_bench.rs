@@ -75,6 +75,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             opts.round,
             opts.pairs,
             make,
+            &crate::cpu::CpuMeter::default(),
         )
         .await;
 

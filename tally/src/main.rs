@@ -283,6 +283,11 @@ enum BenchCmd {
         #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT as u16,
               value_parser = clap::value_parser!(u16).range(1..))]
         group_max_in_flight: u16,
+        /// Microseconds a batch's first vote may wait for others while a write slot is free,
+        /// as on `tally ingest`.
+        #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_LINGER.as_micros() as u64,
+              value_parser = clap::value_parser!(u64).range(..1_000_000))]
+        group_linger_us: u64,
     },
     /// Drain a pre-filled backlog into PostgreSQL vs the original one-row-per-vote worker.
     Aggregator {
@@ -902,6 +907,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     redis_fsync,
                     shards,
                     group_max_in_flight,
+                    group_linger_us,
                 } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
                     round: rounds.round(),
                     pairs: rounds.pairs()?,
@@ -909,6 +915,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     redis_fsync,
                     shards: shards.into(),
                     group_max_in_flight: group_max_in_flight.into(),
+                    group_linger: std::time::Duration::from_micros(group_linger_us),
                     ..Default::default()
                 })?],
                 BenchCmd::Aggregator {

@@ -74,6 +74,8 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
         "3",
         "--group-max-in-flight",
         "1",
+        "--group-linger-us",
+        "300",
         "--json",
     ]);
     assert_eq!(result["role"], "ingest");
@@ -81,6 +83,34 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
     let details = check_rounds(&result, 3);
     assert_eq!(details["shards"], 3, "{result}");
     assert_eq!(details["group_max_in_flight"], 1, "{result}");
+    assert_eq!(details["group_linger_us"], 300, "{result}");
+    // Where the CPU went, each side: ingest's includes its Redis servers' work; in the baseline's
+    // rounds they only keep house.
+    let cpu = &details["cpu_us_per_answer"];
+    let baseline_cpu = &details["baseline_cpu_us_per_answer"];
+    assert!(number(&cpu["server"], "server CPU") > 0.0, "{result}");
+    assert!(
+        number(&cpu["redis"], "Redis CPU") > number(&baseline_cpu["redis"], "baseline Redis CPU"),
+        "{result}"
+    );
+    let total = |c: &serde_json::Value| number(&c["total"], "total CPU");
+    assert!(
+        (number(&details["cpu_ratio"], "cpu_ratio") - total(baseline_cpu) / total(cpu)).abs()
+            < 1e-9,
+        "{result}"
+    );
+    assert!(
+        number(
+            &details["open_loop_cpu_us_per_vote"]["total"],
+            "open-loop CPU"
+        ) > 0.0,
+        "{result}"
+    );
+    // Group commit: at least one vote a write, and more than one under this load.
+    assert!(
+        number(&details["votes_per_write"], "votes per write") > 1.0,
+        "{result}"
+    );
     assert_eq!(
         statuses(&details["closed_loop_statuses"]),
         ["202"],

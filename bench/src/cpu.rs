@@ -1,0 +1,161 @@
+//! Where a benchmark's CPU went, from the kernel's own accounting of each thread's time on a CPU
+//! (`/proc/<pid>/task/<tid>/schedstat`, nanoseconds): the server under test (this process's
+//! threads named [`SERVER_THREADS`], and the metrics upkeep a role starts), the load generator
+//! (every other thread here) and the Redis servers the benchmark started.
+//!
+//! On a machine whose speed drifts from second to second, a rate is noisy; CPU time spent per
+//! answered request is much steadier, and on two saturated cores it is what decides the rate.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The name [`crate::server_runtime`] gives the threads of the server under test.
+pub const SERVER_THREADS: &str = "server";
+/// The thread `web` starts to fold the process's histogram samples: the server's work.
+const UPKEEP_THREAD: &str = "metrics-upkeep";
+
+/// CPU time, by who spent it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTime {
+    pub server: Duration,
+    pub load: Duration,
+    pub redis: Duration,
+}
+
+impl CpuTime {
+    /// What was spent between `earlier` and this reading.
+    pub fn since(&self, earlier: &CpuTime) -> CpuTime {
+        CpuTime {
+            server: self.server.saturating_sub(earlier.server),
+            load: self.load.saturating_sub(earlier.load),
+            redis: self.redis.saturating_sub(earlier.redis),
+        }
+    }
+
+    pub fn add(&mut self, other: &CpuTime) {
+        self.server += other.server;
+        self.load += other.load;
+        self.redis += other.redis;
+    }
+
+    /// Microseconds per answer, for `answers` answers.
+    pub fn per(&self, answers: u64) -> PerAnswer {
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / answers.max(1) as f64;
+        PerAnswer {
+            server: us(self.server),
+            redis: us(self.redis),
+            load: us(self.load),
+            total: us(self.server + self.redis + self.load),
+        }
+    }
+}
+
+/// Microseconds of CPU per answered request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PerAnswer {
+    pub server: f64,
+    pub redis: f64,
+    pub load: f64,
+    pub total: f64,
+}
+
+/// Reads the CPU time of this process's threads and of the given Redis servers.
+#[derive(Debug, Clone, Default)]
+pub struct CpuMeter {
+    redis: Vec<u32>,
+}
+
+impl CpuMeter {
+    pub fn new(redis_pids: Vec<u32>) -> Self {
+        Self { redis: redis_pids }
+    }
+
+    /// Threads that ended since the last reading lose their time; the server's and generator's
+    /// threads live as long as the benchmark. Where `/proc` is missing, everything reads zero.
+    pub fn read(&self) -> CpuTime {
+        let mut time = CpuTime::default();
+        for (name, on_cpu) in threads(Path::new("/proc/self")) {
+            if name.starts_with(SERVER_THREADS) || name == UPKEEP_THREAD {
+                time.server += on_cpu;
+            } else {
+                time.load += on_cpu;
+            }
+        }
+        for pid in &self.redis {
+            // Redis's background threads (the append-only file's fsync) are its work too.
+            for (_, on_cpu) in threads(Path::new(&format!("/proc/{pid}"))) {
+                time.redis += on_cpu;
+            }
+        }
+        time
+    }
+}
+
+/// Each live thread of a process: its name and its time on a CPU.
+fn threads(process: &Path) -> Vec<(String, Duration)> {
+    let Ok(tasks) = std::fs::read_dir(process.join("task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            let dir = task.path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            (name.trim_end().to_string(), on_cpu(&dir))
+        })
+        .collect()
+}
+
+/// A task's time on a CPU: the first field of its `schedstat`.
+fn on_cpu(task: &Path) -> Duration {
+    std::fs::read_to_string(task.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_threads_work_is_counted_where_it_belongs() {
+        fn spin(d: Duration) {
+            let start = std::time::Instant::now();
+            let mut x = 0u64;
+            while start.elapsed() < d {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        // This process stands in for Redis too, so its whole time shows there as well.
+        let meter = CpuMeter::new(vec![std::process::id()]);
+        let before = meter.read();
+        let (spun, has_spun) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::Builder::new()
+            .name(format!("{SERVER_THREADS}-test"))
+            .spawn(move || {
+                spin(Duration::from_millis(60));
+                spun.send(()).unwrap();
+                let _ = released.recv();
+            })
+            .unwrap();
+        spin(Duration::from_millis(60));
+        has_spun.recv().unwrap();
+        let spent = meter.read().since(&before);
+        release.send(()).unwrap();
+        server.join().unwrap();
+        assert!(spent.server >= Duration::from_millis(50), "{spent:?}");
+        assert!(spent.load >= Duration::from_millis(50), "{spent:?}");
+        assert!(
+            spent.redis >= spent.server + Duration::from_millis(50),
+            "{spent:?}"
+        );
+        let per = spent.per(10);
+        assert!((per.total - per.server - per.redis - per.load).abs() < 1e-6);
+        assert!(per.server >= 5_000.0, "{per:?}");
+    }
+}
