@@ -11,8 +11,9 @@ pub use crate::group::GroupCommit;
 pub const DEFAULT_GROUP_MAX_VOTES: usize = 1024;
 /// Group-commit writes one shard may have outstanding at once.
 pub const DEFAULT_GROUP_MAX_IN_FLIGHT: usize = 2;
-/// How long a batch's first vote may wait for others while a write slot is free. Tokio's timer
-/// fires on millisecond ticks, so the wait is this rounded up to the next tick: 0.5-1.5 ms.
+/// How long a batch's first vote may wait for others while a write slot is free. Under load the
+/// arriving votes end the wait on time; when none comes, tokio's timer ends it on its next
+/// millisecond tick.
 pub const DEFAULT_GROUP_LINGER: Duration = Duration::from_micros(500);
 /// Above this many queued votes a shard refuses new ones (503) until aggregators catch up.
 pub const DEFAULT_QUEUE_BOUND: u64 = 5_000_000;

@@ -270,7 +270,9 @@ enum BenchCmd {
     Ingest {
         #[command(flatten)]
         rounds: RoundArgs,
-        #[arg(long, default_value_t = 32)]
+        /// Keep-alive connections of the load generator. Enough to keep two cores busy: with
+        /// few, each connection waits out Redis's round trip and the rate measures latency.
+        #[arg(long, default_value_t = bench::ingest_bench::DEFAULT_CONNECTIONS)]
         connections: usize,
         /// Redis's fsync policy, as on `tally local up`.
         #[arg(long, default_value = "everysec")]

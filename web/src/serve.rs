@@ -43,7 +43,8 @@ pub trait Service: Send + Sync + 'static {
 pub struct ServeConfig {
     /// Connections beyond this are closed on accept.
     pub max_connections: usize,
-    /// Counts the connections this server has open, for a service that wants to know.
+    /// Counts the connections this server has open, for a service that wants to know (a clone
+    /// of the config shares the count).
     pub open: OpenConnections,
     /// A client must send a request's headers within this.
     pub header_read_timeout: Duration,

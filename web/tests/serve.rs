@@ -111,3 +111,42 @@ async fn shutdown_closes_idle_connections_and_answers_the_request_in_flight() ->
     timeout(PATIENCE, server).await??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_counts_each_connection_until_it_closes() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = ServeConfig::default();
+    let open = config.open.clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(web::serve(
+        listener,
+        Arc::new(Held::default()),
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    assert_eq!(open.get(), 0);
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(addr).await?;
+        // Answered, so accepted and counted.
+        send(&mut s, "/fast").await?;
+        read_until(&mut s, "fast done").await?;
+        streams.push(s);
+    }
+    assert_eq!(open.get(), 3);
+    streams.truncate(1);
+    // The server sees the two closes as it reads them.
+    timeout(PATIENCE, async {
+        while open.get() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await?;
+    stop.send(()).expect("serve is running");
+    timeout(PATIENCE, server).await??;
+    assert_eq!(open.get(), 0, "every connection closed on shutdown");
+    Ok(())
+}
