@@ -13,7 +13,6 @@ mod drain;
 pub mod write;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,7 +54,7 @@ struct Http {
 }
 
 impl web::Service for Http {
-    async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: Request<Incoming>, _conn: &web::Connection) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => {
                 json(StatusCode::OK, &serde_json::json!({"status": "ok"}))

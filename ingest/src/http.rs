@@ -146,14 +146,14 @@ impl web::Service for Ingest {
     /// learns whether it was stored.
     const ANSWERS_AFTER_HALF_CLOSE: bool = true;
 
-    async fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: Request<Incoming>, conn: &web::Connection) -> Response<Body> {
         let uri = req.uri().clone();
         let path = uri.path();
         if let Some(poll) = crate::request::vote_route(path) {
             if req.method() != Method::POST {
                 return method_not_allowed("POST");
             }
-            return self.api_vote(req, peer, poll).await;
+            return self.api_vote(req, conn, poll).await;
         }
         match (req.method(), path) {
             (&Method::GET, "/healthz") => {
@@ -162,7 +162,7 @@ impl web::Service for Ingest {
             (&Method::GET, "/readyz") => self.readyz(),
             (&Method::GET, "/metrics") => web::render_metrics(),
             (&Method::GET, "/") => self.page(req.headers(), None),
-            (&Method::POST, "/") => self.form_vote(req, peer).await,
+            (&Method::POST, "/") => self.form_vote(req, conn).await,
             (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
             (_, "/") => method_not_allowed("GET, POST"),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
@@ -204,7 +204,7 @@ impl Ingest {
     async fn api_vote(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &web::Connection,
         poll: &str,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -213,7 +213,7 @@ impl Ingest {
             .take_vote(
                 &parts,
                 body,
-                peer,
+                conn,
                 poll,
                 "application/json",
                 request::json_vote,
@@ -243,14 +243,14 @@ impl Ingest {
     }
 
     /// The original app's form post: `vote=a` for the default poll, answered with the page.
-    async fn form_vote(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn form_vote(&self, req: Request<Incoming>, conn: &web::Connection) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let form = "application/x-www-form-urlencoded";
         match self
             .take_vote(
                 &parts,
                 body,
-                peer,
+                conn,
                 model::DEFAULT_POLL,
                 form,
                 request::form_vote,
@@ -286,12 +286,12 @@ impl Ingest {
         &self,
         parts: &hyper::http::request::Parts,
         body: Incoming,
-        peer: SocketAddr,
+        conn: &web::Connection,
         poll: &str,
         content_type: &'static str,
         decode: fn(&[u8]) -> Result<String, request::DecodeError>,
     ) -> Result<(VoteId, String, Option<HeaderValue>), Refusal> {
-        self.check_ip(peer)?;
+        self.check_ip(conn.peer())?;
         let (voter, new_cookie) = self.voter(&parts.headers)?;
         if !request::content_type_is(
             parts
@@ -304,7 +304,7 @@ impl Ingest {
         }
         let body = self.read_body(body).await?;
         let option = decode(&body)?;
-        let id = self.record(poll, &option, &voter).await?;
+        let id = self.record(poll, &option, &voter, conn).await?;
         Ok((id, option, new_cookie))
     }
 
@@ -408,8 +408,15 @@ impl Ingest {
     }
 
     /// Validates against the catalog, applies the voter limit, stamps, and stores on the voter's
-    /// shard. `voter` is a validated voter id.
-    async fn record(&self, poll: &str, option: &str, voter: &str) -> Result<VoteId, Refusal> {
+    /// shard. `voter` is a validated voter id. The vote's connection is enlisted as a voter's,
+    /// one the group commit may linger for (see [`web::Enlisted`]).
+    async fn record(
+        &self,
+        poll: &str,
+        option: &str,
+        voter: &str,
+        conn: &web::Connection,
+    ) -> Result<VoteId, Refusal> {
         // Checked against the catalog, `poll` and `option` are valid ids too.
         self.catalog.get().check(poll, option)?;
         if let Some(limit) = &self.voter_limit {
@@ -437,6 +444,7 @@ impl Ingest {
         let mut payload = Vec::new();
         fields.encode_into(&mut payload);
         let shard = model::shard_of(poll, voter, self.shards.count());
+        conn.enlist();
         self.shards.get(shard).store(payload).await?;
         Ok(id)
     }

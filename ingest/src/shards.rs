@@ -13,7 +13,6 @@ use model::RegionName;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
-use web::OpenConnections;
 
 use crate::config::Config;
 use crate::group::{Forming, GroupCommit, Next};
@@ -43,17 +42,19 @@ struct Pending {
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// Whether anyone could still vote: the server's open connections against the votes every shard
-/// holds unanswered. An HTTP/1 connection carries one request at a time, so once every open
-/// connection's vote is waiting, no vote can join a batch until some are answered.
+/// Whether any voter could still vote: the open connections that have voted against the votes
+/// every shard holds unanswered. An HTTP/1 connection carries one request at a time, so once
+/// every such connection's vote is waiting, no vote from a voter seen so far can join a batch
+/// until some are answered. Connections that never voted (probes, scrapes, clients refused or
+/// too slow to send a request) are not waited for.
 struct Census {
-    open: OpenConnections,
+    voting: web::Enlisted,
     unanswered: AtomicUsize,
 }
 
 impl Census {
     fn more_may_come(&self) -> bool {
-        self.unanswered.load(Ordering::Relaxed) < self.open.get()
+        self.unanswered.load(Ordering::Relaxed) < self.voting.get()
     }
 }
 
@@ -185,7 +186,7 @@ impl Shards {
     pub fn start(config: &Config) -> Result<Self, redis::RedisError> {
         let mut shards = Vec::with_capacity(config.redis_urls.len());
         let census = Arc::new(Census {
-            open: config.serve.open.clone(),
+            voting: config.serve.enlisted.clone(),
             unanswered: AtomicUsize::new(0),
         });
         for (i, url) in config.redis_urls.iter().enumerate() {

@@ -442,55 +442,19 @@ async fn staggered_votes(stack: &Stack, clients: usize, gap: Duration) -> Vec<u1
     statuses
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn votes_arriving_within_the_linger_share_one_write() -> anyhow::Result<()> {
-    let stack = Stack::start(1, |c| {
-        c.group.linger = Duration::from_secs(2);
-        c.store_timeout = Duration::from_secs(10);
-    })
-    .await?;
-    // Ten votes, 20 ms apart: without a linger each would go out alone (a write takes well
-    // under 20 ms); with one, the first waits for the other nine.
-    let statuses = staggered_votes(&stack, 10, Duration::from_millis(20)).await;
-    assert_eq!(statuses, vec![202; 10]);
-    assert_eq!(
-        stack.shards[0].calls("RPUSH").await?,
-        1,
-        "one write for all ten"
-    );
-    assert_eq!(stack.queued().await?.len(), 10);
-    stack.shutdown().await
+type Connection = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// A connection of its own to the stack's ingest.
+async fn connect(stack: &Stack) -> anyhow::Result<Connection> {
+    let stream = tokio::net::TcpStream::connect(stack.base.trim_start_matches("http://")).await?;
+    let (conn, driver) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(driver);
+    Ok(conn)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_batch_goes_without_waiting_out_the_linger() -> anyhow::Result<()> {
-    let linger = Duration::from_secs(3);
-    let stack = Stack::start(1, |c| {
-        c.group.linger = linger;
-        c.group.max_votes = 4;
-        c.store_timeout = Duration::from_secs(10);
-    })
-    .await?;
-    // The stack's own client stays connected and idle, so another vote could always come: only
-    // the batch reaching `max_votes` can end the linger early.
-    stack.client.get("/healthz").await?;
-    let started = std::time::Instant::now();
-    let statuses = staggered_votes(&stack, 4, Duration::ZERO).await;
-    let waited = started.elapsed();
-    assert_eq!(statuses, vec![202; 4]);
-    assert!(
-        waited < linger / 2,
-        "a full batch waited {waited:?} of its {linger:?} linger"
-    );
-    assert_eq!(stack.shards[0].calls("RPUSH").await?, 1);
-    stack.shutdown().await
-}
-
-/// One vote on one connection of its own; how long it took to be acknowledged.
-async fn vote_on(
-    conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
-    voter: &str,
-) -> anyhow::Result<Duration> {
+/// One vote on `conn`; how long it took to be acknowledged.
+async fn vote_on(conn: &mut Connection, voter: &str) -> anyhow::Result<Duration> {
     let req = hyper::Request::post("/v1/polls/default/votes")
         .header("host", "ingest")
         .header("content-type", "application/json")
@@ -508,34 +472,93 @@ async fn vote_on(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_voter_is_not_held_by_the_linger() -> anyhow::Result<()> {
+async fn returning_voters_share_one_write_that_goes_once_all_are_in() -> anyhow::Result<()> {
     let linger = Duration::from_secs(2);
-    let mut stack = Stack::start(1, |c| {
+    let stack = Stack::start(1, |c| {
         c.group.linger = linger;
         c.store_timeout = Duration::from_secs(10);
     })
     .await?;
-    // One client on one connection, one vote at a time: once its vote waits, nobody else can
-    // join the batch, so lingering would only add the linger to every vote. The stack's pooled
-    // client goes first: its idle connection would count as another voter (the server sees it
-    // close a moment later).
-    stack.client = Client::new(stack.base.clone());
-    let stream = tokio::net::TcpStream::connect(stack.base.trim_start_matches("http://")).await?;
-    let (mut conn, driver) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(driver);
-    // Until the server has seen the pooled connection close, a vote may linger.
-    let mut sent = 0;
-    loop {
-        let waited = vote_on(&mut conn, &format!("alone-{sent}")).await?;
-        sent += 1;
-        if waited < linger / 2 {
-            break;
-        }
-        anyhow::ensure!(sent < 5, "every vote lingered: {waited:?}");
+    // Ten voters on connections of their own vote once, together, and stay connected: voters
+    // who may vote again.
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        conns.push(connect(&stack).await?);
     }
+    let firsts = conns
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| async move { vote_on(c, &format!("returning-{i}")).await });
+    futures_util::future::try_join_all(firsts).await?;
+    let writes_before = stack.shards[0].calls("RPUSH").await?;
+
+    // Their second votes, 20 ms apart: without a linger each would go out alone (a write takes
+    // well under 20 ms); with one, the first waits for the other nine, and the write goes as soon
+    // as the tenth is in rather than when the linger is over.
     let started = std::time::Instant::now();
-    for i in sent..sent + 5 {
+    let seconds = conns.iter_mut().enumerate().map(|(i, c)| async move {
+        tokio::time::sleep(Duration::from_millis(20) * i as u32).await;
+        vote_on(c, &format!("returning-{i}")).await
+    });
+    futures_util::future::try_join_all(seconds).await?;
+    let waited = started.elapsed();
+    assert_eq!(
+        stack.shards[0].calls("RPUSH").await? - writes_before,
+        1,
+        "one write for the ten second votes"
+    );
+    assert!(
+        waited < linger,
+        "the write waited {waited:?}, although every voter's vote was in after 180 ms"
+    );
+    assert_eq!(stack.queued().await?.len(), 20);
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_goes_without_waiting_out_the_linger() -> anyhow::Result<()> {
+    let linger = Duration::from_secs(3);
+    let stack = Stack::start(1, |c| {
+        c.group.linger = linger;
+        c.group.max_votes = 4;
+        c.store_timeout = Duration::from_secs(10);
+    })
+    .await?;
+    // A voter who has voted stays connected and idle, so another vote could always come: only
+    // the batch reaching `max_votes` can end the linger early.
+    let mut idle_voter = connect(&stack).await?;
+    vote_on(&mut idle_voter, "idle").await?;
+    let started = std::time::Instant::now();
+    let statuses = staggered_votes(&stack, 4, Duration::ZERO).await;
+    let waited = started.elapsed();
+    assert_eq!(statuses, vec![202; 4]);
+    assert!(
+        waited < linger / 2,
+        "a full batch waited {waited:?} of its {linger:?} linger"
+    );
+    assert_eq!(stack.shards[0].calls("RPUSH").await?, 2);
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_voter_is_not_held_by_the_linger_for_connections_that_never_voted(
+) -> anyhow::Result<()> {
+    let linger = Duration::from_secs(2);
+    let stack = Stack::start(1, |c| {
+        c.group.linger = linger;
+        c.store_timeout = Duration::from_secs(10);
+    })
+    .await?;
+    // Open beside the voter and never voting: the stack's pooled client, which asked for
+    // /readyz; a connection that sends nothing; one whose vote was refused.
+    let _silent = tokio::net::TcpStream::connect(stack.base.trim_start_matches("http://")).await?;
+    let refused = vote(&stack.client, "default", "no-such-option", "refused").await?;
+    assert_eq!(refused.status, 422);
+    // One voter on one connection, one vote at a time: once its vote waits, nobody who has
+    // voted can join the batch, so lingering would only add the linger to every vote.
+    let mut conn = connect(&stack).await?;
+    let started = std::time::Instant::now();
+    for i in 0..5 {
         vote_on(&mut conn, &format!("alone-{i}")).await?;
     }
     let waited = started.elapsed();
@@ -543,7 +566,7 @@ async fn a_lone_voter_is_not_held_by_the_linger() -> anyhow::Result<()> {
         waited < linger,
         "five votes took {waited:?}: the linger ({linger:?}) held votes nobody could join"
     );
-    assert_eq!(stack.shards[0].calls("RPUSH").await? as usize, sent + 5);
+    assert_eq!(stack.shards[0].calls("RPUSH").await?, 5);
     stack.shutdown().await
 }
 

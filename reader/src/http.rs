@@ -2,7 +2,6 @@
 //! the live page, and health.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +49,7 @@ impl ReaderMetrics {
 }
 
 impl web::Service for Reader {
-    async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: Request<Incoming>, _conn: &web::Connection) -> Response<Body> {
         let path = req.uri().path();
         if let Some(rest) = path.strip_prefix("/v1/polls/") {
             if req.method() != Method::GET {

@@ -1,7 +1,5 @@
 //! `tally replication`'s HTTP face: what the watcher last saw.
 
-use std::net::SocketAddr;
-
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
@@ -11,7 +9,7 @@ use crate::View;
 pub struct Status(pub watch::Receiver<View>);
 
 impl web::Service for Status {
-    async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<web::Body> {
+    async fn call(&self, req: Request<Incoming>, _conn: &web::Connection) -> Response<web::Body> {
         if req.method() != Method::GET {
             return web::error(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -1,7 +1,5 @@
 //! The control face: change the delay, cut and heal regions, see every link.
 
-use std::net::SocketAddr;
-
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -17,7 +15,7 @@ fn query<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
 }
 
 impl web::Service for Control {
-    async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<web::Body> {
+    async fn call(&self, req: Request<Incoming>, _conn: &web::Connection) -> Response<web::Body> {
         let links = &self.0;
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/status") => web::json(StatusCode::OK, &links.status()),

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ pub trait Service: Send + Sync + 'static {
     fn call(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &Connection,
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
@@ -43,9 +43,9 @@ pub trait Service: Send + Sync + 'static {
 pub struct ServeConfig {
     /// Connections beyond this are closed on accept.
     pub max_connections: usize,
-    /// Counts the connections this server has open, for a service that wants to know (a clone
-    /// of the config shares the count).
-    pub open: OpenConnections,
+    /// Counts the open connections the service has enlisted (a clone of the config shares the
+    /// count).
+    pub enlisted: Enlisted,
     /// A client must send a request's headers within this.
     pub header_read_timeout: Duration,
     /// On shutdown, requests in flight get this long to finish.
@@ -56,35 +56,67 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
-            open: OpenConnections::default(),
+            enlisted: Enlisted::default(),
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
         }
     }
 }
 
-/// How many connections a server has open. An HTTP/1 connection carries one request at a time,
-/// so a service that holds this many requests knows nobody else can send one yet.
+/// How many open connections their service has enlisted (see [`Connection::enlist`]). Ingest
+/// enlists a connection once it has voted: an HTTP/1 connection carries one request at a time,
+/// so once every enlisted connection's vote is waiting, no voter that has been seen can send
+/// another. Connections that never enlist (probes, scrapes, refused or slow clients) do not count.
 #[derive(Debug, Clone, Default)]
-pub struct OpenConnections(Arc<AtomicUsize>);
+pub struct Enlisted(Arc<AtomicUsize>);
 
-impl OpenConnections {
+impl Enlisted {
     pub fn get(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
+}
 
-    fn opened(&self) -> OpenGuard {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(self.0.clone())
+/// The connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Connection(Arc<ConnectionState>);
+
+#[derive(Debug)]
+struct ConnectionState {
+    peer: SocketAddr,
+    enlisted: AtomicBool,
+    roll: Enlisted,
+}
+
+impl Connection {
+    fn new(peer: SocketAddr, roll: Enlisted) -> Self {
+        Self(Arc::new(ConnectionState {
+            peer,
+            enlisted: AtomicBool::new(false),
+            roll,
+        }))
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.0.peer
+    }
+
+    /// Counts this connection in the server's [`Enlisted`] until it closes and its last request
+    /// is answered. Calling it again changes nothing.
+    pub fn enlist(&self) {
+        let state = &self.0;
+        // A plain load first: a connection enlists once and is asked on every request.
+        if !state.enlisted.load(Ordering::Relaxed) && !state.enlisted.swap(true, Ordering::Relaxed)
+        {
+            state.roll.0.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// Counts its connection as open until dropped.
-struct OpenGuard(Arc<AtomicUsize>);
-
-impl Drop for OpenGuard {
+impl Drop for ConnectionState {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if *self.enlisted.get_mut() {
+            self.roll.0.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -124,11 +156,11 @@ pub async fn serve<S: Service>(
             stops.retain(|s| !s.is_closed());
             prune_at = (stops.len() * 2).max(PRUNE_FIRST_AT);
         }
-        let open = config.open.opened();
         let (stop, stopped) = oneshot::channel();
         stops.push(stop);
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
+        let connection = Connection::new(peer, config.enlisted.clone());
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
@@ -137,23 +169,27 @@ pub async fn serve<S: Service>(
                 TokioIo::new(stream),
                 service_fn(move |req| {
                     let svc = svc.clone();
-                    async move { Ok::<_, Infallible>(svc.call(req, peer).await) }
+                    let connection = connection.clone();
+                    async move { Ok::<_, Infallible>(svc.call(req, &connection).await) }
                 }),
             );
         tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let mut stopped = stopped;
-            tokio::select! {
-                biased;
-                _ = conn.as_mut() => {}
-                // A sent stop or a dropped sender (the serve loop is gone): finish what is in
-                // flight, close when idle.
-                _ = &mut stopped => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            // The connection, and with it its `Connection`, goes before its slot: a drained
+            // server has no connection left enlisted.
+            {
+                let mut conn = std::pin::pin!(conn);
+                let mut stopped = stopped;
+                tokio::select! {
+                    biased;
+                    _ = conn.as_mut() => {}
+                    // A sent stop or a dropped sender (the serve loop is gone): finish what is
+                    // in flight, close when idle.
+                    _ = &mut stopped => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 }
             }
-            drop(open);
             drop(slot);
         });
     }

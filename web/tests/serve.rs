@@ -1,7 +1,6 @@
 //! The serve loop's graceful drain: on shutdown it stops accepting, closes idle keep-alive
 //! connections, answers the request in flight, and only then returns.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,8 @@ use web::{Body, ServeConfig};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
-/// `/slow` is answered only once the test releases it; anything else at once.
+/// `/slow` is answered only once the test releases it; anything else at once. `/enlist` enlists
+/// its connection.
 #[derive(Default)]
 struct Held {
     entered: Notify,
@@ -23,7 +23,10 @@ struct Held {
 }
 
 impl web::Service for Held {
-    async fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> Response<Body> {
+    async fn call(&self, req: Request<Incoming>, conn: &web::Connection) -> Response<Body> {
+        if req.uri().path() == "/enlist" {
+            conn.enlist();
+        }
         if req.uri().path() == "/slow" {
             self.entered.notify_one();
             self.release.notified().await;
@@ -113,11 +116,12 @@ async fn shutdown_closes_idle_connections_and_answers_the_request_in_flight() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_connections_counts_each_connection_until_it_closes() -> anyhow::Result<()> {
+async fn enlisted_counts_the_connections_the_service_enlisted_until_they_close(
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let config = ServeConfig::default();
-    let open = config.open.clone();
+    let enlisted = config.enlisted.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(web::serve(
         listener,
@@ -127,26 +131,32 @@ async fn open_connections_counts_each_connection_until_it_closes() -> anyhow::Re
             let _ = stopped.await;
         },
     ));
-    assert_eq!(open.get(), 0);
     let mut streams = Vec::new();
     for _ in 0..3 {
         let mut s = TcpStream::connect(addr).await?;
-        // Answered, so accepted and counted.
-        send(&mut s, "/fast").await?;
-        read_until(&mut s, "fast done").await?;
+        // Enlisting twice counts once.
+        for _ in 0..2 {
+            send(&mut s, "/enlist").await?;
+            read_until(&mut s, "fast done").await?;
+        }
         streams.push(s);
     }
-    assert_eq!(open.get(), 3);
+    // Neither a connection whose requests do not enlist it nor one that never sends one counts.
+    let mut bystander = TcpStream::connect(addr).await?;
+    send(&mut bystander, "/fast").await?;
+    read_until(&mut bystander, "fast done").await?;
+    let _silent = TcpStream::connect(addr).await?;
+    assert_eq!(enlisted.get(), 3);
     streams.truncate(1);
     // The server sees the two closes as it reads them.
     timeout(PATIENCE, async {
-        while open.get() != 1 {
+        while enlisted.get() != 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await?;
     stop.send(()).expect("serve is running");
     timeout(PATIENCE, server).await??;
-    assert_eq!(open.get(), 0, "every connection closed on shutdown");
+    assert_eq!(enlisted.get(), 0, "every connection closed on shutdown");
     Ok(())
 }
