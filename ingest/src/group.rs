@@ -6,8 +6,9 @@
 //! write takes them all. Below saturation a slot is usually free and each vote would go out
 //! nearly alone; there the first vote of a batch waits up to `linger` for company, like a Kafka
 //! producer's `linger.ms`. A batch that reaches `max_votes` goes at once, and so does one that
-//! nobody else can join: when every open connection's request is already waiting on a shard (a
-//! lone client voting vote by vote, a closed-loop benchmark), lingering would only add latency.
+//! nobody else can join: when every open connection that has voted already has a vote waiting on
+//! a shard (a lone client voting vote by vote, a closed-loop benchmark), lingering would only add
+//! latency.
 
 use std::time::Duration;
 
@@ -44,7 +45,8 @@ pub struct Forming {
     pub oldest: Instant,
     /// Writes this shard has outstanding.
     pub in_flight: usize,
-    /// Whether a client could still send a vote: some open connection has no request waiting.
+    /// Whether a voter could still send a vote: some open connection that has voted has no vote
+    /// waiting.
     pub more_may_come: bool,
 }
 
