@@ -299,25 +299,21 @@ pub async fn alternate(
             (meter.read().since(&before), outcome)
         }
     };
-    let count = |into: &mut (CpuTime, u64), spent: CpuTime, o: &Outcome| {
-        into.0.add(&spent);
-        into.1 += o.ok();
-    };
     for pair in 0..pairs.max(1) {
-        let tally_first = pair % 2 == 1;
-        if !tally_first {
-            let (spent, b) = measured(baseline).await;
-            result.baseline.push(rate(&b));
-            count(&mut result.baseline_cpu, spent, &b);
-        }
-        let (spent, t) = measured(tally).await;
-        result.tally.push(rate(&t));
-        count(&mut result.tally_cpu, spent, &t);
-        result.last = t;
-        if tally_first {
-            let (spent, b) = measured(baseline).await;
-            result.baseline.push(rate(&b));
-            count(&mut result.baseline_cpu, spent, &b);
+        let baseline_first = pair % 2 == 0;
+        for is_baseline in [baseline_first, !baseline_first] {
+            let (spent, o) = measured(if is_baseline { baseline } else { tally }).await;
+            let (rates, cpu) = if is_baseline {
+                (&mut result.baseline, &mut result.baseline_cpu)
+            } else {
+                (&mut result.tally, &mut result.tally_cpu)
+            };
+            rates.push(rate(&o));
+            cpu.0.add(&spent);
+            cpu.1 += o.ok();
+            if !is_baseline {
+                result.last = o;
+            }
         }
     }
     result
