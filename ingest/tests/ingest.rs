@@ -423,9 +423,8 @@ async fn a_dead_shard_gets_503_while_the_other_keeps_taking_votes() -> anyhow::R
     stack.shutdown().await
 }
 
-/// Votes from `clients` clients of their own, each sent `gap` after the one before, all in flight
-/// together: their statuses in order.
-async fn staggered_votes(stack: &Stack, clients: usize, gap: Duration) -> Vec<u16> {
+/// Votes from `clients` clients of their own, all in flight together: their statuses in order.
+async fn concurrent_votes(stack: &Stack, clients: usize) -> Vec<u16> {
     let mut tasks = Vec::new();
     for i in 0..clients {
         let client = Client::new(stack.base.clone());
@@ -433,7 +432,6 @@ async fn staggered_votes(stack: &Stack, clients: usize, gap: Duration) -> Vec<u1
             let r = vote(&client, "default", "a", &format!("linger-{i}")).await;
             r.map(|r| r.status.as_u16()).unwrap_or(0)
         }));
-        tokio::time::sleep(gap).await;
     }
     let mut statuses = Vec::new();
     for t in tasks {
@@ -529,7 +527,7 @@ async fn a_full_batch_goes_without_waiting_out_the_linger() -> anyhow::Result<()
     let mut idle_voter = connect(&stack).await?;
     vote_on(&mut idle_voter, "idle").await?;
     let started = std::time::Instant::now();
-    let statuses = staggered_votes(&stack, 4, Duration::ZERO).await;
+    let statuses = concurrent_votes(&stack, 4).await;
     let waited = started.elapsed();
     assert_eq!(statuses, vec![202; 4]);
     assert!(
