@@ -1,11 +1,14 @@
 //! Histogram samples must not pile up in memory while nobody scrapes `/metrics`. Its own test
 //! binary, so the process's resident memory is this test's alone.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 const SAMPLES: u64 = 20_000_000;
+/// Recorded in this many runs, each waiting for the upkeep thread to have had its turns.
+const CHUNKS: u64 = 20;
+const PATIENCE: Duration = Duration::from_secs(30);
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
@@ -17,6 +20,40 @@ fn resident_bytes() -> u64 {
     pages * 4096
 }
 
+/// The upkeep thread's `/proc` directory.
+fn upkeep_thread() -> std::path::PathBuf {
+    let give_up = Instant::now() + PATIENCE;
+    loop {
+        for task in std::fs::read_dir("/proc/self/task").expect("reading /proc/self/task") {
+            let dir = task.expect("a task").path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if name.trim_end() == "metrics-upkeep" {
+                return dir;
+            }
+        }
+        assert!(Instant::now() < give_up, "no metrics-upkeep thread");
+        std::thread::yield_now();
+    }
+}
+
+/// How many times `thread` has been run on a CPU: `schedstat`'s third field.
+fn runs(thread: &std::path::Path) -> u64 {
+    std::fs::read_to_string(thread.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .expect("schedstat's third field is the thread's run count")
+}
+
+/// Until `thread` has been run `more` more times.
+fn wait_for_runs(thread: &std::path::Path, more: u64) {
+    let target = runs(thread) + more;
+    let give_up = Instant::now() + PATIENCE;
+    while runs(thread) < target {
+        assert!(Instant::now() < give_up, "the upkeep thread did not run");
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn unscraped_histogram_samples_are_folded_in_instead_of_kept() {
     let recorder = PrometheusBuilder::new()
@@ -26,10 +63,16 @@ fn unscraped_histogram_samples_are_folded_in_instead_of_kept() {
     let handle = recorder.handle();
     web::spawn_upkeep(handle.clone(), Duration::from_millis(20));
     let before = resident_bytes();
+    let upkeep = upkeep_thread();
     metrics::with_local_recorder(&recorder, || {
         let h = metrics::histogram!("tally_test_seconds");
-        for i in 0..SAMPLES {
-            h.record((i % 100) as f64 / 1000.0);
+        for chunk in 0..CHUNKS {
+            for i in chunk * SAMPLES / CHUNKS..(chunk + 1) * SAMPLES / CHUNKS {
+                h.record((i % 100) as f64 / 1000.0);
+            }
+            // On a busy machine this loop can outrun the upkeep thread by far more than its
+            // period; what is tested is that its rounds fold samples in, not that it wins a race.
+            wait_for_runs(&upkeep, 2);
         }
     });
     let grown = resident_bytes().saturating_sub(before);
