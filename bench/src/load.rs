@@ -251,13 +251,18 @@ impl Alternation {
 
     /// The median pair ratio: one noisy round moves it less than it moves the ratio of means.
     pub fn ratio(&self) -> f64 {
-        let mut ratios = self.pair_ratios();
-        ratios.sort_by(f64::total_cmp);
-        match ratios.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => ratios[n / 2],
-            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
-        }
+        median(&self.pair_ratios())
+    }
+}
+
+/// The middle value (the mean of the middle two for an even count); 0 for none.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 
