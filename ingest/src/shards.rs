@@ -414,6 +414,9 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
             ("region", region.to_string()),
             ("shard", s.index.to_string()),
         ];
+        // The connections the linger waits for; every shard's probe sets the same count.
+        metrics::gauge!("tally_ingest_voting_connections", "region" => region.to_string())
+            .set(s.lingering.census.voting.get() as f64);
         match probe {
             Ok(Ok(depth)) => {
                 was_up = Some(true);

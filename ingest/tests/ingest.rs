@@ -543,6 +543,8 @@ async fn a_lone_voter_is_not_held_by_the_linger_for_connections_that_never_voted
 ) -> anyhow::Result<()> {
     let linger = Duration::from_secs(2);
     let stack = Stack::start(1, |c| {
+        // A region of its own: the metrics recorder is shared by every test in this process.
+        c.region = RegionName::new(LONE_VOTER_REGION).unwrap();
         c.group.linger = linger;
         c.store_timeout = Duration::from_secs(10);
     })
@@ -565,7 +567,32 @@ async fn a_lone_voter_is_not_held_by_the_linger_for_connections_that_never_voted
         "five votes took {waited:?}: the linger ({linger:?}) held votes nobody could join"
     );
     assert_eq!(stack.shards[0].calls("RPUSH").await?, 5);
+    // What the linger counts is on /metrics: the voter's connection, not the silent one or the
+    // refused one; and none once the voter has gone.
+    voting_connections_reach(&stack, LONE_VOTER_REGION, 1).await?;
+    drop(conn);
+    voting_connections_reach(&stack, LONE_VOTER_REGION, 0).await?;
     stack.shutdown().await
+}
+
+const LONE_VOTER_REGION: &str = "lone-voter";
+
+/// Polls /metrics (the gauge is set with each shard probe) until it reports `n` voting
+/// connections in `region`.
+async fn voting_connections_reach(stack: &Stack, region: &str, n: u64) -> anyhow::Result<()> {
+    let want = format!("tally_ingest_voting_connections{{region=\"{region}\"}} {n}\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = stack.client.get("/metrics").await?.text();
+        if metrics.contains(&want) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no {want:?} in /metrics:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn token(
