@@ -81,7 +81,11 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
         .collect();
     assert_eq!(rounds.len(), 3, "{report}");
     rounds.sort_by(f64::total_cmp);
-    assert_eq!(report["rate_ratio"].as_f64().unwrap(), rounds[1], "{report}");
+    assert_eq!(
+        report["rate_ratio"].as_f64().unwrap(),
+        rounds[1],
+        "{report}"
+    );
     assert!(rounds[1] >= 0.8, "{report}");
     assert_eq!(report["passed"], true, "{report}");
     assert!(
