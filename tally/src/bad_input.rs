@@ -2,7 +2,8 @@
 //! huge, slow, mistyped, traversing, injecting) while well-formed votes run alongside. Each
 //! hostile request must get its 4xx, none may be stored, slow clients must be cut off, and the
 //! well-formed votes, sent as fast as every region's ingest answers them, must keep at least
-//! [`MIN_RATE_RATIO`] of the rate they reach alone.
+//! [`MIN_RATE_RATIO`] of the rate they reach alone (the median over [`ROUNDS`] rounds, each under
+//! attack against the round alone just before it).
 //!
 //! Hostile requests are raw bytes on a TCP socket: most of them are not requests an HTTP client
 //! would agree to build.
