@@ -226,6 +226,7 @@ impl Shards {
             tokio::spawn(probe_loop(Arc::downgrade(&shard), config.region.clone()));
             shards.push(shard);
         }
+        tokio::spawn(census_loop(Arc::downgrade(&census), config.region.clone()));
         Ok(Self { shards })
     }
 
@@ -397,6 +398,18 @@ async fn write_batch(
     }
 }
 
+/// Publishes the connections the linger waits for, as often as the shards are probed, until
+/// the writers holding the census are gone.
+async fn census_loop(census: Weak<Census>, region: RegionName) {
+    let voting = metrics::gauge!("tally_ingest_voting_connections", "region" => region.to_string());
+    loop {
+        let Some(c) = census.upgrade() else { return };
+        voting.set(c.voting.get() as f64);
+        drop(c);
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
 async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
     // Logged on the way down, not on every failed probe; `None` until the first probe.
     let mut was_up: Option<bool> = None;
@@ -414,9 +427,6 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
             ("region", region.to_string()),
             ("shard", s.index.to_string()),
         ];
-        // The connections the linger waits for; every shard's probe sets the same count.
-        metrics::gauge!("tally_ingest_voting_connections", "region" => region.to_string())
-            .set(s.lingering.census.voting.get() as f64);
         match probe {
             Ok(Ok(depth)) => {
                 was_up = Some(true);
