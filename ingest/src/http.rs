@@ -309,7 +309,7 @@ impl Ingest {
     }
 
     fn page(&self, headers: &HeaderMap, just_voted: Option<&str>) -> Response<Body> {
-        let catalog = self.catalog.get();
+        let catalog = self.catalog.load();
         let Some(poll) = catalog.get(model::DEFAULT_POLL) else {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -418,7 +418,7 @@ impl Ingest {
         conn: &web::Connection,
     ) -> Result<VoteId, Refusal> {
         // Checked against the catalog, `poll` and `option` are valid ids too.
-        self.catalog.get().check(poll, option)?;
+        self.catalog.load().check(poll, option)?;
         if let Some(limit) = &self.voter_limit {
             limit
                 .check(voter.as_bytes(), Instant::now())
