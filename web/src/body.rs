@@ -1,6 +1,9 @@
 //! Response bodies, the JSON error shape, and bounded request-body reads.
 
 use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -73,15 +76,36 @@ pub enum BodyError {
 }
 
 /// Reads at most `limit` bytes of body within `timeout` (slow-loris bodies are cut off).
+///
+/// The timer is armed only when the body is not already there: hyper hands over a body that came
+/// with its headers before the service first asks for it, so nearly every vote skips the timer
+/// (the runtime's clock read and handle, and the timer wheel under its lock).
 pub async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, BodyError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(BodyError::Timeout(timeout)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
-        Ok(Err(e)) => Err(BodyError::Read(e.to_string())),
+    let mut collect = pin!(Limited::new(body, limit).collect());
+    let mut deadline = pin!(None::<tokio::time::Sleep>);
+    let read = poll_fn(|cx| {
+        if let Poll::Ready(read) = collect.as_mut().poll(cx) {
+            return Poll::Ready(Some(read));
+        }
+        if deadline.is_none() {
+            deadline.set(Some(tokio::time::sleep(timeout)));
+        }
+        match deadline.as_mut().as_pin_mut().map(|d| d.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
+    match read {
+        None => Err(BodyError::Timeout(timeout)),
+        Some(Ok(collected)) => Ok(collected.to_bytes()),
+        Some(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(BodyError::TooLarge(limit))
+        }
+        Some(Err(e)) => Err(BodyError::Read(e.to_string())),
     }
 }

@@ -4,15 +4,15 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 
@@ -46,7 +46,8 @@ pub struct ServeConfig {
     /// Counts the open connections the service has enlisted (a clone of the config shares the
     /// count).
     pub enlisted: Enlisted,
-    /// A client must send a request's headers within this.
+    /// A client must send a request's headers within this of connecting or of its last answer
+    /// (idle keep-alive connections are closed after it too).
     pub header_read_timeout: Duration,
     /// On shutdown, requests in flight get this long to finish.
     pub drain_timeout: Duration,
@@ -85,6 +86,13 @@ struct ConnectionState {
     peer: SocketAddr,
     enlisted: AtomicBool,
     roll: Enlisted,
+    /// When the connection was accepted; `idle_since` counts from here.
+    opened: Instant,
+    /// A request is in the service, or its streamed answer is still being written.
+    busy: AtomicBool,
+    /// Nanoseconds after `opened` that the connection last finished answering; from then the
+    /// client has `header_read_timeout` to send its next request's headers.
+    idle_since: AtomicU64,
 }
 
 impl Connection {
@@ -93,7 +101,32 @@ impl Connection {
             peer,
             enlisted: AtomicBool::new(false),
             roll,
+            opened: Instant::now(),
+            busy: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
         }))
+    }
+
+    fn start_request(&self) {
+        self.0.busy.store(true, Ordering::Relaxed);
+    }
+
+    fn finish_request(&self) {
+        let state = &self.0;
+        let since = state.opened.elapsed().as_nanos() as u64;
+        state.idle_since.store(since, Ordering::Relaxed);
+        state.busy.store(false, Ordering::Relaxed);
+    }
+
+    /// When the connection is to be closed for not sending a request's headers, or `None`
+    /// while it is answering one.
+    fn header_deadline(&self, timeout: Duration) -> Option<Instant> {
+        let state = &self.0;
+        if state.busy.load(Ordering::Relaxed) {
+            return None;
+        }
+        let since = Duration::from_nanos(state.idle_since.load(Ordering::Relaxed));
+        Some(state.opened + since + timeout)
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -120,6 +153,96 @@ impl Drop for ConnectionState {
     }
 }
 
+/// Marks the connection idle once its answer is written: at once for a body of known length
+/// (hyper writes it whole), when hyper drops it for a streamed one.
+fn answered(resp: Response<Body>, connection: Connection) -> Response<Body> {
+    if resp.body().size_hint().exact().is_some() {
+        connection.finish_request();
+        return resp;
+    }
+    resp.map(|body| {
+        Body::new(Streamed {
+            body,
+            connection: Some(connection),
+        })
+    })
+}
+
+/// A streamed answer that keeps its connection busy until hyper is done with it.
+struct Streamed {
+    body: Body,
+    connection: Option<Connection>,
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        if let Some(c) = self.connection.take() {
+            c.finish_request();
+        }
+    }
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What the accept loop tells a connection.
+enum Stop {
+    /// Shutting down: answer the request in flight, then close.
+    Drain,
+    /// No request's headers came within the header timeout: close now.
+    Close,
+}
+
+/// An open connection as the accept loop knows it. The state is weak: a closed connection
+/// leaves the service's enlisted count at once, not at the next sweep.
+struct Open {
+    stop: oneshot::Sender<Stop>,
+    state: Weak<ConnectionState>,
+}
+
+/// The header timeout is checked by one sweep of the open connections this many times per
+/// timeout, instead of hyper's timer armed and cancelled for every request (a clock read, an
+/// allocation, and the timer wheel's insert and remove under its lock: ingest's server threads
+/// spent about 0.9 us a vote less without it). A connection is closed between one and
+/// 1 + 1/`SWEEPS_PER_TIMEOUT` timeouts after its last answer.
+const SWEEPS_PER_TIMEOUT: u32 = 4;
+
+/// Tells each connection whose headers are overdue to close, and forgets those closed.
+fn close_overdue(open: &mut Vec<Open>, timeout: Duration, now: Instant) {
+    let mut i = 0;
+    while i < open.len() {
+        let due = match open[i].state.upgrade() {
+            Some(state) if !open[i].stop.is_closed() => Connection(state).header_deadline(timeout),
+            _ => {
+                open.swap_remove(i);
+                continue;
+            }
+        };
+        if due.is_some_and(|due| due <= now) {
+            let _ = open.swap_remove(i).stop.send(Stop::Close);
+            continue;
+        }
+        i += 1;
+    }
+}
+
 /// Serves `service` on `listener` until `shutdown` completes, then stops accepting and waits
 /// (up to `drain_timeout`) for open requests to be answered.
 pub async fn serve<S: Service>(
@@ -132,12 +255,20 @@ pub async fn serve<S: Service>(
     // One stop signal per connection rather than one shared watch: a connection is polled at
     // least twice a request, and polling a pending oneshot is an atomic load where a shared
     // watch takes its waiters' lock, contended across the workers.
-    let mut stops: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut open: Vec<Open> = Vec::new();
     let mut prune_at = PRUNE_FIRST_AT;
+    let header_timeout = config.header_read_timeout;
+    let mut sweep =
+        tokio::time::interval((header_timeout / SWEEPS_PER_TIMEOUT).max(Duration::from_millis(1)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
+            _ = sweep.tick() => {
+                close_overdue(&mut open, header_timeout, Instant::now());
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -152,25 +283,31 @@ pub async fn serve<S: Service>(
             metrics::counter!("tally_http_connections_refused_total").increment(1);
             continue;
         };
-        if stops.len() >= prune_at {
-            stops.retain(|s| !s.is_closed());
-            prune_at = (stops.len() * 2).max(PRUNE_FIRST_AT);
+        if open.len() >= prune_at {
+            open.retain(|o| !o.stop.is_closed());
+            prune_at = (open.len() * 2).max(PRUNE_FIRST_AT);
         }
         let (stop, stopped) = oneshot::channel();
-        stops.push(stop);
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
         let connection = Connection::new(peer, config.enlisted.clone());
+        open.push(Open {
+            stop,
+            state: Arc::downgrade(&connection.0),
+        });
         let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+            .header_read_timeout(None)
             .half_close(S::ANSWERS_AFTER_HALF_CLOSE)
             .serve_connection(
                 TokioIo::new(stream),
                 service_fn(move |req| {
                     let svc = svc.clone();
                     let connection = connection.clone();
-                    async move { Ok::<_, Infallible>(svc.call(req, &connection).await) }
+                    async move {
+                        connection.start_request();
+                        let resp = svc.call(req, &connection).await;
+                        Ok::<_, Infallible>(answered(resp, connection))
+                    }
                 }),
             );
         tokio::spawn(async move {
@@ -178,24 +315,27 @@ pub async fn serve<S: Service>(
             // server has no connection left enlisted.
             {
                 let mut conn = std::pin::pin!(conn);
-                let mut stopped = stopped;
                 tokio::select! {
                     biased;
                     _ = conn.as_mut() => {}
-                    // A sent stop or a dropped sender (the serve loop is gone): finish what is
-                    // in flight, close when idle.
-                    _ = &mut stopped => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
+                    stop = stopped => match stop {
+                        // Dropping the connection closes it, as hyper's header timeout did.
+                        Ok(Stop::Close) => {}
+                        // A shutdown, or the accept loop gone: finish what is in flight, close
+                        // when idle.
+                        Ok(Stop::Drain) | Err(_) => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    },
                 }
             }
             drop(slot);
         });
     }
     drop(listener);
-    for stop in stops {
-        let _ = stop.send(());
+    for o in open {
+        let _ = o.stop.send(Stop::Drain);
     }
     // Every connection task holds a slot until it ends: all slots back means all answered.
     let drained = slots.acquire_many(config.max_connections as u32);

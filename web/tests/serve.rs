@@ -160,3 +160,212 @@ async fn enlisted_counts_the_connections_the_service_enlisted_until_they_close(
     assert_eq!(enlisted.get(), 0, "every connection closed on shutdown");
     Ok(())
 }
+
+/// The header and body timeouts of these tests: short, so a test waits them out in well under a
+/// second, yet long against a loopback round trip.
+const HEADERS_DUE: Duration = Duration::from_millis(400);
+const BODY_DUE: Duration = Duration::from_millis(400);
+
+/// `/echo` answers the body read with [`web::read_body`] (408 when it does not come in time);
+/// `/stream` answers a body streamed from `chunks`; anything else as [`Held`] does.
+#[derive(Default)]
+struct Timed {
+    held: Held,
+    chunks: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>,
+}
+
+struct Chunks(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
+}
+
+impl web::Service for Timed {
+    async fn call(&self, req: Request<Incoming>, conn: &web::Connection) -> Response<Body> {
+        match req.uri().path() {
+            "/echo" => match web::read_body(req.into_body(), 1024, BODY_DUE).await {
+                Ok(body) => web::text(StatusCode::OK, "text/plain", body),
+                Err(e) => web::text(StatusCode::REQUEST_TIMEOUT, "text/plain", e.to_string()),
+            },
+            "/stream" => {
+                let rx = self.chunks.lock().unwrap().take().expect("one stream");
+                let mut resp = Response::new(http_body_util::BodyExt::boxed(Chunks(rx)));
+                *resp.status_mut() = StatusCode::OK;
+                resp
+            }
+            _ => self.held.call(req, conn).await,
+        }
+    }
+}
+
+async fn serve_timed(
+    service: Arc<Timed>,
+) -> anyhow::Result<(std::net::SocketAddr, oneshot::Sender<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(web::serve(
+        listener,
+        service,
+        ServeConfig {
+            header_read_timeout: HEADERS_DUE,
+            ..ServeConfig::default()
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok((addr, stop))
+}
+
+/// Sends a header line every `HEADERS_DUE / 4` and never ends the headers; returns how long the
+/// server kept the connection open.
+async fn trickle_headers(addr: std::net::SocketAddr) -> anyhow::Result<Duration> {
+    let mut s = TcpStream::connect(addr).await?;
+    let opened = tokio::time::Instant::now();
+    s.write_all(b"GET /fast HTTP/1.1\r\nhost: test\r\n").await?;
+    let mut buf = [0u8; 64];
+    for line in 0u64.. {
+        anyhow::ensure!(opened.elapsed() < PATIENCE, "still open after {PATIENCE:?}");
+        tokio::select! {
+            read = s.read(&mut buf) => {
+                anyhow::ensure!(matches!(read, Ok(0) | Err(_)), "answered a request without its end of headers");
+                break;
+            }
+            () = tokio::time::sleep(HEADERS_DUE / 4) => {
+                if s.write_all(format!("x-slow-{line}: .\r\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(opened.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_not_sent_in_time_close_the_connection() -> anyhow::Result<()> {
+    let (addr, _stop) = serve_timed(Arc::new(Timed::default())).await?;
+    let open_for = trickle_headers(addr).await?;
+    assert!(
+        open_for >= HEADERS_DUE,
+        "closed after {open_for:?}, before the timeout"
+    );
+
+    // An idle keep-alive connection gets the same time for its next request's headers, counted
+    // from its last answer.
+    let mut idle = TcpStream::connect(addr).await?;
+    send(&mut idle, "/fast").await?;
+    read_until(&mut idle, "fast done").await?;
+    let answered = tokio::time::Instant::now();
+    assert_eq!(
+        read_to_close(&mut idle).await?,
+        "",
+        "nothing more, then EOF"
+    );
+    assert!(
+        answered.elapsed() >= HEADERS_DUE,
+        "idle closed after {:?}",
+        answered.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_or_a_stream_being_answered_outlasts_the_header_timeout() -> anyhow::Result<()> {
+    let service = Arc::new(Timed::default());
+    let (chunks, rx) = tokio::sync::mpsc::channel(1);
+    *service.chunks.lock().unwrap() = Some(rx);
+    let (addr, _stop) = serve_timed(service.clone()).await?;
+
+    // Held in the service for three header timeouts: the answer still comes.
+    let mut busy = TcpStream::connect(addr).await?;
+    send(&mut busy, "/slow").await?;
+    timeout(PATIENCE, service.held.entered.notified()).await?;
+    tokio::time::sleep(HEADERS_DUE * 3).await;
+    service.held.release.notify_one();
+    let answer = read_until(&mut busy, "slow done").await?;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+    // A streamed answer longer than the timeout is not cut either.
+    let mut stream = TcpStream::connect(addr).await?;
+    send(&mut stream, "/stream").await?;
+    chunks
+        .send(bytes::Bytes::from_static(b"first-chunk"))
+        .await?;
+    read_until(&mut stream, "first-chunk").await?;
+    tokio::time::sleep(HEADERS_DUE * 3).await;
+    chunks
+        .send(bytes::Bytes::from_static(b"second-chunk"))
+        .await?;
+    read_until(&mut stream, "second-chunk").await?;
+    drop(chunks);
+    // Ended, the connection is idle and gets closed like any other.
+    let after = read_to_close(&mut stream).await?;
+    assert!(
+        after.ends_with("0\r\n\r\n"),
+        "the chunked end, then EOF: {after:?}"
+    );
+    Ok(())
+}
+
+/// Posts `parts` to `/echo` as one body of `content_length` bytes, `pause` between parts, and
+/// reads the answer up to `until`; returns it and how long it took from the first part.
+async fn post_echo(
+    addr: std::net::SocketAddr,
+    content_length: usize,
+    parts: &[&str],
+    pause: Duration,
+    until: &str,
+) -> anyhow::Result<(String, Duration)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let head =
+        format!("POST /echo HTTP/1.1\r\nhost: test\r\ncontent-length: {content_length}\r\n\r\n");
+    let started = tokio::time::Instant::now();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        let bytes = if i == 0 {
+            format!("{head}{part}")
+        } else {
+            part.to_string()
+        };
+        s.write_all(bytes.as_bytes()).await?;
+    }
+    let answer = read_until(&mut s, until).await?;
+    Ok((answer, started.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_is_read_whole_or_refused_when_it_does_not_come_in_time() -> anyhow::Result<()> {
+    let (addr, _stop) = serve_timed(Arc::new(Timed::default())).await?;
+
+    // With its headers, as nearly every body comes.
+    let (answer, _) = post_echo(addr, 11, &["hello-world"], Duration::ZERO, "hello-world").await?;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+    // In two parts, the second well inside the timeout: the timer armed for it must not fire.
+    let (answer, _) = post_echo(addr, 11, &["hello-", "world"], BODY_DUE / 4, "world").await?;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nhello-world"), "{answer}");
+
+    // Half a body and then nothing: 408 once the timeout has passed, not before.
+    let (answer, took) =
+        post_echo(addr, 10, &["half-"], Duration::ZERO, "not received within").await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout"),
+        "{answer}"
+    );
+    assert!(took >= BODY_DUE, "refused after {took:?}");
+    Ok(())
+}
