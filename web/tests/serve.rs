@@ -231,8 +231,10 @@ async fn serve_timed(
 /// Sends a header line every `HEADERS_DUE / 4` and never ends the headers; returns how long the
 /// server kept the connection open.
 async fn trickle_headers(addr: std::net::SocketAddr) -> anyhow::Result<Duration> {
-    let mut s = TcpStream::connect(addr).await?;
+    // Before the connect: the server's count starts at its accept, which may come before the
+    // client's connect returns.
     let opened = tokio::time::Instant::now();
+    let mut s = TcpStream::connect(addr).await?;
     s.write_all(b"GET /fast HTTP/1.1\r\nhost: test\r\n").await?;
     let mut buf = [0u8; 64];
     for line in 0u64.. {
@@ -262,20 +264,21 @@ async fn headers_not_sent_in_time_close_the_connection() -> anyhow::Result<()> {
     );
 
     // An idle keep-alive connection gets the same time for its next request's headers, counted
-    // from its last answer.
+    // from its last answer (which the server counts from before the client reads it, so this
+    // measures from the request).
     let mut idle = TcpStream::connect(addr).await?;
+    let asked = tokio::time::Instant::now();
     send(&mut idle, "/fast").await?;
     read_until(&mut idle, "fast done").await?;
-    let answered = tokio::time::Instant::now();
     assert_eq!(
         read_to_close(&mut idle).await?,
         "",
         "nothing more, then EOF"
     );
     assert!(
-        answered.elapsed() >= HEADERS_DUE,
+        asked.elapsed() >= HEADERS_DUE,
         "idle closed after {:?}",
-        answered.elapsed()
+        asked.elapsed()
     );
     Ok(())
 }
