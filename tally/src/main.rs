@@ -17,13 +17,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Every role's allocator. A vote's buffers are allocated on the connection's thread and freed
-/// in batches on its shard writer's; glibc's malloc pays for that in arena locks and
-/// consolidation (`tally bench ingest`: ingest's server threads 6.5 us a vote above bare hyper's
-/// with glibc, 4.5 with mimalloc; see the README).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit status for a bad setting or bad arguments (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
