@@ -138,6 +138,9 @@ pub fn test_ca() -> anyhow::Result<(TempDir, TestCa)> {
     Ok((dir, ca))
 }
 
+/// Ports tried before a fixture gives up on starting a server.
+const PORT_ATTEMPTS: u32 = 3;
+
 /// A Redis server with persistence on, in a temp dir.
 pub struct RedisServer {
     pub server: Redis,
@@ -170,17 +173,23 @@ impl RedisServer {
         users: Vec<servers::AclUser>,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
-        let server = Redis {
-            fsync,
-            tls,
-            users,
-            ..Redis::new(dir.path(), free_port())
-        };
-        let s = server.clone();
-        tokio::task::spawn_blocking(move || s.start())
-            .await?
-            .context("starting redis")?;
-        Ok(Self { server, _dir: dir })
+        let mut attempt = 1;
+        loop {
+            let server = Redis {
+                fsync,
+                tls: tls.clone(),
+                users: users.clone(),
+                ..Redis::new(dir.path(), free_port())
+            };
+            let s = server.clone();
+            match tokio::task::spawn_blocking(move || s.start()).await? {
+                Ok(()) => return Ok(Self { server, _dir: dir }),
+                // `free_port` only saw the port free; anything on the machine may take it before
+                // Redis binds it (seen once in CI), so pick another.
+                Err(servers::ServerError::PortInUse(_)) if attempt < PORT_ATTEMPTS => attempt += 1,
+                Err(e) => return Err(e).context("starting redis"),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
