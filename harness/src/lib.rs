@@ -9,7 +9,7 @@ pub mod votes;
 use std::time::Duration;
 
 use anyhow::Context;
-use servers::{free_port, PgBin, Postgres, Redis, StopMode, TestCa};
+use servers::{on_free_port, PgBin, Postgres, Redis, StopMode, TestCa};
 use tempfile::TempDir;
 
 /// Sends the code under test's logs to the test's output (shown for failing tests). `RUST_LOG`
@@ -51,33 +51,30 @@ impl PgCluster {
     async fn start_inner(with_replica: bool, tls: Option<TestCa>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-pg-").tempdir()?;
         let bin = PgBin::find()?;
-        let mut primary = Postgres::new(bin.clone(), dir.path().join("primary"), free_port());
+        let mut primary = Postgres::new(bin.clone(), dir.path().join("primary"), 0);
         primary.tls = tls;
+        let primary = tokio::task::spawn_blocking(move || -> anyhow::Result<Postgres> {
+            primary.init_primary()?;
+            start_postgres(primary)
+        })
+        .await??;
         let mut cluster = PgCluster {
             primary,
             replica: None,
             dir,
         };
-        let p = cluster.primary.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            p.init_primary()?;
-            p.start()?;
-            Ok(())
-        })
-        .await??;
         db::ensure_database(&cluster.primary.admin_url(), db::DATABASE).await?;
         let mut client = db::connect(&cluster.url()).await?;
         db::migrate(&mut client).await?;
         if with_replica {
-            let replica = Postgres::new(bin, cluster.dir.path().join("replica"), free_port());
-            cluster.replica = Some(replica.clone());
+            let replica = Postgres::new(bin, cluster.dir.path().join("replica"), 0);
             let primary = cluster.primary.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let replica = tokio::task::spawn_blocking(move || -> anyhow::Result<Postgres> {
                 replica.init_replica(&primary, primary.port, "test_replica")?;
-                replica.start()?;
-                Ok(())
+                start_postgres(replica)
             })
             .await??;
+            cluster.replica = Some(replica);
         }
         Ok(cluster)
     }
@@ -138,8 +135,16 @@ pub fn test_ca() -> anyhow::Result<(TempDir, TestCa)> {
     Ok((dir, ca))
 }
 
-/// Ports tried before a fixture gives up on starting a server.
-const PORT_ATTEMPTS: u32 = 3;
+/// Starts an initialised PostgreSQL on a free port (see [`on_free_port`]); it comes back with
+/// the port it got.
+fn start_postgres(mut server: Postgres) -> anyhow::Result<Postgres> {
+    on_free_port(|port| {
+        server.port = port;
+        server.start()
+    })
+    .with_context(|| format!("starting postgres in {}", server.data_dir.display()))?;
+    Ok(server)
+}
 
 /// A Redis server with persistence on, in a temp dir.
 pub struct RedisServer {
@@ -173,23 +178,21 @@ impl RedisServer {
         users: Vec<servers::AclUser>,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
-        let mut attempt = 1;
-        loop {
-            let server = Redis {
-                fsync,
-                tls: tls.clone(),
-                users: users.clone(),
-                ..Redis::new(dir.path(), free_port())
-            };
-            let s = server.clone();
-            match tokio::task::spawn_blocking(move || s.start()).await? {
-                Ok(()) => return Ok(Self { server, _dir: dir }),
-                // `free_port` only saw the port free; anything on the machine may take it before
-                // Redis binds it (seen once in CI), so pick another.
-                Err(servers::ServerError::PortInUse(_)) if attempt < PORT_ATTEMPTS => attempt += 1,
-                Err(e) => return Err(e).context("starting redis"),
-            }
-        }
+        let path = dir.path().to_path_buf();
+        let server = tokio::task::spawn_blocking(move || {
+            on_free_port(|port| {
+                let server = Redis {
+                    fsync,
+                    tls: tls.clone(),
+                    users: users.clone(),
+                    ..Redis::new(&path, port)
+                };
+                server.start().map(|()| server)
+            })
+        })
+        .await?
+        .context("starting redis")?;
+        Ok(Self { server, _dir: dir })
     }
 
     pub fn url(&self) -> String {

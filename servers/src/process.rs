@@ -38,6 +38,24 @@ pub fn free_port() -> u16 {
         .expect("binding port 0 on 127.0.0.1")
 }
 
+/// How many ports [`on_free_port`] tries.
+const PORT_ATTEMPTS: u32 = 3;
+
+/// Runs `start` on a port [`free_port`] saw free, and on another while `start` finds its port
+/// taken: anything on the machine (another test's server among them) may take a port between
+/// the look and the bind. Other errors are returned at once.
+pub fn on_free_port<T>(
+    mut start: impl FnMut(u16) -> Result<T, ServerError>,
+) -> Result<T, ServerError> {
+    let mut attempt = 1;
+    loop {
+        match start(free_port()) {
+            Err(ServerError::PortInUse(_)) if attempt < PORT_ATTEMPTS => attempt += 1,
+            done => return done,
+        }
+    }
+}
+
 /// The pid on the first line of a pid file (ours, Redis's, or PostgreSQL's `postmaster.pid`).
 pub fn read_pid(path: &std::path::Path) -> Option<u32> {
     std::fs::read_to_string(path)
@@ -165,4 +183,46 @@ pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
         .output();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_is_traded_for_another_and_other_errors_end_the_start() {
+        let mut tried = Vec::new();
+        let got = on_free_port(|port| {
+            tried.push(port);
+            if tried.len() == 1 {
+                Err(ServerError::PortInUse(port))
+            } else {
+                Ok(port)
+            }
+        })
+        .unwrap();
+        assert_eq!(tried.len(), 2);
+        assert_eq!(got, tried[1]);
+
+        let mut calls = 0;
+        let err = on_free_port(|port| -> Result<(), _> {
+            calls += 1;
+            Err(ServerError::PortInUse(port))
+        })
+        .unwrap_err();
+        assert_eq!(calls, PORT_ATTEMPTS);
+        assert!(err.to_string().ends_with("is already in use"), "{err}");
+
+        let mut calls = 0;
+        let err = on_free_port(|_| -> Result<(), _> {
+            calls += 1;
+            Err(ServerError::Crashed {
+                server: "redis".into(),
+                detail: "bad config".into(),
+            })
+        })
+        .unwrap_err();
+        assert_eq!(calls, 1, "only a taken port is worth another try");
+        assert_eq!(err.to_string(), "redis exited during start-up: bad config");
+    }
 }

@@ -33,8 +33,11 @@ impl Drop for Stop {
 
 fn moto(dir: &std::path::Path) -> Option<Stop> {
     servers::Moto::binary()?;
-    let m = servers::Moto::new(dir.join("moto"), servers::free_port());
-    m.start().expect("starting moto");
+    let m = servers::on_free_port(|port| {
+        let m = servers::Moto::new(dir.join("moto"), port);
+        m.start().map(|()| m)
+    })
+    .expect("starting moto");
     Some(Stop(m))
 }
 
