@@ -53,25 +53,30 @@ impl PgCluster {
         let bin = PgBin::find()?;
         let mut primary = Postgres::new(bin.clone(), dir.path().join("primary"), 0);
         primary.tls = tls;
-        let primary = tokio::task::spawn_blocking(move || -> anyhow::Result<Postgres> {
-            primary.init_primary()?;
-            start_postgres(primary)
-        })
-        .await??;
+        // The cluster holds each server before it starts, so a start that fails half-way is
+        // still stopped on drop (stopping goes by data directory, not by port).
         let mut cluster = PgCluster {
             primary,
             replica: None,
             dir,
         };
+        let p = cluster.primary.clone();
+        cluster.primary.port = tokio::task::spawn_blocking(move || -> anyhow::Result<u16> {
+            p.init_primary()?;
+            start_postgres(p)
+        })
+        .await??;
         db::ensure_database(&cluster.primary.admin_url(), db::DATABASE).await?;
         let mut client = db::connect(&cluster.url()).await?;
         db::migrate(&mut client).await?;
         if with_replica {
-            let replica = Postgres::new(bin, cluster.dir.path().join("replica"), 0);
+            let mut replica = Postgres::new(bin, cluster.dir.path().join("replica"), 0);
+            cluster.replica = Some(replica.clone());
             let primary = cluster.primary.clone();
-            let replica = tokio::task::spawn_blocking(move || -> anyhow::Result<Postgres> {
-                replica.init_replica(&primary, primary.port, "test_replica")?;
-                start_postgres(replica)
+            let r = replica.clone();
+            replica.port = tokio::task::spawn_blocking(move || -> anyhow::Result<u16> {
+                r.init_replica(&primary, primary.port, "test_replica")?;
+                start_postgres(r)
             })
             .await??;
             cluster.replica = Some(replica);
@@ -135,15 +140,14 @@ pub fn test_ca() -> anyhow::Result<(TempDir, TestCa)> {
     Ok((dir, ca))
 }
 
-/// Starts an initialised PostgreSQL on a free port (see [`on_free_port`]); it comes back with
-/// the port it got.
-fn start_postgres(mut server: Postgres) -> anyhow::Result<Postgres> {
+/// Starts an initialised PostgreSQL on a free port (see [`on_free_port`]); returns the port.
+fn start_postgres(mut server: Postgres) -> anyhow::Result<u16> {
     on_free_port(|port| {
         server.port = port;
         server.start()
     })
     .with_context(|| format!("starting postgres in {}", server.data_dir.display()))?;
-    Ok(server)
+    Ok(server.port)
 }
 
 /// A Redis server with persistence on, in a temp dir.
