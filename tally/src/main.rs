@@ -31,6 +31,14 @@ struct Cli {
     command: Cmd,
 }
 
+/// A rate or a share: a finite number above zero.
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("expected a number above 0, not {s:?}")),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct DirArg {
     /// The local stack's directory (default: under the user's data dir).
@@ -101,15 +109,19 @@ enum Cmd {
     BadInput {
         #[command(flatten)]
         dir: DirArg,
-        /// Seconds of well-formed votes alone, and as many under attack (taking turns in 3 rounds).
-        #[arg(long, default_value_t = 15)]
+        /// Seconds of well-formed votes alone, and as many under attack (taking turns in 5 rounds).
+        #[arg(long, default_value_t = 25)]
         seconds: u64,
         /// Connections per region sending well-formed votes back to back.
         #[arg(long, default_value_t = 16)]
         connections: usize,
-        /// Hostile requests per second.
-        #[arg(long, default_value_t = 200.0)]
-        attack_rate: f64,
+        /// Hostile requests a second, as a share of the well-formed votes a second in the round
+        /// alone before each round under attack.
+        #[arg(long, default_value_t = bad_input::DEFAULT_ATTACK_SHARE, value_parser = positive)]
+        attack_share: f64,
+        /// Hostile requests a second, fixed (instead of `--attack-share`).
+        #[arg(long, conflicts_with = "attack_share", value_parser = positive)]
+        attack_rate: Option<f64>,
         /// Connections that trickle their headers and never finish them.
         #[arg(long, default_value_t = 100)]
         slow_connections: usize,
@@ -808,6 +820,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
             dir,
             seconds,
             connections,
+            attack_share,
             attack_rate,
             slow_connections,
             json,
@@ -816,7 +829,10 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
             let opts = bad_input::Options {
                 seconds,
                 connections_per_region: connections,
-                attack_rate,
+                attack: attack_rate.map_or(
+                    bad_input::Attack::Share(attack_share),
+                    bad_input::Attack::Rate,
+                ),
                 slow_connections,
                 progress: !json,
             };

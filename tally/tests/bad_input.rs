@@ -1,6 +1,6 @@
 //! `tally bad-input` on a real local stack: every hostile case answered with its 4xx (JSON where a
 //! role answers), nothing stored, slow clients cut off, and the well-formed votes alongside at
-//! no less than 80% of their rate alone (the median of three rounds, each against the round alone
+//! no less than 80% of their rate alone (the median of five rounds, each against the round alone
 //! just before it).
 
 mod common;
@@ -18,7 +18,7 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
         "bad-input",
         "--json",
         "--seconds",
-        "12",
+        "20",
         "--slow-connections",
         "60",
         "--dir",
@@ -72,21 +72,28 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
 
     let alone = report["alone"]["accepted"].as_u64().unwrap();
     assert!(alone > 1_000, "{report}");
-    // The ratio judged is the median of the three rounds' own ratios.
+    // The attack is sized to each round alone's rate (1% of it, at least one a second).
+    let attack_rates = report["attack_rates"].as_array().unwrap();
+    assert_eq!(attack_rates.len(), 5, "{report}");
+    assert!(
+        attack_rates.iter().all(|r| r.as_f64().unwrap() >= 1.0),
+        "{report}"
+    );
+    // The ratio judged is the median of the five rounds' own ratios.
     let mut rounds: Vec<f64> = report["round_ratios"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r.as_f64().unwrap())
         .collect();
-    assert_eq!(rounds.len(), 3, "{report}");
+    assert_eq!(rounds.len(), 5, "{report}");
     rounds.sort_by(f64::total_cmp);
     assert_eq!(
         report["rate_ratio"].as_f64().unwrap(),
-        rounds[1],
+        rounds[2],
         "{report}"
     );
-    assert!(rounds[1] >= 0.8, "{report}");
+    assert!(rounds[2] >= 0.8, "{report}");
     assert_eq!(report["passed"], true, "{report}");
     assert!(
         out.status.success(),
