@@ -2,9 +2,14 @@
 //! atomic Lua move: a vote is always in exactly one list), decode them into chunks, and hand the
 //! chunks to the batcher through a lock-free queue. A chunk's in-flight list is deleted only
 //! after its batch has committed (see `ack`), so a crash at any instant loses nothing.
+//!
+//! A move whose reply never came (Redis killed after applying it, a cut connection) leaves votes
+//! in a list nobody holds, so after every error a reader takes back each list of its worker that
+//! no chunk of its own claims, before it moves anything new.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
@@ -33,8 +38,48 @@ pub struct Chunk {
     /// Dead letters (`reason\npayload`) to write when this chunk is acknowledged.
     pub dead: Vec<(&'static str, Vec<u8>)>,
     pub bytes: usize,
-    /// Bounds how many chunks a shard may have taken and not yet acknowledged.
+    _claim: Claim,
+}
+
+/// The in-flight lists a reader has handed on and not yet seen acknowledged (or given up on).
+#[derive(Clone, Default)]
+pub struct Claims(Arc<Mutex<HashSet<String>>>);
+
+impl Claims {
+    fn holds(&self, key: &str) -> bool {
+        self.0.lock().expect("never poisoned").contains(key)
+    }
+}
+
+/// A chunk's place: its permit bounds how many chunks a shard may have taken and not yet
+/// acknowledged, and its key stays claimed until the chunk is gone.
+struct Claim {
     _permit: OwnedSemaphorePermit,
+    key: String,
+    claims: Claims,
+}
+
+impl Claim {
+    fn new(permit: OwnedSemaphorePermit, key: &str, claims: &Claims) -> Self {
+        claims
+            .0
+            .lock()
+            .expect("never poisoned")
+            .insert(key.to_string());
+        Self {
+            _permit: permit,
+            key: key.to_string(),
+            claims: claims.clone(),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut keys) = self.claims.0.lock() {
+            keys.remove(&self.key);
+        }
+    }
 }
 
 pub struct Reader {
@@ -48,6 +93,7 @@ pub struct Reader {
     pub out: Arc<ArrayQueue<Chunk>>,
     pub wake: Arc<Notify>,
     pub permits: Arc<Semaphore>,
+    pub claims: Claims,
     pub pop_size: usize,
     pub block: Duration,
     pub linger: Duration,
@@ -70,18 +116,20 @@ impl Reader {
         let epoch = model::Stamp::now().0;
         let mut seq = 0u64;
         let mut backoff = Duration::from_millis(50);
-        let mut recovered = false;
+        // Whether some list of this worker may hold votes no chunk claims: at start (a previous
+        // run's) and after every error (a move whose reply was lost).
+        let mut unclaimed = true;
         while !*stop.borrow() {
-            if !recovered {
+            if unclaimed {
                 match self.recover().await {
                     Ok(n) => {
-                        recovered = true;
+                        unclaimed = false;
                         self.up.store(true, Ordering::Relaxed);
                         if n > 0 {
                             tracing::info!(
                                 shard = self.shard,
                                 chunks = n,
-                                "recovered in-flight votes from a previous run"
+                                "took back in-flight votes no chunk held"
                             );
                         }
                     }
@@ -116,7 +164,10 @@ impl Reader {
                         }
                     }
                 }
-                Err(e) => self.down(&e, &mut backoff, &mut stop).await,
+                Err(e) => {
+                    unclaimed = true;
+                    self.down(&e, &mut backoff, &mut stop).await;
+                }
             }
         }
     }
@@ -169,8 +220,9 @@ impl Reader {
         Ok(rest)
     }
 
-    /// Finishes what a previous run of this worker had taken: each of its in-flight lists
-    /// becomes a chunk again, before anything new is taken.
+    /// Finishes what this worker had taken and nobody holds (a previous run's lists, a move
+    /// whose reply was lost, an acknowledgement given up): each such in-flight list becomes a
+    /// chunk again, before anything new is taken.
     async fn recover(&mut self) -> redis::RedisResult<usize> {
         let mut keys: Vec<String> = Vec::new();
         let mut cursor = 0u64;
@@ -191,6 +243,9 @@ impl Reader {
         }
         let mut n = 0;
         for key in keys {
+            if self.claims.holds(&key) {
+                continue;
+            }
             let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
                 .arg(&key)
                 .arg(0)
@@ -248,11 +303,11 @@ impl Reader {
         }
         Chunk {
             shard: self.shard,
+            _claim: Claim::new(permit, &key, &self.claims),
             key,
             votes: good,
             dead,
             bytes,
-            _permit: permit,
         }
     }
 
@@ -272,7 +327,7 @@ pub struct Pending {
     pub dead: Vec<(&'static str, Vec<u8>)>,
     /// Lanes still writing part of this chunk; the last to commit acknowledges it.
     pub remaining: std::sync::atomic::AtomicUsize,
-    _permit: OwnedSemaphorePermit,
+    _claim: Claim,
 }
 
 /// The votes of one chunk that belong to one writer lane.
@@ -308,7 +363,7 @@ impl Chunk {
             key: self.key,
             dead: self.dead,
             remaining: std::sync::atomic::AtomicUsize::new(used),
-            _permit: self._permit,
+            _claim: self._claim,
         });
         if used == 0 {
             return (Vec::new(), Some(pending));
@@ -333,8 +388,9 @@ impl Chunk {
 }
 
 /// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted
-/// in one transaction. Retried; if Redis stays away the list remains and the next run
-/// re-delivers it, which changes nothing in PostgreSQL.
+/// in one transaction. Retried; if Redis stays away the list remains, unclaimed once this
+/// returns, and its reader takes it back after its next error (or the next run does), which
+/// changes nothing in PostgreSQL.
 pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
     let mut pipe = redis::pipe();
     pipe.atomic();
@@ -362,5 +418,29 @@ pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, re
             }
         }
     }
-    tracing::error!(key = %chunk.key, "ack gave up; the chunk will be re-delivered on restart");
+    tracing::error!(key = %chunk.key, "ack gave up; the chunk will be re-delivered");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_claimed_while_its_chunk_lives_and_free_once_it_is_gone() {
+        let claims = Claims::default();
+        let permits = Arc::new(Semaphore::new(2));
+        let first = Claim::new(permits.clone().try_acquire_owned().unwrap(), "k1", &claims);
+        let second = Claim::new(permits.clone().try_acquire_owned().unwrap(), "k2", &claims);
+        assert!(claims.holds("k1") && claims.holds("k2"));
+        assert!(!claims.holds("k3"));
+        drop(first);
+        assert!(
+            !claims.holds("k1"),
+            "an acknowledged chunk's list is no longer claimed"
+        );
+        assert!(claims.holds("k2"));
+        assert_eq!(permits.available_permits(), 1, "its permit went with it");
+        drop(second);
+        assert_eq!(permits.available_permits(), 2);
+    }
 }

@@ -180,6 +180,7 @@ async fn pipeline(
             out: queue.clone(),
             wake: wake.clone(),
             permits: Arc::new(Semaphore::new(per_shard)),
+            claims: drain::Claims::default(),
             pop_size: config.pop_size,
             block: config.block,
             linger: config.linger,

@@ -287,3 +287,104 @@ async fn an_error_retrying_cannot_fix_stops_the_worker_and_keeps_the_votes() -> 
     );
     Ok(())
 }
+
+/// Between the aggregator and a Redis shard: forwards every byte, except that, once armed, it
+/// swallows the first vote a `BLMOVE` returns and cuts that connection, as a Redis killed after
+/// applying the move and before its reply went out would.
+struct LostReply {
+    armed: std::sync::atomic::AtomicBool,
+    blocking: tokio::sync::Notify,
+    swallowed: std::sync::atomic::AtomicUsize,
+}
+
+impl LostReply {
+    async fn start(upstream: String) -> anyhow::Result<(std::sync::Arc<Self>, u16)> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let trap = std::sync::Arc::new(Self {
+            armed: std::sync::atomic::AtomicBool::new(true),
+            blocking: tokio::sync::Notify::new(),
+            swallowed: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let shared = trap.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                tokio::spawn(shared.clone().relay(client, server));
+            }
+        });
+        Ok((trap, port))
+    }
+
+    async fn relay(
+        self: std::sync::Arc<Self>,
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+    ) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        let waiting_on_move = std::sync::atomic::AtomicBool::new(false);
+        let up = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                if self.armed.load(Ordering::SeqCst) && buf[..n].windows(6).any(|w| w == b"BLMOVE")
+                {
+                    waiting_on_move.store(true, Ordering::SeqCst);
+                    self.blocking.notify_one();
+                }
+                if to_server.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let down = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                let a_vote = buf[0] == b'$' && !buf[..n].starts_with(b"$-1");
+                if a_vote
+                    && waiting_on_move.load(Ordering::SeqCst)
+                    && self.armed.swap(false, Ordering::SeqCst)
+                {
+                    self.swallowed.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                if to_client.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        // Whichever side ends first closes both sockets as this returns.
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_reply_was_lost_is_recovered_without_a_restart() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(1).await?;
+    let (trap, port) = LostReply::start(format!("127.0.0.1:{}", shards[0].server.port)).await?;
+    let mut config = config(&pg, &shards, "w1");
+    config.redis_urls = vec![format!("redis://127.0.0.1:{port}")];
+    // Long enough that the vote pushed below meets the blocked move, not the next poll.
+    config.block = Duration::from_secs(5);
+    let agg = start(config).await?;
+    tokio::time::timeout(Duration::from_secs(30), trap.blocking.notified()).await?;
+    let votes = votes::generate(3, 3, POLLS, 8);
+    shards[0].enqueue(&votes).await?;
+    harness::wait_drained(&shards, Duration::from_secs(60)).await?;
+    assert_eq!(
+        trap.swallowed.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the move's reply was lost once"
+    );
+    agg.stop().await?;
+    assert_exact(&pg, &Reference::of(&votes)).await
+}
