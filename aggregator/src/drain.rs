@@ -30,6 +30,17 @@ end
 return items
 "#;
 
+/// Stores ARGV (dead letters) on KEYS[2] and deletes the in-flight list KEYS[1], if that list
+/// still exists: an acknowledgement applied once whose reply was lost is not applied again.
+const ACK: &str = r#"
+if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
 /// One move's worth of votes, tied to the in-flight list that holds them in Redis.
 pub struct Chunk {
     pub shard: usize,
@@ -144,7 +155,7 @@ impl Reader {
                 _ = stop.changed() => break,
             };
             seq += 1;
-            let key = format!("{}{}:{epoch}-{seq}", queue::IN_FLIGHT_PREFIX, self.worker);
+            let key = queue::in_flight_key(&self.worker, epoch, seq);
             match self.take(&key).await {
                 Ok(items) if items.is_empty() => {
                     self.up.store(true, Ordering::Relaxed);
@@ -388,26 +399,25 @@ impl Chunk {
 }
 
 /// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted
-/// in one transaction. Retried; if Redis stays away the list remains, unclaimed once this
-/// returns, and its reader takes it back after its next error (or the next run does), which
-/// changes nothing in PostgreSQL.
+/// in one script, only while the list exists, so a retry after a lost reply stores nothing twice.
+/// Retried; if Redis stays away the list remains, unclaimed once this returns, and its reader
+/// takes it back after its next error (or the next run does), which changes nothing in PostgreSQL.
 pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
-    let mut pipe = redis::pipe();
-    pipe.atomic();
+    let script = redis::Script::new(ACK);
+    let mut invocation = script.prepare_invoke();
+    invocation.key(&chunk.key).key(queue::DEAD_LETTERS);
     for (reason, payload) in &chunk.dead {
-        pipe.cmd("RPUSH")
-            .arg(queue::DEAD_LETTERS)
-            .arg(queue::dead_letter(reason, payload))
-            .ignore();
+        invocation.arg(queue::dead_letter(reason, payload));
     }
-    pipe.cmd("DEL").arg(&chunk.key).ignore();
     let mut backoff = Duration::from_millis(20);
     for attempt in 0..10 {
-        match pipe.query_async::<()>(conn).await {
-            Ok(()) => {
-                for (reason, _) in &chunk.dead {
-                    metrics::counter!("tally_aggregator_dead_letters_total", "region" => region.to_string(), "reason" => *reason)
-                        .increment(1);
+        match invocation.invoke_async::<bool>(conn).await {
+            Ok(acknowledged_now) => {
+                if acknowledged_now {
+                    for (reason, _) in &chunk.dead {
+                        metrics::counter!("tally_aggregator_dead_letters_total", "region" => region.to_string(), "reason" => *reason)
+                            .increment(1);
+                    }
                 }
                 return;
             }

@@ -288,22 +288,31 @@ async fn an_error_retrying_cannot_fix_stops_the_worker_and_keeps_the_votes() -> 
     Ok(())
 }
 
-/// Between the aggregator and a Redis shard: forwards every byte, except that, once armed, it
-/// swallows the first vote a `BLMOVE` returns and cuts that connection, as a Redis killed after
-/// applying the move and before its reply went out would.
+/// Between the aggregator and a Redis shard: forwards every byte, except that it swallows the
+/// first reply that `lost` picks, to a request holding `request`, and cuts that connection, as a
+/// Redis killed after applying a command and before its reply went out would.
 struct LostReply {
+    request: &'static [u8],
+    lost: fn(&[u8]) -> bool,
     armed: std::sync::atomic::AtomicBool,
-    blocking: tokio::sync::Notify,
+    /// Told when a request holding `request` passes.
+    sent: tokio::sync::Notify,
     swallowed: std::sync::atomic::AtomicUsize,
 }
 
 impl LostReply {
-    async fn start(upstream: String) -> anyhow::Result<(std::sync::Arc<Self>, u16)> {
+    async fn start(
+        upstream: String,
+        request: &'static [u8],
+        lost: fn(&[u8]) -> bool,
+    ) -> anyhow::Result<(std::sync::Arc<Self>, u16)> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let trap = std::sync::Arc::new(Self {
+            request,
+            lost,
             armed: std::sync::atomic::AtomicBool::new(true),
-            blocking: tokio::sync::Notify::new(),
+            sent: tokio::sync::Notify::new(),
             swallowed: std::sync::atomic::AtomicUsize::new(0),
         });
         let shared = trap.clone();
@@ -327,14 +336,17 @@ impl LostReply {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut from_client, mut to_client) = client.into_split();
         let (mut from_server, mut to_server) = server.into_split();
-        let waiting_on_move = std::sync::atomic::AtomicBool::new(false);
+        let awaited = std::sync::atomic::AtomicBool::new(false);
         let up = async {
             let mut buf = vec![0u8; 64 * 1024];
             while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                if self.armed.load(Ordering::SeqCst) && buf[..n].windows(6).any(|w| w == b"BLMOVE")
+                if self.armed.load(Ordering::SeqCst)
+                    && buf[..n]
+                        .windows(self.request.len())
+                        .any(|w| w == self.request)
                 {
-                    waiting_on_move.store(true, Ordering::SeqCst);
-                    self.blocking.notify_one();
+                    awaited.store(true, Ordering::SeqCst);
+                    self.sent.notify_one();
                 }
                 if to_server.write_all(&buf[..n]).await.is_err() {
                     break;
@@ -344,9 +356,8 @@ impl LostReply {
         let down = async {
             let mut buf = vec![0u8; 64 * 1024];
             while let Ok(n @ 1..) = from_server.read(&mut buf).await {
-                let a_vote = buf[0] == b'$' && !buf[..n].starts_with(b"$-1");
-                if a_vote
-                    && waiting_on_move.load(Ordering::SeqCst)
+                if awaited.load(Ordering::SeqCst)
+                    && (self.lost)(&buf[..n])
                     && self.armed.swap(false, Ordering::SeqCst)
                 {
                     self.swallowed.fetch_add(1, Ordering::SeqCst);
@@ -370,13 +381,15 @@ async fn a_move_whose_reply_was_lost_is_recovered_without_a_restart() -> anyhow:
     let pg = PgCluster::start().await?;
     polls(&pg).await?;
     let shards = harness::redis_shards(1).await?;
-    let (trap, port) = LostReply::start(format!("127.0.0.1:{}", shards[0].server.port)).await?;
+    let a_vote = |reply: &[u8]| reply[0] == b'$' && !reply.starts_with(b"$-1");
+    let upstream = format!("127.0.0.1:{}", shards[0].server.port);
+    let (trap, port) = LostReply::start(upstream, b"BLMOVE", a_vote).await?;
     let mut config = config(&pg, &shards, "w1");
     config.redis_urls = vec![format!("redis://127.0.0.1:{port}")];
     // Long enough that the vote pushed below meets the blocked move, not the next poll.
     config.block = Duration::from_secs(5);
     let agg = start(config).await?;
-    tokio::time::timeout(Duration::from_secs(30), trap.blocking.notified()).await?;
+    tokio::time::timeout(Duration::from_secs(30), trap.sent.notified()).await?;
     let votes = votes::generate(3, 3, POLLS, 8);
     shards[0].enqueue(&votes).await?;
     harness::wait_drained(&shards, Duration::from_secs(60)).await?;
@@ -387,4 +400,36 @@ async fn a_move_whose_reply_was_lost_is_recovered_without_a_restart() -> anyhow:
     );
     agg.stop().await?;
     assert_exact(&pg, &Reference::of(&votes)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_whose_reply_was_lost_stores_its_dead_letters_once() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(1).await?;
+    let upstream = format!("127.0.0.1:{}", shards[0].server.port);
+    // Only the ack names the dead-letter list; its reply is the first one after that.
+    let (trap, port) =
+        LostReply::start(upstream, model::queue::DEAD_LETTERS.as_bytes(), |_| true).await?;
+    let good = votes::generate(20, 20, POLLS, 9);
+    let mut payloads: Vec<Vec<u8>> = good.iter().map(model::wire::encode).collect();
+    payloads.push(b"not a vote".to_vec());
+    let mut con = shards[0].connection().await?;
+    let _: () = con.rpush(model::queue::VOTES, payloads).await?;
+    let mut config = config(&pg, &shards, "w1");
+    config.redis_urls = vec![format!("redis://127.0.0.1:{port}")];
+    let agg = start(config).await?;
+    harness::wait_drained(&shards, Duration::from_secs(60)).await?;
+    agg.stop().await?;
+    assert_eq!(
+        trap.swallowed.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the ack's reply was lost once"
+    );
+    let dead: Vec<Vec<u8>> = con.lrange(model::queue::DEAD_LETTERS, 0, -1).await?;
+    assert_eq!(
+        dead,
+        [model::queue::dead_letter("undecodable", b"not a vote")]
+    );
+    assert_exact(&pg, &Reference::of(&good)).await
 }

@@ -19,12 +19,12 @@ pub const INGEST_ACL: &str = "resetkeys ~tally:votes resetchannels -@all +rpush 
 /// only, so not even the move script (it runs with the same rights) can push onto [`VOTES`].
 pub const AGGREGATOR_ACL: &str =
     "resetkeys ~tally:votes ~tally:inflight:* ~tally:dead resetchannels -@all \
-+lpop +blmove +lrange +del +scan +llen +evalsha +eval +script|load +multi +exec +ping \
++lpop +blmove +lrange +del +scan +llen +evalsha +eval +script|load +ping \
 (~tally:inflight:* ~tally:dead +rpush)";
 
-/// The in-flight list holding batch `seq` of aggregator `worker`.
-pub fn in_flight_key(worker: &str, seq: u64) -> String {
-    format!("{IN_FLIGHT_PREFIX}{worker}:{seq}")
+/// The in-flight list holding move `seq` of aggregator `worker`'s run `epoch`.
+pub fn in_flight_key(worker: &str, epoch: u64, seq: u64) -> String {
+    format!("{IN_FLIGHT_PREFIX}{worker}:{epoch}-{seq}")
 }
 
 /// The `SCAN` pattern matching every in-flight list of `worker`.

@@ -91,6 +91,13 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
         assert_eq!(status(&r), 202, "{r}\n{}", ingest.log());
     }
 
+    // A payload no vote decodes from, so the aggregator's user must also dead-letter it.
+    let mut queue = redis.connection().await?;
+    let _: () = redis::cmd("RPUSH")
+        .arg(model::queue::VOTES)
+        .arg("not a vote")
+        .query_async(&mut queue)
+        .await?;
     let aggregator = Role::start(
         &[
             "aggregator",
@@ -117,12 +124,20 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
         },
     )
     .await?;
-    let mut queue = redis.connection().await?;
-    let left: u64 = redis::cmd("LLEN")
-        .arg(model::queue::VOTES)
+    // Acknowledged too: nothing left waiting or in flight, and the dead letter stored once.
+    harness::wait_drained(std::slice::from_ref(&redis), Duration::from_secs(30)).await?;
+    let dead: Vec<Vec<u8>> = redis::cmd("LRANGE")
+        .arg(model::queue::DEAD_LETTERS)
+        .arg(0)
+        .arg(-1)
         .query_async(&mut queue)
         .await?;
-    assert_eq!(left, 0);
+    assert_eq!(
+        dead,
+        [model::queue::dead_letter("undecodable", b"not a vote")],
+        "{}",
+        aggregator.log()
+    );
 
     // Ingest can push and nothing else: not read, pop, move, delete, touch other keys or the server.
     let mut ingest_user = as_user(port, "tally-ingest", INGEST_PASSWORD).await?;
