@@ -109,8 +109,9 @@ enum Cmd {
     BadInput {
         #[command(flatten)]
         dir: DirArg,
-        /// Seconds of well-formed votes alone, and as many under attack (taking turns in 5 rounds).
-        #[arg(long, default_value_t = 25)]
+        /// Seconds of well-formed votes under attack, in 7 rounds; 8 rounds alone as long take
+        /// turns with them, one before and one after each.
+        #[arg(long, default_value_t = 35)]
         seconds: u64,
         /// Connections per region sending well-formed votes back to back.
         #[arg(long, default_value_t = 16)]

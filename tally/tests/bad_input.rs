@@ -1,7 +1,7 @@
 //! `tally bad-input` on a real local stack: every hostile case answered with its 4xx (JSON where a
 //! role answers), nothing stored, slow clients cut off, and the well-formed votes alongside at
-//! no less than 80% of their rate alone (the median of five rounds, each against the round alone
-//! just before it).
+//! no less than 80% of their rate alone (the median of seven rounds under attack, each against the
+//! mean of the rounds alone either side of it).
 
 mod common;
 
@@ -18,7 +18,7 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
         "bad-input",
         "--json",
         "--seconds",
-        "20",
+        "28",
         "--slow-connections",
         "60",
         "--dir",
@@ -72,28 +72,47 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
 
     let alone = report["alone"]["accepted"].as_u64().unwrap();
     assert!(alone > 1_000, "{report}");
-    // The attack is sized to each round alone's rate (1% of it, at least one a second).
-    let attack_rates = report["attack_rates"].as_array().unwrap();
-    assert_eq!(attack_rates.len(), 5, "{report}");
-    assert!(
-        attack_rates.iter().all(|r| r.as_f64().unwrap() >= 1.0),
+    // Eight rounds alone take turns with seven under attack, each of which has one either side.
+    let rates = |key: &str| -> Vec<f64> {
+        report[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {key}: {report}"))
+            .iter()
+            .map(|r| r.as_f64().unwrap())
+            .collect()
+    };
+    let (alone_rates, attacked_rates) = (rates("alone_rates"), rates("under_attack_rates"));
+    assert_eq!(
+        (alone_rates.len(), attacked_rates.len()),
+        (8, 7),
         "{report}"
     );
-    // The ratio judged is the median of the five rounds' own ratios.
-    let mut rounds: Vec<f64> = report["round_ratios"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_f64().unwrap())
-        .collect();
-    assert_eq!(rounds.len(), 5, "{report}");
+    // The attack is sized to the rate of the round alone before it (1% of it, at least one a second).
+    let attack_rates = rates("attack_rates");
+    assert_eq!(attack_rates.len(), 7, "{report}");
+    for (attack, alone_before) in attack_rates.iter().zip(&alone_rates) {
+        assert!(
+            (attack - (alone_before * 0.01).max(1.0)).abs() < 1e-6,
+            "{report}"
+        );
+    }
+    // Each round's ratio is against the mean of its neighbours alone; the median of them is judged.
+    let mut rounds = rates("round_ratios");
+    assert_eq!(rounds.len(), 7, "{report}");
+    for (i, ratio) in rounds.iter().enumerate() {
+        let around = (alone_rates[i] + alone_rates[i + 1]) / 2.0;
+        assert!(
+            (ratio - attacked_rates[i] / around).abs() < 1e-9,
+            "{report}"
+        );
+    }
     rounds.sort_by(f64::total_cmp);
     assert_eq!(
         report["rate_ratio"].as_f64().unwrap(),
-        rounds[2],
+        rounds[3],
         "{report}"
     );
-    assert!(rounds[2] >= 0.8, "{report}");
+    assert!(rounds[3] >= 0.8, "{report}");
     assert_eq!(report["passed"], true, "{report}");
     assert!(
         out.status.success(),
