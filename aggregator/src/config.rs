@@ -24,6 +24,11 @@ pub const DEFAULT_WRITERS: usize = 8;
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(10);
 /// How long an idle shard reader blocks waiting for a vote.
 pub const DEFAULT_BLOCK: Duration = Duration::from_millis(200);
+/// How often a reader looks for in-flight lists of its worker that no chunk holds, besides at
+/// start and after every error: a move sent on a connection that timed out can still be applied
+/// after the reader's look that followed the error, and its list would otherwise wait for the
+/// next error or a restart. One `SCAN` of the shard's few keys a period.
+pub const DEFAULT_RECOVER_EVERY: Duration = Duration::from_secs(30);
 /// Back-off bounds while PostgreSQL or Redis is unreachable.
 pub const DEFAULT_RETRY_MIN: Duration = Duration::from_millis(50);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -44,6 +49,7 @@ pub struct Config {
     pub writers: usize,
     pub block: Duration,
     pub linger: Duration,
+    pub recover_every: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub serve: web::ServeConfig,
@@ -99,6 +105,7 @@ impl Config {
             writers: DEFAULT_WRITERS,
             block: DEFAULT_BLOCK,
             linger: DEFAULT_LINGER,
+            recover_every: DEFAULT_RECOVER_EVERY,
             retry_min: DEFAULT_RETRY_MIN,
             retry_max: DEFAULT_RETRY_MAX,
             serve: web::ServeConfig::default(),
@@ -136,6 +143,9 @@ impl Config {
         }
         if self.batch.timeout.is_zero() {
             return Err(ConfigError::Zero("batch timeout"));
+        }
+        if self.recover_every.is_zero() {
+            return Err(ConfigError::Zero("recovery period"));
         }
         if self.pop_size > self.batch.max_events {
             return Err(ConfigError::PopLargerThanBatch {
@@ -181,6 +191,9 @@ mod tests {
         let mut c = config();
         c.writers = 0;
         assert_eq!(c.validate(), Err(ConfigError::Zero("writers")));
+        let mut c = config();
+        c.recover_every = Duration::ZERO;
+        assert_eq!(c.validate(), Err(ConfigError::Zero("recovery period")));
         let mut c = config();
         c.redis_urls = vec!["http://x".into()];
         assert!(matches!(c.validate(), Err(ConfigError::BadRedisUrl(_))));

@@ -108,6 +108,9 @@ pub struct Reader {
     pub pop_size: usize,
     pub block: Duration,
     pub linger: Duration,
+    /// Looks for lists no chunk holds at least this often (see
+    /// [`crate::config::DEFAULT_RECOVER_EVERY`]).
+    pub recover_every: Duration,
     pub catalog: Arc<db::CatalogCache>,
     pub postgres_url: String,
     pub up: Arc<AtomicBool>,
@@ -128,13 +131,16 @@ impl Reader {
         let mut seq = 0u64;
         let mut backoff = Duration::from_millis(50);
         // Whether some list of this worker may hold votes no chunk claims: at start (a previous
-        // run's) and after every error (a move whose reply was lost).
+        // run's), after every error (a move whose reply was lost) and once a period (a move
+        // applied after the look that followed its error).
         let mut unclaimed = true;
+        let mut looked = tokio::time::Instant::now();
         while !*stop.borrow() {
-            if unclaimed {
+            if unclaimed || looked.elapsed() >= self.recover_every {
                 match self.recover().await {
                     Ok(n) => {
                         unclaimed = false;
+                        looked = tokio::time::Instant::now();
                         self.up.store(true, Ordering::Relaxed);
                         if n > 0 {
                             tracing::info!(
@@ -401,7 +407,8 @@ impl Chunk {
 /// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted
 /// in one script, only while the list exists, so a retry after a lost reply stores nothing twice.
 /// Retried; if Redis stays away the list remains, unclaimed once this returns, and its reader
-/// takes it back after its next error (or the next run does), which changes nothing in PostgreSQL.
+/// takes it back after its next error or within a recovery period (or the next run does), which
+/// changes nothing in PostgreSQL.
 pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
     let script = redis::Script::new(ACK);
     let mut invocation = script.prepare_invoke();

@@ -184,6 +184,7 @@ async fn pipeline(
             pop_size: config.pop_size,
             block: config.block,
             linger: config.linger,
+            recover_every: config.recover_every,
             catalog: catalog.clone(),
             postgres_url: config.postgres_url.clone(),
             up: health.shards_up[shard].clone(),

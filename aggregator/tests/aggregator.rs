@@ -301,13 +301,15 @@ struct LostReply {
 }
 
 impl LostReply {
+    /// In front of `shard`; the relay's `redis://` URL comes back with it.
     async fn start(
-        upstream: String,
+        shard: &RedisServer,
         request: &'static [u8],
         lost: fn(&[u8]) -> bool,
-    ) -> anyhow::Result<(std::sync::Arc<Self>, u16)> {
+    ) -> anyhow::Result<(std::sync::Arc<Self>, String)> {
+        let upstream = format!("127.0.0.1:{}", shard.server.port);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
+        let url = format!("redis://{}", listener.local_addr()?);
         let trap = std::sync::Arc::new(Self {
             request,
             lost,
@@ -324,7 +326,7 @@ impl LostReply {
                 tokio::spawn(shared.clone().relay(client, server));
             }
         });
-        Ok((trap, port))
+        Ok((trap, url))
     }
 
     async fn relay(
@@ -382,12 +384,13 @@ async fn a_move_whose_reply_was_lost_is_recovered_without_a_restart() -> anyhow:
     polls(&pg).await?;
     let shards = harness::redis_shards(1).await?;
     let a_vote = |reply: &[u8]| reply[0] == b'$' && !reply.starts_with(b"$-1");
-    let upstream = format!("127.0.0.1:{}", shards[0].server.port);
-    let (trap, port) = LostReply::start(upstream, b"BLMOVE", a_vote).await?;
+    let (trap, url) = LostReply::start(&shards[0], b"BLMOVE", a_vote).await?;
     let mut config = config(&pg, &shards, "w1");
-    config.redis_urls = vec![format!("redis://127.0.0.1:{port}")];
+    config.redis_urls = vec![url];
     // Long enough that the vote pushed below meets the blocked move, not the next poll.
     config.block = Duration::from_secs(5);
+    // Only the look after the error may take the list back here, not the one a period.
+    config.recover_every = Duration::from_secs(3600);
     let agg = start(config).await?;
     tokio::time::timeout(Duration::from_secs(30), trap.sent.notified()).await?;
     let votes = votes::generate(3, 3, POLLS, 8);
@@ -403,21 +406,47 @@ async fn a_move_whose_reply_was_lost_is_recovered_without_a_restart() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_appears_while_all_is_well_is_taken_back_within_the_period(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(1).await?;
+    let mut config = config(&pg, &shards, "w1");
+    config.recover_every = Duration::from_millis(500);
+    let agg = start(config).await?;
+    // Drained: the reader is past its look at start.
+    let first = votes::generate(50, 50, POLLS, 10);
+    shards[0].enqueue(&first).await?;
+    harness::wait_drained(&shards, Duration::from_secs(60)).await?;
+    // What a move sent before an error and applied after the look that followed it leaves: a
+    // list of this worker's, with votes, that no chunk holds, and no error to come.
+    let late = votes::generate(30, 30, POLLS, 11);
+    let payloads: Vec<Vec<u8>> = late.iter().map(model::wire::encode).collect();
+    let mut con = shards[0].connection().await?;
+    let _: () = con
+        .rpush(model::queue::in_flight_key("w1", 1, 1), payloads)
+        .await?;
+    harness::wait_drained(&shards, Duration::from_secs(30)).await?;
+    agg.stop().await?;
+    let all: Vec<Vote> = first.into_iter().chain(late).collect();
+    assert_exact(&pg, &Reference::of(&all)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_whose_reply_was_lost_stores_its_dead_letters_once() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?;
     polls(&pg).await?;
     let shards = harness::redis_shards(1).await?;
-    let upstream = format!("127.0.0.1:{}", shards[0].server.port);
     // Only the ack names the dead-letter list; its reply is the first one after that.
-    let (trap, port) =
-        LostReply::start(upstream, model::queue::DEAD_LETTERS.as_bytes(), |_| true).await?;
+    let (trap, url) =
+        LostReply::start(&shards[0], model::queue::DEAD_LETTERS.as_bytes(), |_| true).await?;
     let good = votes::generate(20, 20, POLLS, 9);
     let mut payloads: Vec<Vec<u8>> = good.iter().map(model::wire::encode).collect();
     payloads.push(b"not a vote".to_vec());
     let mut con = shards[0].connection().await?;
     let _: () = con.rpush(model::queue::VOTES, payloads).await?;
     let mut config = config(&pg, &shards, "w1");
-    config.redis_urls = vec![format!("redis://127.0.0.1:{port}")];
+    config.redis_urls = vec![url];
     let agg = start(config).await?;
     harness::wait_drained(&shards, Duration::from_secs(60)).await?;
     agg.stop().await?;
