@@ -8,7 +8,7 @@ mod serve;
 
 pub use body::{error, full, json, read_body, text, Body, BodyError, ErrorBody};
 pub use metrics_endpoint::{metrics_handle, render_metrics, spawn_upkeep};
-pub use serve::{serve, Connection, Enlisted, ServeConfig, Service};
+pub use serve::{serve, Connection, Enlisted, ServeConfig, Service, DEFAULT_MAX_HEAD_BYTES};
 
 /// A future that completes on SIGINT or SIGTERM, for `run(listener, config, shutdown)`.
 pub async fn shutdown_signal() {

@@ -22,6 +22,15 @@ use crate::Body;
 /// past the last sweep, starting here: amortised, and bounded by twice the open connections.
 const PRUNE_FIRST_AT: usize = 1024;
 
+/// The longest request head (request line and headers) a connection reads: a longer one is
+/// answered 431 and its connection closed. It is also as far as a connection's read buffer
+/// grows, so `max_connections` clients sending heads that never end pin at most that many times
+/// this: 640 MiB at the defaults, where hyper's own bound (~408 KiB) let them pin 4 GiB. A JWT
+/// or a browser's cookies fit in it many times over.
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
+/// hyper asserts its read buffer may grow to at least this.
+const MIN_MAX_HEAD_BYTES: usize = 8 * 1024;
+
 /// A role's request handler.
 pub trait Service: Send + Sync + 'static {
     /// Whether a request is still answered after its client shuts down its sending side
@@ -51,6 +60,8 @@ pub struct ServeConfig {
     pub header_read_timeout: Duration,
     /// On shutdown, requests in flight get this long to finish.
     pub drain_timeout: Duration,
+    /// See [`DEFAULT_MAX_HEAD_BYTES`]; below 8 KiB counts as 8 KiB.
+    pub max_head_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -60,6 +71,7 @@ impl Default for ServeConfig {
             enlisted: Enlisted::default(),
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
         }
     }
 }
@@ -292,6 +304,7 @@ pub async fn serve<S: Service>(
         });
         let conn = http1::Builder::new()
             .header_read_timeout(None)
+            .max_buf_size(config.max_head_bytes.max(MIN_MAX_HEAD_BYTES))
             .half_close(S::ANSWERS_AFTER_HALF_CLOSE)
             .serve_connection(
                 TokioIo::new(stream),
