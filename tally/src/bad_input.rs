@@ -676,8 +676,10 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     if opts.progress {
         eprintln!(
-            "bad-input: {ROUNDS} rounds of well-formed votes alone, then under attack, {} s of each in all ({} connections per region)",
-            opts.seconds, opts.connections_per_region
+            "bad-input: well-formed votes in {} rounds alone and {ROUNDS} under attack between them, {:.1} s each ({} connections per region)",
+            ROUNDS + 1,
+            opts.seconds as f64 / ROUNDS as f64,
+            opts.connections_per_region
         );
     }
     let cases = Arc::new(cases(&format!("{HOSTILE_VOTER}-{tag}")));

@@ -25,7 +25,7 @@ const PRUNE_FIRST_AT: usize = 1024;
 /// The longest request head (request line and headers) a connection reads: a longer one is
 /// answered 431 and its connection closed. It is also as far as a connection's read buffer
 /// grows, so `max_connections` clients sending heads that never end pin at most that many times
-/// this: 640 MiB at the defaults, where hyper's own bound (~408 KiB) let them pin 4 GiB. A JWT
+/// this: 625 MiB at the defaults, where hyper's own bound (~408 KiB) let them pin 3.9 GiB. A JWT
 /// or a browser's cookies fit in it many times over.
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;
 /// hyper asserts its read buffer may grow to at least this.
