@@ -100,11 +100,21 @@ pub fn server_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime
         .build()
 }
 
+/// Connections a bench listener queues for `accept`, as `tally`'s own listeners do (tokio's
+/// `bind`). std's `bind` queues 128: the load generator's 256 connections, opening at once,
+/// overflowed it, and the kernel resends a dropped SYN only after a second, which took up to a
+/// third of a 3 s round from some connections and put a 1 s answer into an open loop's p99.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
 /// A listener on a free loopback port, to be handed to a task on another runtime (which turns it
 /// into a tokio listener there, on its own reactor).
 pub fn loopback_listener() -> std::io::Result<(std::net::TcpListener, std::net::SocketAddr)> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    l.set_nonblocking(true)?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    let l = std::net::TcpListener::from(socket);
     let addr = l.local_addr()?;
     Ok((l, addr))
 }
