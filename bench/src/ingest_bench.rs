@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::Request;
 
 use crate::cpu::CpuMeter;
-use crate::load::{alternate, open_loop, MakeRequest};
+use crate::load::{alternate, open_loop, window_p99_ms, MakeRequest};
 use crate::Comparison;
 
 #[derive(Debug, Clone)]
@@ -30,6 +30,10 @@ pub struct Options {
     pub redis_fsync: servers::Fsync,
     pub baseline: Baseline,
 }
+
+/// The open loops' p99 is also reported per window this long, to show whether a missed target
+/// was a queue that grew all through the round or a stall.
+pub const OPEN_LOOP_WINDOW: Duration = Duration::from_millis(500);
 
 /// Two, so the benchmark goes through the shard choice and two group-commit writers.
 pub const DEFAULT_SHARDS: usize = 2;
@@ -150,7 +154,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             let meter = &meter;
             async move {
                 let before = meter.read();
-                let (outcome, _) = open_loop(
+                let (outcome, samples) = open_loop(
                     crate::load::fixed(addr),
                     target,
                     opts.round,
@@ -160,15 +164,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 )
                 .await;
                 let cpu = meter.read().since(&before).per(outcome.ok());
-                (outcome, cpu)
+                (outcome, cpu, window_p99_ms(&samples, OPEN_LOOP_WINDOW))
             }
         };
-        let (open, open_cpu) = open_loop_at(ingest_addr).await;
+        let (open, open_cpu, open_windows) = open_loop_at(ingest_addr).await;
         let open_summary = open.summary();
         // The same open loop against the baseline: the latency a server that stores nothing gets
         // at this rate from this generator on these cores, so ingest's p99 can be read against
         // what the machine allows rather than against zero.
-        let (baseline_open, baseline_open_cpu) = open_loop_at(bare_addr).await;
+        let (baseline_open, baseline_open_cpu, baseline_open_windows) =
+            open_loop_at(bare_addr).await;
         let baseline_open = baseline_open.summary();
 
         let last = &rounds.last;
@@ -202,11 +207,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "open_loop_p50_ms": open_summary.p50_ms,
                 "open_loop_p99_ms": open_summary.p99_ms,
                 "open_loop_statuses": open_summary.statuses,
+                "open_loop_window_ms": OPEN_LOOP_WINDOW.as_millis() as u64,
+                "open_loop_window_p99_ms": open_windows,
                 "open_loop_cpu_us_per_vote": open_cpu,
                 "baseline_open_loop_achieved": baseline_open.ok_rate,
                 "baseline_open_loop_p50_ms": baseline_open.p50_ms,
                 "baseline_open_loop_p99_ms": baseline_open.p99_ms,
                 "baseline_open_loop_statuses": baseline_open.statuses,
+                "baseline_open_loop_window_p99_ms": baseline_open_windows,
                 "baseline_open_loop_cpu_us_per_request": baseline_open_cpu,
                 "stored_in_redis": stored,
                 "votes_per_write": stored as f64 / writes.max(1) as f64,

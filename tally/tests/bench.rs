@@ -126,6 +126,31 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
         number(&details["baseline_open_loop_p99_ms"], "baseline p99") > 0.0,
         "{result}"
     );
+    // Each side's p99 per half second of its 1 s open loop: two windows, and the worst of them at
+    // least the whole loop's p99 (a p99 no window reaches would be more than 1% of the answers
+    // above every window's own p99).
+    assert_eq!(details["open_loop_window_ms"], 500, "{result}");
+    for (windows, whole) in [
+        ("open_loop_window_p99_ms", "open_loop_p99_ms"),
+        (
+            "baseline_open_loop_window_p99_ms",
+            "baseline_open_loop_p99_ms",
+        ),
+    ] {
+        let p99s: Vec<f64> = details[windows]
+            .as_array()
+            .unwrap_or_else(|| panic!("{windows} is not a list: {result}"))
+            .iter()
+            .map(|w| number(w, windows))
+            .collect();
+        assert_eq!(p99s.len(), 2, "{windows}: {result}");
+        let worst = p99s.iter().copied().fold(0.0, f64::max);
+        // hdrhistogram reports the top of a value's bucket, up to 0.1% above it.
+        assert!(
+            worst > 0.0 && worst * 1.01 >= number(&details[whole], whole),
+            "{windows}: {result}"
+        );
+    }
     let acked = number(
         &details["acknowledged_in_last_closed_round_and_open_loop"],
         "acknowledged",
