@@ -335,29 +335,23 @@ pub struct Sample {
 }
 
 /// The p99 latency in ms of the answered requests due in each `window` of an open loop, in order
-/// (`None` for a window with no answer). It tells a missed latency target's causes apart: a p99
-/// that climbs window after window is a queue growing because the server fell behind the offered
-/// rate; one high window among low ones is a stall.
+/// (`None` for a window with no answer), from the same histogram and quantile as the loop's own
+/// p99. It tells a missed latency target's causes apart: a p99 that climbs window after window is
+/// a queue growing because the server fell behind the offered rate; one high window among low
+/// ones is a stall.
 pub fn window_p99_ms(samples: &[Sample], window: Duration) -> Vec<Option<f64>> {
     let width = window.as_secs_f64();
-    let mut windows: Vec<Vec<u64>> = Vec::new();
+    let mut windows: Vec<Histogram<u64>> = Vec::new();
     for s in samples.iter().filter(|s| s.status.is_some()) {
         let i = (s.due / width) as usize;
         if windows.len() <= i {
-            windows.resize_with(i + 1, Vec::new);
+            windows.resize_with(i + 1, histogram);
         }
-        windows[i].push(s.latency_us);
+        let _ = windows[i].record(s.latency_us);
     }
     windows
-        .into_iter()
-        .map(|mut l| {
-            if l.is_empty() {
-                return None;
-            }
-            l.sort_unstable();
-            let rank = (l.len() * 99).div_ceil(100) - 1;
-            Some(l[rank] as f64 / 1000.0)
-        })
+        .iter()
+        .map(|h| (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1000.0))
         .collect()
 }
 
@@ -471,15 +465,16 @@ mod tests {
             status,
             latency_us,
         };
-        // 100 answers in the first half second (1..=100 ms), none in the second, then a
-        // window whose one slow request went unanswered and does not count.
+        // 100 answers in the first half second (10..=1,000 µs, which the histogram holds
+        // exactly), none in the second, then a window whose one slow request went unanswered
+        // and does not count.
         let mut samples: Vec<_> = (1..=100u64)
-            .map(|i| sample(i as f64 / 1000.0, Some(202), i * 1000))
+            .map(|i| sample(i as f64 / 1000.0, Some(202), i * 10))
             .collect();
         samples.push(sample(1.1, Some(503), 2_000));
         samples.push(sample(1.2, None, 9_000_000));
         let p99s = window_p99_ms(&samples, Duration::from_millis(500));
-        assert_eq!(p99s, vec![Some(99.0), None, Some(2.0)]);
+        assert_eq!(p99s, vec![Some(0.99), None, Some(2.0)]);
         assert!(window_p99_ms(&[], Duration::from_millis(500)).is_empty());
     }
 
