@@ -93,6 +93,21 @@ impl CpuMeter {
     }
 }
 
+/// A process's time on a CPU, all its threads' together, those that have ended included: the
+/// user and system time of `/proc/<pid>/stat`, in `USER_HZ` ticks (10 ms). Zero for a process
+/// that is gone.
+pub fn process_time(pid: u32) -> Duration {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The command name is in parentheses and may hold spaces: count fields after it.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+            Some(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+        })
+        .unwrap_or_default()
+}
+
 /// Each live thread of a process: its name and its time on a CPU.
 fn threads(process: &Path) -> Vec<(String, Duration)> {
     let Ok(tasks) = std::fs::read_dir(process.join("task")) else {
@@ -139,6 +154,7 @@ mod tests {
         // This process stands in for Redis too, so its whole time shows there as well.
         let meter = CpuMeter::new(vec![std::process::id()]);
         let before = meter.read();
+        let process_before = process_time(std::process::id());
         let (spun, has_spun) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let server = std::thread::Builder::new()
@@ -160,6 +176,13 @@ mod tests {
             spent.redis >= spent.server + Duration::from_millis(50),
             "{spent:?}"
         );
+        // Both threads' time, in the process's own ticks of 10 ms.
+        let process_spent = process_time(std::process::id()) - process_before;
+        assert!(
+            process_spent >= Duration::from_millis(100),
+            "{process_spent:?}"
+        );
+        assert_eq!(process_time(u32::MAX), Duration::ZERO, "no such process");
         let per = spent.per(10);
         assert!((per.total - per.server - per.redis - per.load).abs() < 1e-6);
         assert!(per.server >= 5_000.0, "{per:?}");

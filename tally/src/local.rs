@@ -625,7 +625,10 @@ fn start_process(
     env: Vec<(&'static str, String)>,
     port: u16,
 ) -> anyhow::Result<()> {
-    if stack.role_running(region, role) {
+    if let Some(pid) = stack.role_pid(region, role).filter(|&pid| pid_alive(pid)) {
+        // One that `tally bad-input` paused and could not continue (killed outright) would
+        // otherwise stay stopped for good.
+        servers::signal(pid, "CONT");
         return Ok(());
     }
     // A process just killed shows as a zombie once its main thread is gone, but its other

@@ -105,7 +105,8 @@ enum Cmd {
     /// Hostile requests against every HTTP endpoint of every region (malformed, huge, slow,
     /// mistyped, traversing, injecting) while well-formed votes run alongside as fast as ingest
     /// takes them: each must get its 4xx, none may be stored, and the well-formed votes must keep
-    /// 80% of their rate alone.
+    /// 80% of their rate alone. Every region's aggregator is paused (SIGSTOP) during each round of
+    /// well-formed votes and continued after it.
     BadInput {
         #[command(flatten)]
         dir: DirArg,

@@ -1,7 +1,7 @@
 //! `tally bad-input` on a real local stack: every hostile case answered with its 4xx (JSON where a
 //! role answers), nothing stored, slow clients cut off, and the well-formed votes alongside at
 //! no less than 80% of their rate alone (the median of seven rounds under attack, each against the
-//! mean of the rounds alone either side of it).
+//! mean of the rounds alone either side of it, all with the aggregators paused and continued).
 
 mod common;
 
@@ -113,6 +113,36 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
         "{report}"
     );
     assert!(rounds[3] >= 0.8, "{report}");
+    // What the attack costs the roles it reaches, per vote, in each phase.
+    for phase in ["alone", "under_attack"] {
+        let us = report[phase]["attacked_roles_cpu_us_per_vote"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no CPU a vote {phase}: {report}"));
+        assert!(us > 0.0 && us < 10_000.0, "{phase}: {report}");
+    }
+    // The aggregators, paused during every round of well-formed votes, run again.
+    let run = stack.path().join("run");
+    let aggregators: Vec<u32> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("-aggregator.pid"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(aggregators.len(), 3, "{run:?}");
+    for pid in aggregators {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat.rsplit_once(") ").unwrap().1.chars().next().unwrap();
+        assert!(
+            state != 'T' && state != 'Z',
+            "aggregator {pid} left in state {state}"
+        );
+    }
     assert_eq!(report["passed"], true, "{report}");
     assert!(
         out.status.success(),

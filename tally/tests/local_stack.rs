@@ -43,13 +43,41 @@ fn up_status_poll_and_down() {
         running.len() >= 3 * 3 + 3 + 4,
         "roles, postgres and redis pids: {running:?}"
     );
-    // A second `up` changes nothing and succeeds.
+    // An aggregator left stopped (as an interrupted `tally bad-input` could leave one).
+    let aggregator: u32 = std::fs::read_dir(stack.path().join("run"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with("-aggregator.pid"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .expect("an aggregator's pid file");
+    let state = |pid: u32| -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+    };
+    assert!(Command::new("kill")
+        .args(["-STOP", &aggregator.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let asked = Instant::now();
+    while state(aggregator) != 'T' {
+        assert!(asked.elapsed() < Duration::from_secs(10), "never stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A second `up` restarts nothing, continues what is stopped, and succeeds.
     ok(&["local", "up", "--dir", dir]);
     assert_eq!(
         pids(stack.path()),
         running,
         "a second up restarted something"
     );
+    assert_ne!(state(aggregator), 'T', "the aggregator is still stopped");
 
     let status: serde_json::Value =
         serde_json::from_str(&ok(&["local", "status", "--dir", dir, "--json"])).unwrap();
