@@ -121,23 +121,10 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
         assert!(us > 0.0 && us < 10_000.0, "{phase}: {report}");
     }
     // The aggregators, paused during every round of well-formed votes, run again.
-    let run = stack.path().join("run");
-    let aggregators: Vec<u32> = std::fs::read_dir(&run)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with("-aggregator.pid"))
-        .map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(aggregators.len(), 3, "{run:?}");
+    let aggregators = common::role_pids(stack.path(), "aggregator");
+    assert_eq!(aggregators.len(), 3, "{aggregators:?}");
     for pid in aggregators {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let state = stat.rsplit_once(") ").unwrap().1.chars().next().unwrap();
+        let state = common::process_state(pid);
         assert!(
             state != 'T' && state != 'Z',
             "aggregator {pid} left in state {state}"

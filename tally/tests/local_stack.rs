@@ -44,22 +44,8 @@ fn up_status_poll_and_down() {
         "roles, postgres and redis pids: {running:?}"
     );
     // An aggregator left stopped (as an interrupted `tally bad-input` could leave one).
-    let aggregator: u32 = std::fs::read_dir(stack.path().join("run"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().ends_with("-aggregator.pid"))
-        .map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
-        .expect("an aggregator's pid file");
-    let state = |pid: u32| -> char {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
-    };
+    let aggregator = common::role_pids(stack.path(), "aggregator")[0];
+    let state = common::process_state;
     assert!(Command::new("kill")
         .args(["-STOP", &aggregator.to_string()])
         .status()

@@ -141,6 +141,23 @@ pub fn vote(addr: &str, voter: &str, option: &str) -> String {
     out
 }
 
+/// The pids of every region's `role` in a local stack's directory, from their pid files.
+pub fn role_pids(stack: &std::path::Path, role: &str) -> Vec<u32> {
+    let suffix = format!("-{role}.pid");
+    std::fs::read_dir(stack.join("run"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+        .filter_map(|e| servers::read_pid(&e.path()))
+        .collect()
+}
+
+/// A process's state as `/proc/<pid>/stat` gives it: `T` when stopped, `Z` a zombie.
+pub fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
 pub fn listen() -> String {
     format!("127.0.0.1:{}", servers::free_port())
 }
