@@ -838,7 +838,15 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                 slow_connections,
                 progress: !json,
             };
-            let report = runtime()?.block_on(bad_input::run(&stack, &opts))?;
+            let report = runtime()?.block_on(async {
+                tokio::select! {
+                    // The signal first: its handlers are in place before anything is paused.
+                    biased;
+                    () = web::shutdown_signal() => anyhow::bail!("interrupted"),
+                    // Dropped on a signal, the suite continues the aggregators it has paused.
+                    report = bad_input::run(&stack, &opts) => report,
+                }
+            })?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -136,4 +136,35 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Interrupted while its first round has the aggregators paused, it continues them.
+    let suite = common::command(&["bad-input", "--seconds", "70", "--dir", dir])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let aggregators = common::role_pids(stack.path(), "aggregator");
+    let started = std::time::Instant::now();
+    while !aggregators
+        .iter()
+        .all(|&pid| common::process_state(pid) == 'T')
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "bad-input never paused the aggregators"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    servers::signal(suite.id(), "INT");
+    let out = suite.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    for pid in aggregators {
+        assert_ne!(
+            common::process_state(pid),
+            'T',
+            "aggregator {pid} left stopped"
+        );
+    }
 }
