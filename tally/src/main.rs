@@ -304,6 +304,9 @@ enum BenchCmd {
         #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_LINGER.as_micros() as u64,
               value_parser = clap::value_parser!(u64).range(..1_000_000))]
         group_linger_us: u64,
+        /// Run ingest without its per-voter rate limit, as the benchmark did before 2026-12-02.
+        #[arg(long)]
+        without_voter_limit: bool,
     },
     /// Drain a pre-filled backlog into PostgreSQL vs the original one-row-per-vote worker.
     Aggregator {
@@ -936,6 +939,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     shards,
                     group_max_in_flight,
                     group_linger_us,
+                    without_voter_limit,
                 } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
                     round: rounds.round(),
                     pairs: rounds.pairs()?,
@@ -944,6 +948,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     shards: shards.into(),
                     group_max_in_flight: group_max_in_flight.into(),
                     group_linger: std::time::Duration::from_micros(group_linger_us),
+                    voter_limit: !without_voter_limit,
                     ..Default::default()
                 })?],
                 BenchCmd::Aggregator {

@@ -84,6 +84,10 @@ fn ingest_reports_the_median_pair_and_stores_what_it_acknowledged() {
     assert_eq!(details["shards"], 3, "{result}");
     assert_eq!(details["group_max_in_flight"], 1, "{result}");
     assert_eq!(details["group_linger_us"], 300, "{result}");
+    assert_eq!(
+        details["voter_limit"], true,
+        "ingest is measured as it ships, with its per-voter limit: {result}"
+    );
     // Where the CPU went, each side: ingest's includes its Redis servers' work; in the baseline's
     // rounds they only keep house.
     let cpu = &details["cpu_us_per_answer"];
