@@ -12,9 +12,9 @@ const SHARDS: usize = 64;
 /// Buckets idle this long are full again and can be forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// A shard is swept of forgotten buckets when it holds this many, then whenever it has doubled
-/// since the last sweep. A fixed bound was swept on every check once more keys than it had been
-/// seen within [`FORGET_AFTER`] (6.4 million voters a minute on one ingest): a scan of the whole
-/// shard per vote.
+/// since the last sweep. Until 2026-12-02 this was a fixed bound, so a shard holding more buckets
+/// than it, all used within [`FORGET_AFTER`] (6.4 million voters a minute on one ingest), was
+/// swept, whole, on every vote.
 const SWEEP_FIRST_AT: usize = 100_000;
 
 #[derive(Debug, Clone, Copy)]
@@ -151,7 +151,7 @@ mod tests {
         );
         let t0 = Instant::now();
         // 64,000 keys within one second: none can be forgotten. Every shard passes its first
-        // bound of 16 and goes on doubling; a sweep per check would be ~64,000.
+        // bound of 16 and goes on doubling; a sweep per check past the bound would be ~63,000.
         for n in 0..64_000u32 {
             assert!(l.check(&n.to_le_bytes(), t0).is_ok());
         }
