@@ -170,12 +170,17 @@ pub(crate) fn wait_ready(
     })
 }
 
+/// A process's state as `/proc/<pid>/stat` gives it (`R`, `S`, `T` when stopped, `Z` a zombie),
+/// or `None` when there is no such process. The command name before it is in parentheses and may
+/// hold any of them, so the state is read after the last `) `.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
 /// Is this process alive (and not a zombie)?
 pub fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
-            .unwrap_or(false)
+    process_state(pid).is_some_and(|state| state != 'Z')
 }
 
 /// Sends a signal by name (`TERM`, `KILL`).
@@ -188,6 +193,19 @@ pub fn signal(pid: u32, sig: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_process_has_a_state_and_a_missing_one_none() {
+        let me = std::process::id();
+        assert!(
+            matches!(process_state(me), Some('R' | 'S')),
+            "{:?}",
+            process_state(me)
+        );
+        assert!(pid_alive(me));
+        assert_eq!(process_state(u32::MAX), None);
+        assert!(!pid_alive(u32::MAX));
+    }
 
     #[test]
     fn a_taken_port_is_traded_for_another_and_other_errors_end_the_start() {

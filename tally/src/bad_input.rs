@@ -764,10 +764,10 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (mut under_attack, mut loris, mut stored) = (Vec::new(), None, 0);
     let mut attack_rates = Vec::new();
-    let (mut alone_cpu, mut under_attack_cpu) = (Vec::new(), Vec::new());
+    let (mut alone_cpu, mut under_attack_cpu) = (Duration::ZERO, Duration::ZERO);
     let (first, cpu) = measured(stack, opts, &tag, "alone0").await;
     let mut alone = vec![first];
-    alone_cpu.push(cpu);
+    alone_cpu += cpu;
     load::wait_drained(stack, Duration::from_secs(120)).await?;
     for round in 0..ROUNDS {
         let attack_rate = opts
@@ -805,7 +805,7 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
             )));
         }
         let (wellformed_votes, cpu) = measured(stack, opts, &tag, &format!("attack{round}")).await;
-        under_attack_cpu.push(cpu);
+        under_attack_cpu += cpu;
         let _ = stop.send(true);
         attacker.await?;
         load::wait_drained(stack, Duration::from_secs(120)).await?;
@@ -813,7 +813,7 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
         under_attack.push(wellformed_votes);
         let (next, cpu) = measured(stack, opts, &tag, &format!("alone{}", round + 1)).await;
         alone.push(next);
-        alone_cpu.push(cpu);
+        alone_cpu += cpu;
         load::wait_drained(stack, Duration::from_secs(120)).await?;
     }
     let slow_loris = match loris {
@@ -828,8 +828,8 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     let (alone_rates, under_attack_rates) = (rates(&alone), rates(&under_attack));
     let round_ratios = bracketed_ratios(&alone_rates, &under_attack_rates);
     let (alone, under_attack) = (
-        Phase::of(&alone, alone_cpu.iter().sum()),
-        Phase::of(&under_attack, under_attack_cpu.iter().sum()),
+        Phase::of(&alone, alone_cpu),
+        Phase::of(&under_attack, under_attack_cpu),
     );
     let cases: Vec<CaseResult> = tally.results.into_values().collect();
     let mut report = Report {

@@ -628,7 +628,9 @@ fn start_process(
     if let Some(pid) = stack.role_pid(region, role).filter(|&pid| pid_alive(pid)) {
         // One that `tally bad-input` paused and could not continue (killed outright) would
         // otherwise stay stopped for good.
-        servers::signal(pid, "CONT");
+        if servers::process_state(pid) == Some('T') {
+            servers::signal(pid, "CONT");
+        }
         return Ok(());
     }
     // A process just killed shows as a zombie once its main thread is gone, but its other

@@ -45,7 +45,7 @@ fn up_status_poll_and_down() {
     );
     // An aggregator left stopped (as an interrupted `tally bad-input` could leave one).
     let aggregator = common::role_pids(stack.path(), "aggregator")[0];
-    let state = common::process_state;
+    let state = |pid| servers::process_state(pid).expect("the aggregator runs");
     assert!(Command::new("kill")
         .args(["-STOP", &aggregator.to_string()])
         .status()

@@ -152,12 +152,6 @@ pub fn role_pids(stack: &std::path::Path, role: &str) -> Vec<u32> {
         .collect()
 }
 
-/// A process's state as `/proc/<pid>/stat` gives it: `T` when stopped, `Z` a zombie.
-pub fn process_state(pid: u32) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
-}
-
 pub fn listen() -> String {
     format!("127.0.0.1:{}", servers::free_port())
 }
