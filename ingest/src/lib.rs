@@ -53,8 +53,12 @@ pub async fn run(
         catalog,
         shards,
         clock: model::Clock::skewed(config.clock_skew_ms.saturating_mul(1000)),
-        voter_limit: config.voter_limit.map(limit::Limiter::new),
-        ip_limit: config.ip_limit.map(limit::Limiter::new),
+        voter_limit: config
+            .voter_limit
+            .map(|rate| limiter(&config, rate, "voter")),
+        ip_limit: config
+            .ip_limit
+            .map(|rate| limiter(&config, rate, "address")),
         auth: config.auth.clone(),
         body_limit: config.body_limit,
         body_timeout: config.body_timeout,
@@ -64,4 +68,13 @@ pub async fn run(
     web::serve(listener, app, config.serve.clone(), shutdown).await;
     tracing::info!("ingest stopped");
     Ok(())
+}
+
+fn limiter(config: &Config, rate: Rate, by: &'static str) -> limit::Limiter {
+    let forgiven = metrics::counter!(
+        "tally_ingest_limit_forgiven_total",
+        "region" => config.region.to_string(),
+        "limit" => by,
+    );
+    limit::Limiter::new(rate, config.limit_keys, forgiven)
 }

@@ -22,6 +22,7 @@ pub const ENV_VOTER_RATE: &str = "TALLY_VOTER_RATE";
 pub const ENV_VOTER_BURST: &str = "TALLY_VOTER_BURST";
 pub const ENV_IP_RATE: &str = "TALLY_IP_RATE";
 pub const ENV_IP_BURST: &str = "TALLY_IP_BURST";
+pub const ENV_LIMIT_KEYS: &str = "TALLY_LIMIT_KEYS";
 pub const ENV_BODY_LIMIT: &str = "TALLY_BODY_LIMIT";
 pub const ENV_JWKS_FILE: &str = "TALLY_JWKS_FILE";
 pub const ENV_JWT_ISSUER: &str = "TALLY_JWT_ISSUER";
@@ -124,6 +125,10 @@ pub struct IngestArgs {
     pub ip_rate: f64,
     #[arg(long, env = ENV_IP_BURST, default_value_t = 1000.0)]
     pub ip_burst: f64,
+    /// Keys each rate limit remembers (16 bytes each); past it, a new key displaces the bucket
+    /// nearest to full (counted in tally_ingest_limit_forgiven_total).
+    #[arg(long, env = ENV_LIMIT_KEYS, default_value_t = ingest::config::DEFAULT_LIMIT_KEYS)]
+    pub limit_keys: usize,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = ENV_BODY_LIMIT, default_value_t = ingest::config::DEFAULT_BODY_LIMIT)]
     pub body_limit: usize,
@@ -160,6 +165,7 @@ impl IngestArgs {
         c.wait_replicas = self.wait_replicas;
         c.voter_limit = rate(self.voter_rate, self.voter_burst);
         c.ip_limit = rate(self.ip_rate, self.ip_burst);
+        c.limit_keys = self.limit_keys;
         c.body_limit = self.body_limit;
         c.serve = self.common.serve();
         c.clock_skew_ms = self.clock_skew_ms;

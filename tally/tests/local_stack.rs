@@ -218,6 +218,15 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
             "2000000",
         ][..],
         &[
+            "ingest",
+            "--redis-urls",
+            "redis://127.0.0.1:1/",
+            "--postgres-url",
+            "postgres://x",
+            "--limit-keys",
+            "1000000000",
+        ][..],
+        &[
             "poll",
             "create",
             "p",
