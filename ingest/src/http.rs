@@ -330,9 +330,10 @@ impl Ingest {
 
     fn check_ip(&self, peer: SocketAddr) -> Result<(), Refusal> {
         if let Some(limit) = &self.ip_limit {
+            // An IPv4 address as its IPv6-mapped form: one key whichever way it arrived.
             let key = match peer.ip() {
-                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+                std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(ip) => ip.octets(),
             };
             limit.check(&key, Instant::now()).map_err(|wait| {
                 Refusal::new(

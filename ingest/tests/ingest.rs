@@ -288,6 +288,37 @@ async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> an
     stack.shutdown().await
 }
 
+#[tokio::test]
+async fn one_address_is_limited_whichever_voters_it_names() -> anyhow::Result<()> {
+    let stack = Stack::start(2, |c| {
+        c.voter_limit = None;
+        c.ip_limit = Some(ingest::Rate {
+            per_second: 0.01,
+            burst: 3.0,
+        });
+    })
+    .await?;
+    let c = &stack.client;
+    for voter in ["v1", "v2", "v3"] {
+        assert_eq!(vote(c, "default", "a", voter).await?.status, 202, "{voter}");
+    }
+    let limited = vote(c, "default", "a", "v4").await?;
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    assert_eq!(limited.error_code(), "rate_limited");
+    assert_eq!(
+        limited.json()["error"]["message"],
+        "too many votes from this address"
+    );
+    // 0.01 a second: the next token is 100 s away.
+    assert!(limited.headers["retry-after"].to_str()?.parse::<u64>()? >= 99);
+    assert_eq!(
+        stack.queued().await?.len(),
+        3,
+        "the refused vote was queued"
+    );
+    stack.shutdown().await
+}
+
 /// Holds `shard`'s writes for `ms` milliseconds (`CLIENT PAUSE ... WRITE`): reads still answer.
 async fn pause_writes(shard: &RedisServer, ms: u64) -> anyhow::Result<()> {
     let mut con = shard.connection().await?;
