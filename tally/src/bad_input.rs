@@ -451,12 +451,15 @@ pub struct Phase {
     /// vote, in microseconds: what the attack costs them, which a busy machine does not blur as
     /// it blurs a rate.
     pub attacked_roles_cpu_us_per_vote: f64,
+    /// Votes in each of ingest's group-commit writes, on average over every region: fewer a write
+    /// means more of Redis's round trips and more of ingest's CPU a vote.
+    pub votes_per_write: f64,
 }
 
 impl Phase {
-    /// Over rounds run one after another: their answers added, their times added; `cpu` is the
-    /// attacked roles' CPU time over them all.
-    fn of(rounds: &[bench::load::Outcome], cpu: Duration) -> Self {
+    /// Over rounds run one after another: their answers added, their times added; `spent` is
+    /// what the attacked roles spent over them all.
+    fn of(rounds: &[bench::load::Outcome], spent: Spent) -> Self {
         let mut all = rounds[0].clone();
         for r in &rounds[1..] {
             all.merge(r);
@@ -469,7 +472,8 @@ impl Phase {
             rate: summary.ok_rate,
             p99_ms: summary.p99_ms,
             statuses: summary.statuses,
-            attacked_roles_cpu_us_per_vote: cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
+            attacked_roles_cpu_us_per_vote: spent.cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
+            votes_per_write: spent.written.votes / spent.written.writes,
         }
     }
 }
@@ -721,20 +725,73 @@ fn attacked_roles_time(stack: &Stack) -> Duration {
         .sum()
 }
 
-/// One round of well-formed votes with the aggregators paused, and the CPU time the attacked
-/// roles spent meanwhile.
+/// Ingest's group-commit writes and the votes in them, summed over shards and regions.
+#[derive(Debug, Clone, Copy, Default)]
+struct Written {
+    votes: f64,
+    writes: f64,
+}
+
+impl Written {
+    /// So far, from every region's ingest's metrics.
+    async fn so_far(stack: &Stack) -> anyhow::Result<Self> {
+        let mut total = Self::default();
+        for r in &stack.regions {
+            let metrics = load::get(r.ingest, "/metrics")
+                .await
+                .with_context(|| format!("{}'s ingest metrics", r.name))?;
+            for line in String::from_utf8_lossy(&metrics).lines() {
+                let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+                if line.starts_with("tally_ingest_group_commit_size_sum") {
+                    total.votes += value().unwrap_or(0.0);
+                } else if line.starts_with("tally_ingest_group_commit_size_count") {
+                    total.writes += value().unwrap_or(0.0);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            votes: self.votes - before.votes,
+            writes: self.writes - before.writes,
+        }
+    }
+}
+
+/// What the attacked roles spent on rounds of well-formed votes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spent {
+    cpu: Duration,
+    written: Written,
+}
+
+impl std::ops::AddAssign for Spent {
+    fn add_assign(&mut self, other: Self) {
+        self.cpu += other.cpu;
+        self.written.votes += other.written.votes;
+        self.written.writes += other.written.writes;
+    }
+}
+
+/// One round of well-formed votes with the aggregators paused, and what the attacked roles spent
+/// meanwhile.
 async fn measured(
     stack: &Stack,
     opts: &Options,
     tag: &str,
     phase: &str,
-) -> (bench::load::Outcome, Duration) {
+) -> anyhow::Result<(bench::load::Outcome, Spent)> {
     let paused = AggregatorsPaused::new(stack);
-    let before = attacked_roles_time(stack);
+    let (cpu, written) = (attacked_roles_time(stack), Written::so_far(stack).await?);
     let outcome = wellformed(stack, opts, tag, phase).await;
-    let spent = attacked_roles_time(stack).saturating_sub(before);
+    let spent = Spent {
+        cpu: attacked_roles_time(stack).saturating_sub(cpu),
+        written: Written::so_far(stack).await?.since(written),
+    };
     drop(paused);
-    (outcome, spent)
+    Ok((outcome, spent))
 }
 
 /// Runs the suite against a running local stack: well-formed votes alone, then again with the
@@ -764,10 +821,10 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (mut under_attack, mut loris, mut stored) = (Vec::new(), None, 0);
     let mut attack_rates = Vec::new();
-    let (mut alone_cpu, mut under_attack_cpu) = (Duration::ZERO, Duration::ZERO);
-    let (first, cpu) = measured(stack, opts, &tag, "alone0").await;
+    let (mut alone_spent, mut under_attack_spent) = (Spent::default(), Spent::default());
+    let (first, spent) = measured(stack, opts, &tag, "alone0").await?;
     let mut alone = vec![first];
-    alone_cpu += cpu;
+    alone_spent += spent;
     load::wait_drained(stack, Duration::from_secs(120)).await?;
     for round in 0..ROUNDS {
         let attack_rate = opts
@@ -804,16 +861,17 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
                 web::ServeConfig::default().header_read_timeout,
             )));
         }
-        let (wellformed_votes, cpu) = measured(stack, opts, &tag, &format!("attack{round}")).await;
-        under_attack_cpu += cpu;
+        let (wellformed_votes, spent) =
+            measured(stack, opts, &tag, &format!("attack{round}")).await?;
+        under_attack_spent += spent;
         let _ = stop.send(true);
         attacker.await?;
         load::wait_drained(stack, Duration::from_secs(120)).await?;
         stored += ballots(stack).await? - ballots_before - wellformed_votes.ok() as i64;
         under_attack.push(wellformed_votes);
-        let (next, cpu) = measured(stack, opts, &tag, &format!("alone{}", round + 1)).await;
+        let (next, spent) = measured(stack, opts, &tag, &format!("alone{}", round + 1)).await?;
         alone.push(next);
-        alone_cpu += cpu;
+        alone_spent += spent;
         load::wait_drained(stack, Duration::from_secs(120)).await?;
     }
     let slow_loris = match loris {
@@ -828,8 +886,8 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
     let (alone_rates, under_attack_rates) = (rates(&alone), rates(&under_attack));
     let round_ratios = bracketed_ratios(&alone_rates, &under_attack_rates);
     let (alone, under_attack) = (
-        Phase::of(&alone, alone_cpu),
-        Phase::of(&under_attack, under_attack_cpu),
+        Phase::of(&alone, alone_spent),
+        Phase::of(&under_attack, under_attack_spent),
     );
     let cases: Vec<CaseResult> = tally.results.into_values().collect();
     let mut report = Report {
@@ -907,8 +965,8 @@ pub fn print(r: &Report) {
     );
     for (name, p) in [("alone", &r.alone), ("under attack", &r.under_attack)] {
         println!(
-            "well-formed votes {name:<12}: {:>8.0}/s accepted, p99 {:.1} ms, ingest and reader {:.1} µs of CPU a vote, statuses {:?}",
-            p.rate, p.p99_ms, p.attacked_roles_cpu_us_per_vote, p.statuses
+            "well-formed votes {name:<12}: {:>8.0}/s accepted, p99 {:.1} ms, ingest and reader {:.1} µs of CPU a vote, {:.1} votes a write, statuses {:?}",
+            p.rate, p.p99_ms, p.attacked_roles_cpu_us_per_vote, p.votes_per_write, p.statuses
         );
     }
     let listed = |xs: &[f64], precision: usize| -> String {

@@ -514,6 +514,11 @@ async fn reader_results(port: u16, poll: &str) -> anyhow::Result<serde_json::Val
 
 /// `GET path` on a local port, as JSON.
 pub async fn get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&get(port, path).await?)?)
+}
+
+/// `GET path` on a local port: the body, whatever its status.
+pub async fn get(port: u16, path: &str) -> anyhow::Result<Bytes> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -522,10 +527,9 @@ pub async fn get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value
         .header("host", "localhost")
         .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await?;
-    let body = http_body_util::BodyExt::collect(resp.into_body())
+    Ok(http_body_util::BodyExt::collect(resp.into_body())
         .await?
-        .to_bytes();
-    Ok(serde_json::from_slice(&body)?)
+        .to_bytes())
 }
 
 #[cfg(test)]

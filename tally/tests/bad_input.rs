@@ -119,6 +119,12 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
             .as_f64()
             .unwrap_or_else(|| panic!("no CPU a vote {phase}: {report}"));
         assert!(us > 0.0 && us < 10_000.0, "{phase}: {report}");
+        // And how ingest's group commit fared: every accepted vote went in some write.
+        let per_write = report[phase]["votes_per_write"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no votes a write {phase}: {report}"));
+        let most = ingest::config::DEFAULT_GROUP_MAX_VOTES as f64;
+        assert!((1.0..=most).contains(&per_write), "{phase}: {report}");
     }
     // The aggregators, paused during every round of well-formed votes, run again.
     let aggregators = common::role_pids(stack.path(), "aggregator");
