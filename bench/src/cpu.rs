@@ -108,6 +108,25 @@ pub fn process_time(pid: u32) -> Duration {
         .unwrap_or_default()
 }
 
+/// How many times the live threads of a process were taken off a CPU because another was given
+/// it (`nonvoluntary_ctxt_switches`): a busy machine's cost that the CPU time of a process shows
+/// only as caches refilled after each.
+pub fn preemptions(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 /// Each live thread of a process: its name and its time on a CPU.
 fn threads(process: &Path) -> Vec<(String, Duration)> {
     let Ok(tasks) = std::fs::read_dir(process.join("task")) else {

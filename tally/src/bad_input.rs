@@ -454,6 +454,8 @@ pub struct Phase {
     /// Votes in each of ingest's group-commit writes, on average over every region: fewer a write
     /// means more of Redis's round trips and more of ingest's CPU a vote.
     pub votes_per_write: f64,
+    /// Times ingest's and the reader's threads were preempted, per thousand accepted votes.
+    pub attacked_roles_preemptions_per_1k_votes: f64,
 }
 
 impl Phase {
@@ -474,6 +476,8 @@ impl Phase {
             statuses: summary.statuses,
             attacked_roles_cpu_us_per_vote: spent.cpu.as_secs_f64() * 1e6 / accepted.max(1) as f64,
             votes_per_write: spent.written.votes / spent.written.writes,
+            attacked_roles_preemptions_per_1k_votes: spent.preemptions as f64 * 1e3
+                / accepted.max(1) as f64,
         }
     }
 }
@@ -714,15 +718,14 @@ impl Drop for AggregatorsPaused {
     }
 }
 
-/// The CPU time of the roles the attack reaches: every region's ingest and reader.
-fn attacked_roles_time(stack: &Stack) -> Duration {
+/// The roles the attack reaches: every region's ingest and reader.
+fn attacked_roles(stack: &Stack) -> Vec<u32> {
     stack
         .regions
         .iter()
         .flat_map(|r| ["ingest", "reader"].map(|role| stack.role_pid(&r.name, role)))
         .flatten()
-        .map(bench::cpu::process_time)
-        .sum()
+        .collect()
 }
 
 /// Ingest's group-commit writes and the votes in them, summed over shards and regions.
@@ -764,12 +767,14 @@ impl Written {
 #[derive(Debug, Clone, Copy, Default)]
 struct Spent {
     cpu: Duration,
+    preemptions: u64,
     written: Written,
 }
 
 impl std::ops::AddAssign for Spent {
     fn add_assign(&mut self, other: Self) {
         self.cpu += other.cpu;
+        self.preemptions += other.preemptions;
         self.written.votes += other.written.votes;
         self.written.writes += other.written.writes;
     }
@@ -784,11 +789,19 @@ async fn measured(
     phase: &str,
 ) -> anyhow::Result<(bench::load::Outcome, Spent)> {
     let paused = AggregatorsPaused::new(stack);
-    let (cpu, written) = (attacked_roles_time(stack), Written::so_far(stack).await?);
+    let roles = attacked_roles(stack);
+    let cpu = || roles.iter().copied().map(bench::cpu::process_time).sum();
+    let preemptions = || -> u64 { roles.iter().copied().map(bench::cpu::preemptions).sum() };
+    let before = Spent {
+        cpu: cpu(),
+        preemptions: preemptions(),
+        written: Written::so_far(stack).await?,
+    };
     let outcome = wellformed(stack, opts, tag, phase).await;
     let spent = Spent {
-        cpu: attacked_roles_time(stack).saturating_sub(cpu),
-        written: Written::so_far(stack).await?.since(written),
+        cpu: cpu().saturating_sub(before.cpu),
+        preemptions: preemptions().saturating_sub(before.preemptions),
+        written: Written::so_far(stack).await?.since(before.written),
     };
     drop(paused);
     Ok((outcome, spent))
@@ -965,8 +978,8 @@ pub fn print(r: &Report) {
     );
     for (name, p) in [("alone", &r.alone), ("under attack", &r.under_attack)] {
         println!(
-            "well-formed votes {name:<12}: {:>8.0}/s accepted, p99 {:.1} ms, ingest and reader {:.1} µs of CPU a vote, {:.1} votes a write, statuses {:?}",
-            p.rate, p.p99_ms, p.attacked_roles_cpu_us_per_vote, p.votes_per_write, p.statuses
+            "well-formed votes {name:<12}: {:>8.0}/s accepted, p99 {:.1} ms, ingest and reader {:.1} µs of CPU a vote and {:.1} preemptions per 1,000 votes, {:.1} votes a write, statuses {:?}",
+            p.rate, p.p99_ms, p.attacked_roles_cpu_us_per_vote, p.attacked_roles_preemptions_per_1k_votes, p.votes_per_write, p.statuses
         );
     }
     let listed = |xs: &[f64], precision: usize| -> String {

@@ -125,6 +125,12 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
             .unwrap_or_else(|| panic!("no votes a write {phase}: {report}"));
         let most = ingest::config::DEFAULT_GROUP_MAX_VOTES as f64;
         assert!((1.0..=most).contains(&per_write), "{phase}: {report}");
+        assert!(
+            report[phase]["attacked_roles_preemptions_per_1k_votes"]
+                .as_f64()
+                .is_some_and(|n| n >= 0.0),
+            "{phase}: {report}"
+        );
     }
     // The aggregators, paused during every round of well-formed votes, run again.
     let aggregators = common::role_pids(stack.path(), "aggregator");
