@@ -792,10 +792,11 @@ async fn measured(
     let roles = attacked_roles(stack);
     let cpu = || roles.iter().copied().map(bench::cpu::process_time).sum();
     let preemptions = || -> u64 { roles.iter().copied().map(bench::cpu::preemptions).sum() };
+    // Scraped first, so the window for CPU holds neither scrape.
     let before = Spent {
+        written: Written::so_far(stack).await?,
         cpu: cpu(),
         preemptions: preemptions(),
-        written: Written::so_far(stack).await?,
     };
     let outcome = wellformed(stack, opts, tag, phase).await;
     let spent = Spent {
