@@ -763,6 +763,13 @@ impl Written {
     }
 }
 
+impl std::ops::AddAssign for Written {
+    fn add_assign(&mut self, other: Self) {
+        self.votes += other.votes;
+        self.writes += other.writes;
+    }
+}
+
 /// What the attacked roles spent on rounds of well-formed votes.
 #[derive(Debug, Clone, Copy, Default)]
 struct Spent {
@@ -775,8 +782,7 @@ impl std::ops::AddAssign for Spent {
     fn add_assign(&mut self, other: Self) {
         self.cpu += other.cpu;
         self.preemptions += other.preemptions;
-        self.written.votes += other.written.votes;
-        self.written.writes += other.written.writes;
+        self.written += other.written;
     }
 }
 
