@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::StreamBody;
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -222,7 +222,7 @@ impl Reader {
                 }
             }
         });
-        let body = BodyExt::boxed(StreamBody::new(
+        let body = Body::stream(StreamBody::new(
             events.map(|b| Ok::<_, Infallible>(Frame::data(b))),
         ));
         let mut resp = Response::new(body);

@@ -2,20 +2,64 @@
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
-use std::pin::pin;
-use std::task::Poll;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::{Frame, SizeHint};
 use hyper::{header, Response, StatusCode};
 use serde::Serialize;
 
-/// Every role answers with this body type; streams (SSE) box their own.
-pub type Body = BoxBody<Bytes, Infallible>;
+/// Every role answers with this body: one in hand, as nearly every answer is, held as it is (a
+/// box and its virtual calls on every vote's answer cost ingest more than its answer's bytes), or
+/// a stream (SSE), boxed.
+pub enum Body {
+    Whole(Full<Bytes>),
+    Stream(BoxBody<Bytes, Infallible>),
+}
+
+impl Body {
+    pub fn stream<B>(body: B) -> Self
+    where
+        B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+    {
+        Body::Stream(body.boxed())
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Whole(body) => Pin::new(body).poll_frame(cx),
+            Body::Stream(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Whole(body) => body.is_end_stream(),
+            Body::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Whole(body) => body.size_hint(),
+            Body::Stream(body) => body.size_hint(),
+        }
+    }
+}
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
+    Body::Whole(Full::new(bytes.into()))
 }
 
 fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::http1;
@@ -98,24 +98,23 @@ struct ConnectionState {
     peer: SocketAddr,
     enlisted: AtomicBool,
     roll: Enlisted,
-    /// When the connection was accepted; `idle_since` counts from here.
-    opened: Instant,
+    sweeps: Sweeps,
     /// A request is in the service, or its streamed answer is still being written.
     busy: AtomicBool,
-    /// Nanoseconds after `opened` that the connection last finished answering; from then the
-    /// client has `header_read_timeout` to send its next request's headers.
+    /// The sweep count when the connection was accepted or last finished answering: from then
+    /// the client has `header_read_timeout` to send its next request's headers.
     idle_since: AtomicU64,
 }
 
 impl Connection {
-    fn new(peer: SocketAddr, roll: Enlisted) -> Self {
+    fn new(peer: SocketAddr, roll: Enlisted, sweeps: Sweeps) -> Self {
         Self(Arc::new(ConnectionState {
             peer,
             enlisted: AtomicBool::new(false),
             roll,
-            opened: Instant::now(),
+            idle_since: AtomicU64::new(sweeps.count()),
+            sweeps,
             busy: AtomicBool::new(false),
-            idle_since: AtomicU64::new(0),
         }))
     }
 
@@ -125,20 +124,19 @@ impl Connection {
 
     fn finish_request(&self) {
         let state = &self.0;
-        let since = state.opened.elapsed().as_nanos() as u64;
-        state.idle_since.store(since, Ordering::Relaxed);
+        state
+            .idle_since
+            .store(state.sweeps.count(), Ordering::Relaxed);
         state.busy.store(false, Ordering::Relaxed);
     }
 
-    /// When the connection is to be closed for not sending a request's headers, or `None`
-    /// while it is answering one.
-    fn header_deadline(&self, timeout: Duration) -> Option<Instant> {
+    /// Whether, at sweep number `sweep`, the connection has waited for a request's headers
+    /// through `SWEEPS_PER_TIMEOUT` whole intervals between sweeps (a header timeout at least).
+    fn overdue(&self, sweep: u64) -> bool {
         let state = &self.0;
-        if state.busy.load(Ordering::Relaxed) {
-            return None;
-        }
-        let since = Duration::from_nanos(state.idle_since.load(Ordering::Relaxed));
-        Some(state.opened + since + timeout)
+        !state.busy.load(Ordering::Relaxed)
+            && sweep.saturating_sub(state.idle_since.load(Ordering::Relaxed))
+                > u64::from(SWEEPS_PER_TIMEOUT)
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -168,12 +166,21 @@ impl Drop for ConnectionState {
 /// Marks the connection idle once its answer is handed over: at once for a body of known length
 /// (a client too slow to take it is then cut as a slow client), and only when hyper drops it for
 /// a streamed one, however long it streams.
-fn answered(resp: Response<Body>, connection: Connection) -> Response<Body> {
+fn answered(resp: Response<Body>, connection: &Connection) -> Response<Body> {
     if resp.body().size_hint().exact().is_some() {
         connection.finish_request();
         return resp;
     }
-    resp.map(|body| Body::new(Streamed { body, connection }))
+    let connection = connection.clone();
+    resp.map(|body| Body::stream(Streamed { body, connection }))
+}
+
+/// What a connection's requests are handed to, shared by its requests alone: cloning the
+/// service's own `Arc` per request would write one count from every core, a cache line
+/// bouncing between them on each vote.
+struct Handler<S> {
+    service: Arc<S>,
+    connection: Connection,
 }
 
 /// A streamed answer that keeps its connection busy until hyper is done with it.
@@ -227,22 +234,40 @@ struct Open {
 /// timeout, instead of hyper's timer armed and cancelled for every request (a clock read, an
 /// allocation, and the timer wheel's insert and remove under its lock: with the sweep, ingest's
 /// server threads spent 0.6-1.1 us a vote less, a seventh to a fifth of their cost above bare
-/// hyper's, in two sets of six alternating runs). A
-/// connection is closed between one and 1 + 1/`SWEEPS_PER_TIMEOUT` timeouts after its last answer.
+/// hyper's, in two sets of six alternating runs). A connection notes the sweeps' count, not the
+/// time, when it goes idle (a shared load, no clock read, per request), and is closed at the
+/// sweep after `SWEEPS_PER_TIMEOUT` whole intervals: between one and 1 + 1/`SWEEPS_PER_TIMEOUT`
+/// timeouts after its last answer (later if sweeps are delayed, never sooner).
 const SWEEPS_PER_TIMEOUT: u32 = 4;
 
-/// Tells each connection whose headers are overdue to close, and forgets those closed.
-fn close_overdue(open: &mut Vec<Open>, timeout: Duration, now: Instant) {
+/// How many header-timeout sweeps one server has made. Written once a sweep, read by every
+/// request, so its cache line stays shared.
+#[derive(Debug, Clone, Default)]
+struct Sweeps(Arc<AtomicU64>);
+
+impl Sweeps {
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn advance(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Tells each connection whose headers are overdue at sweep number `sweep` to close, and
+/// forgets those closed.
+fn close_overdue(open: &mut Vec<Open>, sweep: u64) {
     let mut i = 0;
     while i < open.len() {
-        let due = match open[i].state.upgrade() {
-            Some(state) if !open[i].stop.is_closed() => Connection(state).header_deadline(timeout),
+        let overdue = match open[i].state.upgrade() {
+            Some(state) if !open[i].stop.is_closed() => Connection(state).overdue(sweep),
             _ => {
                 open.swap_remove(i);
                 continue;
             }
         };
-        if due.is_some_and(|due| due <= now) {
+        if overdue {
             let _ = open.swap_remove(i).stop.send(Stop::Close);
             continue;
         }
@@ -264,16 +289,17 @@ pub async fn serve<S: Service>(
     // watch takes its waiters' lock, contended across the workers.
     let mut open: Vec<Open> = Vec::new();
     let mut prune_at = PRUNE_FIRST_AT;
-    let header_timeout = config.header_read_timeout;
-    let mut sweep =
-        tokio::time::interval((header_timeout / SWEEPS_PER_TIMEOUT).max(Duration::from_millis(1)));
+    let sweeps = Sweeps::default();
+    let mut sweep = tokio::time::interval(
+        (config.header_read_timeout / SWEEPS_PER_TIMEOUT).max(Duration::from_millis(1)),
+    );
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             _ = sweep.tick() => {
-                close_overdue(&mut open, header_timeout, Instant::now());
+                close_overdue(&mut open, sweeps.advance());
                 continue;
             }
             accepted = listener.accept() => match accepted {
@@ -296,11 +322,14 @@ pub async fn serve<S: Service>(
         }
         let (stop, stopped) = oneshot::channel();
         let _ = stream.set_nodelay(true);
-        let svc = service.clone();
-        let connection = Connection::new(peer, config.enlisted.clone());
+        let connection = Connection::new(peer, config.enlisted.clone(), sweeps.clone());
         open.push(Open {
             stop,
             state: Arc::downgrade(&connection.0),
+        });
+        let handler = Arc::new(Handler {
+            service: service.clone(),
+            connection,
         });
         let conn = http1::Builder::new()
             .header_read_timeout(None)
@@ -309,12 +338,11 @@ pub async fn serve<S: Service>(
             .serve_connection(
                 TokioIo::new(stream),
                 service_fn(move |req| {
-                    let svc = svc.clone();
-                    let connection = connection.clone();
+                    let handler = handler.clone();
                     async move {
-                        connection.start_request();
-                        let resp = svc.call(req, &connection).await;
-                        Ok::<_, Infallible>(answered(resp, connection))
+                        handler.connection.start_request();
+                        let resp = handler.service.call(req, &handler.connection).await;
+                        Ok::<_, Infallible>(answered(resp, &handler.connection))
                     }
                 }),
             );

@@ -199,7 +199,7 @@ impl web::Service for Timed {
             },
             "/stream" => {
                 let rx = self.chunks.lock().unwrap().take().expect("one stream");
-                let mut resp = Response::new(http_body_util::BodyExt::boxed(Chunks(rx)));
+                let mut resp = Response::new(Body::stream(Chunks(rx)));
                 *resp.status_mut() = StatusCode::OK;
                 resp
             }
