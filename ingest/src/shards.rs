@@ -36,8 +36,9 @@ pub enum StoreError {
 
 struct Pending {
     payload: Vec<u8>,
-    /// When the vote was handed to its writer. A write is bounded by its oldest vote's
-    /// `queued + store_timeout`, so no vote needs a timer of its own.
+    /// When the vote was ready to store (its body read), microseconds before its writer had it.
+    /// A write is bounded by its oldest vote's `queued + store_timeout`, so no vote needs a timer
+    /// of its own.
     queued: Instant,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
@@ -144,8 +145,9 @@ impl Shard {
         self.depth.load(Ordering::Relaxed)
     }
 
-    /// Stores one encoded vote; `Ok` means Redis holds it.
-    pub async fn store(&self, payload: Vec<u8>) -> Result<(), StoreError> {
+    /// Stores one encoded vote, read at `queued` (its deadline counts from there); `Ok` means
+    /// Redis holds it.
+    pub async fn store(&self, payload: Vec<u8>, queued: Instant) -> Result<(), StoreError> {
         if !self.is_up() {
             return Err(StoreError::Unavailable);
         }
@@ -153,7 +155,6 @@ impl Shard {
             return Err(StoreError::Full);
         }
         let (done, confirmed) = oneshot::channel();
-        let queued = Instant::now();
         let census = &self.lingering.census;
         census.unanswered.fetch_add(1, Ordering::Relaxed);
         if self
