@@ -240,18 +240,23 @@ struct Open {
 /// timeouts after its last answer (later if sweeps are delayed, never sooner).
 const SWEEPS_PER_TIMEOUT: u32 = 4;
 
-/// How many header-timeout sweeps one server has made. Written once a sweep, read by every
-/// request, so its cache line stays shared.
+/// How many header-timeout sweeps one server has made. Written once a sweep and read by every
+/// request, so its cache line stays shared between the cores: alone on its line, as a small
+/// allocation beside memory written per request would miss the cache on every read.
 #[derive(Debug, Clone, Default)]
-struct Sweeps(Arc<AtomicU64>);
+struct Sweeps(Arc<SweepCount>);
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct SweepCount(AtomicU64);
 
 impl Sweeps {
     fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0 .0.load(Ordering::Relaxed)
     }
 
     fn advance(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::Relaxed) + 1
+        self.0 .0.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 
