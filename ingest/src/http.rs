@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use metrics::{Counter, Histogram};
 use model::{Clock, RegionName, Rejection, VoteId, VoterId};
@@ -147,22 +148,23 @@ impl web::Service for Ingest {
     const ANSWERS_AFTER_HALF_CLOSE: bool = true;
 
     async fn call(&self, req: Request<Incoming>, conn: &web::Connection) -> Response<Body> {
-        let uri = req.uri().clone();
-        let path = uri.path();
+        // Split first, so the path borrows from the parts instead of a copy of the URI.
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path();
         if let Some(poll) = crate::request::vote_route(path) {
-            if req.method() != Method::POST {
+            if parts.method != Method::POST {
                 return method_not_allowed("POST");
             }
-            return self.api_vote(req, conn, poll).await;
+            return self.api_vote(&parts, body, conn, poll).await;
         }
-        match (req.method(), path) {
+        match (&parts.method, path) {
             (&Method::GET, "/healthz") => {
                 json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
             }
             (&Method::GET, "/readyz") => self.readyz(),
             (&Method::GET, "/metrics") => web::render_metrics(),
-            (&Method::GET, "/") => self.page(req.headers(), None),
-            (&Method::POST, "/") => self.form_vote(req, conn).await,
+            (&Method::GET, "/") => self.page(&parts.headers, None),
+            (&Method::POST, "/") => self.form_vote(&parts, body, conn).await,
             (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
             (_, "/") => method_not_allowed("GET, POST"),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
@@ -203,15 +205,15 @@ impl Ingest {
 
     async fn api_vote(
         &self,
-        req: Request<Incoming>,
+        parts: &Parts,
+        body: Incoming,
         conn: &web::Connection,
         poll: &str,
     ) -> Response<Body> {
         let started = Instant::now();
-        let (parts, body) = req.into_parts();
         match self
             .take_vote(
-                &parts,
+                parts,
                 body,
                 conn,
                 poll,
@@ -244,13 +246,17 @@ impl Ingest {
     }
 
     /// The original app's form post: `vote=a` for the default poll, answered with the page.
-    async fn form_vote(&self, req: Request<Incoming>, conn: &web::Connection) -> Response<Body> {
+    async fn form_vote(
+        &self,
+        parts: &Parts,
+        body: Incoming,
+        conn: &web::Connection,
+    ) -> Response<Body> {
         let started = Instant::now();
-        let (parts, body) = req.into_parts();
         let form = "application/x-www-form-urlencoded";
         match self
             .take_vote(
-                &parts,
+                parts,
                 body,
                 conn,
                 model::DEFAULT_POLL,
@@ -290,7 +296,7 @@ impl Ingest {
     #[allow(clippy::too_many_arguments)]
     async fn take_vote(
         &self,
-        parts: &hyper::http::request::Parts,
+        parts: &Parts,
         body: Incoming,
         conn: &web::Connection,
         poll: &str,
