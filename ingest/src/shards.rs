@@ -145,8 +145,8 @@ impl Shard {
         self.depth.load(Ordering::Relaxed)
     }
 
-    /// Stores one encoded vote, read at `queued` (its deadline counts from there); `Ok` means
-    /// Redis holds it.
+    /// Stores one encoded vote whose request was read at `queued` (its deadline counts from
+    /// there); `Ok` means Redis holds it.
     pub async fn store(&self, payload: Vec<u8>, queued: Instant) -> Result<(), StoreError> {
         if !self.is_up() {
             return Err(StoreError::Unavailable);

@@ -12,15 +12,15 @@ use hyper::body::{Frame, SizeHint};
 use hyper::{header, Response, StatusCode};
 use serde::Serialize;
 
-/// Every role answers with this body: one in hand, as nearly every answer is, held as it is (a
-/// box and its virtual calls on every vote's answer cost ingest more than its answer's bytes), or
-/// a stream (SSE), boxed.
+/// Every role answers with this body: one in hand, as nearly every answer is, held as it is (no
+/// allocation and no virtual calls per answer), or a stream (SSE), boxed.
 pub enum Body {
     Whole(Full<Bytes>),
     Stream(BoxBody<Bytes, Infallible>),
 }
 
 impl Body {
+    /// An answer streamed as `body` yields it.
     pub fn stream<B>(body: B) -> Self
     where
         B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
