@@ -456,11 +456,9 @@ impl Ingest {
             voter,
             region: self.region.as_str(),
         };
-        let mut payload = Vec::new();
-        fields.encode_into(&mut payload);
         let shard = model::shard_of(poll, voter, self.shards.count());
         conn.enlist();
-        self.shards.get(shard).store(payload, read.into()).await?;
+        self.shards.get(shard).store(&fields, read.into()).await?;
         Ok(id)
     }
 }

@@ -3,15 +3,20 @@
 //! [`crate::group`]), then go out together in one pipelined `RPUSH`. Each vote's request is
 //! answered only after Redis replied to the write holding it. A dead or slow shard holds only its
 //! own requests.
+//!
+//! A vote is encoded straight into the batch it joins and waits on that batch's outcome, so it
+//! costs no allocation of its own and nothing of it is freed on the writer's thread; written
+//! batches' buffers are reused.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use model::RegionName;
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -34,13 +39,154 @@ pub enum StoreError {
     Timeout,
 }
 
-struct Pending {
-    payload: Vec<u8>,
-    /// When the vote was ready to store (its body read), microseconds before its writer had it.
-    /// A write is bounded by its oldest vote's `queued + store_timeout`, so no vote needs a timer
-    /// of its own.
-    queued: Instant,
-    done: oneshot::Sender<Result<(), StoreError>>,
+/// Votes waiting for one shard's writer: batches that fill in turn, the oldest first, as a Kafka
+/// producer's record accumulator keeps them. Votes join the last batch until it holds
+/// `max_votes`; the writer takes the first.
+#[derive(Default)]
+struct Accumulator {
+    batches: VecDeque<Batch>,
+    /// Votes in `batches`.
+    queued: usize,
+    /// Buffers of written batches, for the next ones.
+    spare: Vec<Buffers>,
+}
+
+/// Buffers kept for reuse: enough for the writes in flight and the batches forming meanwhile.
+const SPARE_BUFFERS: usize = 8;
+
+impl Accumulator {
+    /// Adds `vote`, ready to store at `queued`, to the batch being filled, and returns that
+    /// batch's outcome and how many votes the first batch (the one a writer forms) now holds.
+    fn add(
+        &mut self,
+        vote: &model::wire::Fields<'_>,
+        queued: Instant,
+        max_votes: usize,
+    ) -> (Arc<Outcome>, usize) {
+        if self.batches.back().is_none_or(|b| b.len() >= max_votes) {
+            let buffers = self.spare.pop().unwrap_or_default();
+            self.batches.push_back(Batch {
+                buffers,
+                oldest: queued,
+                outcome: Arc::default(),
+            });
+        }
+        let filling = self.batches.back_mut().expect("a batch was just ensured");
+        filling.buffers.push(vote);
+        let outcome = filling.outcome.clone();
+        self.queued += 1;
+        (outcome, self.batches[0].len())
+    }
+
+    fn take_first(&mut self) -> Option<Batch> {
+        let batch = self.batches.pop_front()?;
+        self.queued -= batch.len();
+        Some(batch)
+    }
+
+    fn recycle(&mut self, mut buffers: Buffers) {
+        if self.spare.len() < SPARE_BUFFERS {
+            buffers.bytes.clear();
+            buffers.ends.clear();
+            self.spare.push(buffers);
+        }
+    }
+}
+
+/// A batch's votes, encoded back to back.
+#[derive(Default)]
+struct Buffers {
+    bytes: Vec<u8>,
+    /// Where each vote's encoding ends in `bytes`.
+    ends: Vec<u32>,
+}
+
+impl Buffers {
+    fn push(&mut self, vote: &model::wire::Fields<'_>) {
+        vote.encode_into(&mut self.bytes);
+        // A batch holds at most `max_votes` votes of at most ~1 KiB each.
+        self.ends.push(self.bytes.len() as u32);
+    }
+
+    fn votes(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&e| e as usize));
+        starts
+            .zip(self.ends.iter())
+            .map(|(start, &end)| &self.bytes[start..end as usize])
+    }
+}
+
+struct Batch {
+    buffers: Buffers,
+    /// When its first vote was ready to store (its body read). A write is bounded by its oldest
+    /// vote's `queued + store_timeout`, so no vote needs a timer of its own.
+    oldest: Instant,
+    outcome: Arc<Outcome>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.buffers.ends.len()
+    }
+}
+
+impl Drop for Batch {
+    /// A batch dropped unwritten (its writer gone) answers its votes rather than leave them
+    /// waiting; after a write this changes nothing.
+    fn drop(&mut self) {
+        self.outcome.settle(Err(StoreError::Unavailable));
+    }
+}
+
+/// How the write of a batch ended, for every vote in it.
+#[derive(Default)]
+struct Outcome {
+    result: OnceLock<Result<(), StoreError>>,
+    settled: Notify,
+}
+
+impl Outcome {
+    fn settle(&self, result: Result<(), StoreError>) {
+        if self.result.set(result).is_ok() {
+            self.settled.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) -> Result<(), StoreError> {
+        // Created before the look: `notify_waiters` reaches every `Notified` that exists when it
+        // runs, and one created after it finds the result set.
+        let settled = self.settled.notified();
+        if let Some(result) = self.result.get() {
+            return *result;
+        }
+        settled.await;
+        self.result
+            .get()
+            .copied()
+            .unwrap_or(Err(StoreError::Unavailable))
+    }
+}
+
+/// One shard's votes on their way to its writer.
+struct Queue {
+    accumulator: Mutex<Accumulator>,
+    lingering: Lingering,
+    /// Set once the shard is gone: its writer writes what is left and stops.
+    closed: AtomicBool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Accumulator> {
+        // Nothing under the lock can leave the accumulator half-changed.
+        self.accumulator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The first batch's size and oldest vote, if any vote waits.
+    fn first(&self) -> Option<(usize, Instant)> {
+        self.lock().batches.front().map(|b| (b.len(), b.oldest))
+    }
 }
 
 /// Whether any voter could still vote: the open connections that have voted against the votes
@@ -59,9 +205,9 @@ impl Census {
     }
 }
 
-/// How a lingering writer learns that its batch may go without being woken per vote: each vote
-/// that arrives meanwhile checks whether the batch is now full, its linger over or nobody else
-/// able to join, and wakes the writer if so. Under load that ends a linger to the microsecond;
+/// How a writer learns of votes without being woken per vote: a vote that finds the shard's queue
+/// empty wakes it, and while it lingers each vote that arrives checks whether the batch is now
+/// full, its linger over or nobody else able to join, and wakes the writer if so. Under load that ends a linger to the microsecond;
 /// tokio's timer, which the writer also sets for when no vote comes, fires only on its next
 /// millisecond tick.
 struct Lingering {
@@ -85,15 +231,18 @@ impl Lingering {
         }
     }
 
-    /// A vote was queued at `at`, leaving `in_channel` in the shard's channel. A writer that is
-    /// waiting for a slot or for a first vote needs no word: a slot or the vote wakes it.
-    fn arrived(&self, at: Instant, in_channel: usize) {
+    /// A vote was queued at `at`, leaving `forming` votes in the batch the writer forms. A writer
+    /// waiting for a slot needs no word: a slot wakes it.
+    fn arrived(&self, at: Instant, forming: usize) {
+        if forming == 1 {
+            // The writer may be waiting for a first vote.
+            self.wake.notify_one();
+            return;
+        }
         let until = self.until.load(Ordering::Relaxed);
         if until == u64::MAX {
             return;
         }
-        // The lingering writer holds the batch's first vote outside the channel.
-        let forming = in_channel + 1;
         if forming >= self.max_votes || self.nanos(at) >= until || !self.census.more_may_come() {
             self.wake.notify_one();
         }
@@ -122,8 +271,7 @@ struct WriteSettings {
 
 pub struct Shard {
     index: u32,
-    tx: mpsc::Sender<Pending>,
-    lingering: Arc<Lingering>,
+    queue: Arc<Queue>,
     conn: ConnectionManager,
     depth: AtomicU64,
     up: AtomicBool,
@@ -145,34 +293,40 @@ impl Shard {
         self.depth.load(Ordering::Relaxed)
     }
 
-    /// Stores one encoded vote whose request was read at `queued` (its deadline counts from
-    /// there); `Ok` means Redis holds it.
-    pub async fn store(&self, payload: Vec<u8>, queued: Instant) -> Result<(), StoreError> {
+    /// Stores one vote whose request was read at `queued` (its deadline counts from there); `Ok`
+    /// means Redis holds it.
+    pub async fn store(
+        &self,
+        vote: &model::wire::Fields<'_>,
+        queued: Instant,
+    ) -> Result<(), StoreError> {
         if !self.is_up() {
             return Err(StoreError::Unavailable);
         }
         if self.depth() >= self.bound {
             return Err(StoreError::Full);
         }
-        let (done, confirmed) = oneshot::channel();
-        let census = &self.lingering.census;
+        let lingering = &self.queue.lingering;
+        let census = &lingering.census;
         census.unanswered.fetch_add(1, Ordering::Relaxed);
-        if self
-            .tx
-            .try_send(Pending {
-                payload,
-                queued,
-                done,
-            })
-            .is_err()
-        {
+        let joined = {
+            let mut accumulator = self.queue.lock();
+            (accumulator.queued < PENDING_PER_SHARD)
+                .then(|| accumulator.add(vote, queued, lingering.max_votes))
+        };
+        let Some((outcome, forming)) = joined else {
             census.unanswered.fetch_sub(1, Ordering::Relaxed);
             return Err(StoreError::Full);
-        }
-        self.lingering
-            .arrived(queued, self.tx.max_capacity() - self.tx.capacity());
-        // The writer answers every vote by its deadline; a writer gone drops the sender.
-        confirmed.await.unwrap_or(Err(StoreError::Unavailable))
+        };
+        lingering.arrived(queued, forming);
+        outcome.wait().await
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Relaxed);
+        self.queue.lingering.wake.notify_one();
     }
 }
 
@@ -183,7 +337,7 @@ pub struct Shards {
 impl Shards {
     /// Connects lazily (a shard that is down at start-up is reported down, not fatal) and starts
     /// each shard's writer and probe. The writers stop once `Shards` is dropped and their
-    /// queues are flushed.
+    /// queues are written.
     pub fn start(config: &Config) -> Result<Self, redis::RedisError> {
         let mut shards = Vec::with_capacity(config.redis_urls.len());
         let census = Arc::new(Census {
@@ -200,12 +354,14 @@ impl Shards {
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500)),
             )?;
-            let (tx, rx) = mpsc::channel(PENDING_PER_SHARD);
-            let lingering = Arc::new(Lingering::new(config.group.max_votes, census.clone()));
+            let queue = Arc::new(Queue {
+                accumulator: Mutex::default(),
+                lingering: Lingering::new(config.group.max_votes, census.clone()),
+                closed: AtomicBool::new(false),
+            });
             let shard = Arc::new(Shard {
                 index: i as u32,
-                tx,
-                lingering: lingering.clone(),
+                queue: queue.clone(),
                 conn,
                 depth: AtomicU64::new(0),
                 up: AtomicBool::new(false),
@@ -215,8 +371,7 @@ impl Shards {
             tokio::spawn(write_loop(
                 Arc::downgrade(&shard),
                 shard.conn.clone(),
-                rx,
-                lingering,
+                queue,
                 WriteSettings {
                     group: config.group,
                     wait_replicas: config.wait_replicas,
@@ -257,12 +412,12 @@ impl Shards {
 async fn write_loop(
     shard: Weak<Shard>,
     conn: ConnectionManager,
-    mut rx: mpsc::Receiver<Pending>,
-    lingering: Arc<Lingering>,
+    queue: Arc<Queue>,
     write: WriteSettings,
     region: RegionName,
 ) {
     let group = write.group;
+    let lingering = &queue.lingering;
     let index = shard
         .upgrade()
         .map(|s| s.index)
@@ -274,18 +429,23 @@ async fn write_loop(
     tokio::pin!(linger);
     loop {
         // Nothing forming: wait for a batch's first vote, finishing writes meanwhile.
-        let first = tokio::select! {
-            biased;
-            Some(()) = writes.next() => continue,
-            first = rx.recv() => match first {
-                Some(first) => first,
-                None => break,
-            },
+        let oldest = match queue.first() {
+            Some((_, oldest)) => oldest,
+            // Checked after the queue: a vote that came before the shard went is still written.
+            None if queue.closed.load(Ordering::Relaxed) => break,
+            None => {
+                tokio::select! {
+                    biased;
+                    Some(()) = writes.next() => {}
+                    () = lingering.wake.notified() => {}
+                }
+                continue;
+            }
         };
         loop {
             let forming = Forming {
-                queued: rx.len() + 1,
-                oldest: first.queued,
+                queued: queue.first().map_or(0, |(n, _)| n),
+                oldest,
                 in_flight: writes.len(),
                 more_may_come: lingering.census.more_may_come(),
             };
@@ -312,45 +472,37 @@ async fn write_loop(
         // votes a write, 14% less Redis CPU a vote). With nothing else runnable this returns at
         // once.
         tokio::task::yield_now().await;
-        // Sized once: growing it, and the command below, by doubling reaches allocations big
-        // enough that glibc consolidates its free lists on each, measurable per vote.
-        let mut batch = Vec::with_capacity((rx.len() + 1).min(group.max_votes));
-        batch.push(first);
-        while batch.len() < group.max_votes {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+        let Some(batch) = queue.lock().take_first() else {
+            continue;
+        };
         batch_size.record(batch.len() as f64);
         writes.push(write_batch(
             batch,
             conn.clone(),
             shard.clone(),
-            lingering.census.clone(),
+            queue.clone(),
             write,
         ));
     }
-    // Every sender is gone: finish the writes still in flight before returning.
+    // The shard is gone and its queue empty: finish the writes still in flight before returning.
     while writes.next().await.is_some() {}
 }
 
 /// Writes one batch with one pipelined `RPUSH` (and `WAIT`) and answers each of its votes.
 async fn write_batch(
-    batch: Vec<Pending>,
+    mut batch: Batch,
     mut conn: ConnectionManager,
     shard: Weak<Shard>,
-    census: Arc<Census>,
+    queue: Arc<Queue>,
     settings: WriteSettings,
 ) {
     const RPUSH: &str = "RPUSH";
-    let bytes: usize = RPUSH.len()
-        + model::queue::VOTES.len()
-        + batch.iter().map(|p| p.payload.len()).sum::<usize>();
-    let mut push = redis::Cmd::with_capacity(batch.len() + 2, bytes);
+    let votes = batch.len();
+    let bytes = RPUSH.len() + model::queue::VOTES.len() + batch.buffers.bytes.len();
+    let mut push = redis::Cmd::with_capacity(votes + 2, bytes);
     push.arg(RPUSH).arg(model::queue::VOTES);
-    for p in &batch {
-        push.arg(&p.payload);
+    for vote in batch.buffers.votes() {
+        push.arg(vote);
     }
     let mut pipe = redis::Pipeline::with_capacity(2);
     pipe.add_command(push);
@@ -361,7 +513,7 @@ async fn write_batch(
             .arg(RESPONSE_TIMEOUT.as_millis() as u64 / 2);
     }
     // The first vote is the oldest, so its deadline bounds the whole write.
-    let deadline = batch[0].queued + settings.store_timeout;
+    let deadline = batch.oldest + settings.store_timeout;
     let reply = if Instant::now() >= deadline {
         None
     } else {
@@ -393,10 +545,14 @@ async fn write_batch(
             Err(StoreError::Unavailable)
         }
     };
-    census.unanswered.fetch_sub(batch.len(), Ordering::Relaxed);
-    for p in batch {
-        let _ = p.done.send(outcome);
-    }
+    queue
+        .lingering
+        .census
+        .unanswered
+        .fetch_sub(votes, Ordering::Relaxed);
+    batch.outcome.settle(outcome);
+    let buffers = std::mem::take(&mut batch.buffers);
+    queue.lock().recycle(buffers);
 }
 
 /// Publishes the connections the linger waits for, as often as the shards are probed, until
@@ -451,5 +607,96 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
         }
         drop(s);
         tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{Stamp, VoteId};
+    use proptest::prelude::*;
+
+    fn vote(n: u64, voter: &str) -> model::wire::Fields<'_> {
+        model::wire::Fields {
+            id: VoteId(u128::from(n)),
+            cast_at: Stamp(n),
+            poll: "best-pet",
+            option: "a",
+            voter,
+            region: "eu",
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn batches_hold_every_vote_once_in_order_and_never_more_than_max_votes(
+            max_votes in 1usize..40,
+            voters in proptest::collection::vec("[a-z0-9]{1,60}", 1..200),
+        ) {
+            let mut accumulator = Accumulator::default();
+            let t0 = Instant::now();
+            for (n, voter) in voters.iter().enumerate() {
+                let at = t0 + Duration::from_micros(n as u64);
+                let (_, first) = accumulator.add(&vote(n as u64, voter), at, max_votes);
+                prop_assert_eq!(first, accumulator.batches[0].len());
+                prop_assert_eq!(accumulator.queued, n + 1);
+            }
+            let mut seen = Vec::new();
+            while let Some(mut batch) = accumulator.take_first() {
+                prop_assert!(batch.len() >= 1 && batch.len() <= max_votes);
+                // Only the last batch may be short.
+                prop_assert!(batch.len() == max_votes || accumulator.batches.is_empty());
+                prop_assert_eq!(batch.oldest, t0 + Duration::from_micros(seen.len() as u64));
+                for bytes in batch.buffers.votes() {
+                    seen.push(model::wire::decode(bytes).expect("a whole vote"));
+                }
+                accumulator.recycle(std::mem::take(&mut batch.buffers));
+            }
+            prop_assert_eq!(accumulator.queued, 0);
+            prop_assert_eq!(seen.len(), voters.len());
+            for (n, (v, voter)) in seen.iter().zip(&voters).enumerate() {
+                prop_assert_eq!(v.id, VoteId(n as u128));
+                prop_assert_eq!(v.voter.as_str(), voter.as_str());
+            }
+        }
+    }
+
+    #[test]
+    fn written_buffers_are_reused_empty() {
+        let mut accumulator = Accumulator::default();
+        let t0 = Instant::now();
+        accumulator.add(&vote(1, "v1"), t0, 4);
+        let mut batch = accumulator.take_first().expect("one batch");
+        let capacity = batch.buffers.bytes.capacity();
+        accumulator.recycle(std::mem::take(&mut batch.buffers));
+        accumulator.add(&vote(2, "v2"), t0, 4);
+        let batch = accumulator.take_first().expect("one batch");
+        assert_eq!(batch.buffers.bytes.capacity(), capacity);
+        let votes: Vec<_> = batch.buffers.votes().collect();
+        assert_eq!(votes.len(), 1, "nothing of the earlier batch is left");
+        assert_eq!(model::wire::decode(votes[0]).unwrap().id, VoteId(2));
+    }
+
+    #[tokio::test]
+    async fn every_vote_of_a_batch_learns_its_outcome_whether_it_waits_before_or_after() {
+        let outcome = Arc::new(Outcome::default());
+        let early = tokio::spawn({
+            let outcome = outcome.clone();
+            async move { outcome.wait().await }
+        });
+        tokio::task::yield_now().await;
+        outcome.settle(Err(StoreError::Timeout));
+        // A second settlement (a batch dropped after its write) changes nothing.
+        outcome.settle(Ok(()));
+        assert_eq!(early.await.unwrap(), Err(StoreError::Timeout));
+        assert_eq!(outcome.wait().await, Err(StoreError::Timeout));
+    }
+
+    #[tokio::test]
+    async fn a_batch_dropped_unwritten_answers_its_votes_unavailable() {
+        let mut accumulator = Accumulator::default();
+        let (outcome, _) = accumulator.add(&vote(1, "v1"), Instant::now(), 4);
+        drop(accumulator);
+        assert_eq!(outcome.wait().await, Err(StoreError::Unavailable));
     }
 }
