@@ -104,7 +104,7 @@ struct Buffers {
 impl Buffers {
     fn push(&mut self, vote: &model::wire::Fields<'_>) {
         vote.encode_into(&mut self.bytes);
-        // A batch holds at most `max_votes` votes of at most ~1 KiB each.
+        // Cannot wrap: a shard queues at most `PENDING_PER_SHARD` votes of at most ~1 KiB each.
         self.ends.push(self.bytes.len() as u32);
     }
 
@@ -207,9 +207,9 @@ impl Census {
 
 /// How a writer learns of votes without being woken per vote: a vote that finds the shard's queue
 /// empty wakes it, and while it lingers each vote that arrives checks whether the batch is now
-/// full, its linger over or nobody else able to join, and wakes the writer if so. Under load that ends a linger to the microsecond;
-/// tokio's timer, which the writer also sets for when no vote comes, fires only on its next
-/// millisecond tick.
+/// full, its linger over or nobody else able to join, and wakes the writer if so. Under load that
+/// ends a linger to the microsecond; tokio's timer, which the writer also sets for when no vote
+/// comes, fires only on its next millisecond tick.
 struct Lingering {
     wake: Notify,
     /// When the batch being formed may go, in nanoseconds since `epoch`; `u64::MAX` while the
