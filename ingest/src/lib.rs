@@ -65,6 +65,14 @@ pub async fn run(
         metrics: http::IngestMetrics::new(&config.region),
     });
     tracing::info!(addr = ?listener.local_addr().ok(), region = %config.region, shards = config.redis_urls.len(), "ingest serving");
+    // Stopping, the requests in flight are answered once stored, not after a linger.
+    let shutdown = {
+        let app = app.clone();
+        async move {
+            shutdown.await;
+            app.shards.stop_lingering();
+        }
+    };
     web::serve(listener, app, config.serve.clone(), shutdown).await;
     tracing::info!("ingest stopped");
     Ok(())

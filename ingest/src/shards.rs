@@ -171,6 +171,8 @@ impl Outcome {
 struct Queue {
     accumulator: Mutex<Accumulator>,
     lingering: Lingering,
+    /// Set once the server is stopping: batches no longer linger for votes that may not come.
+    stopping: AtomicBool,
     /// Set once the shard is gone: its writer writes what is left and stops.
     closed: AtomicBool,
 }
@@ -357,6 +359,7 @@ impl Shards {
             let queue = Arc::new(Queue {
                 accumulator: Mutex::default(),
                 lingering: Lingering::new(config.group.max_votes, census.clone()),
+                stopping: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
             });
             let shard = Arc::new(Shard {
@@ -396,6 +399,15 @@ impl Shards {
 
     pub fn iter(&self) -> impl Iterator<Item = &Shard> {
         self.shards.iter().map(|s| s.as_ref())
+    }
+
+    /// From now on every batch goes without waiting out its linger: the server is stopping, so
+    /// its requests in flight are to be answered as soon as their votes are stored.
+    pub fn stop_lingering(&self) {
+        for shard in &self.shards {
+            shard.queue.stopping.store(true, Ordering::Relaxed);
+            shard.queue.lingering.wake.notify_one();
+        }
     }
 
     /// Waits until every shard has answered a probe once (or `limit` passes).
@@ -447,7 +459,8 @@ async fn write_loop(
                 queued: queue.first().map_or(0, |(n, _)| n),
                 oldest,
                 in_flight: writes.len(),
-                more_may_come: lingering.census.more_may_come(),
+                more_may_come: !queue.stopping.load(Ordering::Relaxed)
+                    && lingering.census.more_may_come(),
             };
             match group.next(forming, Instant::now()) {
                 Next::Cut => break,
@@ -584,6 +597,8 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
             ("region", region.to_string()),
             ("shard", s.index.to_string()),
         ];
+        let waiting = s.queue.lock().queued;
+        metrics::gauge!("tally_ingest_votes_waiting", &labels).set(waiting as f64);
         match probe {
             Ok(Ok(depth)) => {
                 was_up = Some(true);

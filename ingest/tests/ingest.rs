@@ -608,14 +608,79 @@ async fn a_lone_voter_is_not_held_by_the_linger_for_connections_that_never_voted
 
 const LONE_VOTER_REGION: &str = "lone-voter";
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_writes_and_answers_the_votes_still_lingering_at_once() -> anyhow::Result<()> {
+    const REGION: &str = "stopping";
+    let linger = Duration::from_secs(6);
+    let mut stack = Stack::start(1, |c| {
+        // A region of its own: the metrics recorder is shared by every test in this process.
+        c.region = RegionName::new(REGION).unwrap();
+        c.group.linger = linger;
+        c.store_timeout = Duration::from_secs(10);
+    })
+    .await?;
+    // A voter who has voted stays connected and idle, so another vote could always come and the
+    // batch lingers.
+    let mut idle_voter = connect(&stack).await?;
+    vote_on(&mut idle_voter, "idle").await?;
+    let started = std::time::Instant::now();
+    let voters: Vec<_> = (0..3)
+        .map(|i| {
+            let client = Client::new(stack.base.clone());
+            tokio::spawn(async move {
+                let reply = vote(&client, "default", "a", &format!("lingering-{i}")).await?;
+                anyhow::Ok(reply.status.as_u16())
+            })
+        })
+        .collect();
+    // Once all three wait in ingest's memory for the shard's next write, stop ingest.
+    metrics_show(
+        &stack,
+        &format!("tally_ingest_votes_waiting{{region=\"{REGION}\",shard=\"0\"}} 3\n"),
+    )
+    .await?;
+    let writes_before = stack.shards[0].calls("RPUSH").await?;
+    stack.stop.take().unwrap().send(()).ok();
+    for voter in voters {
+        assert_eq!(voter.await??, 202);
+    }
+    (&mut stack.task).await??;
+    let waited = started.elapsed();
+    assert!(
+        waited < linger / 2,
+        "stopping took {waited:?}: the lingering batch waited out its {linger:?}"
+    );
+    assert_eq!(stack.shards[0].calls("RPUSH").await? - writes_before, 1);
+    let mut voters: Vec<_> = stack
+        .queued()
+        .await?
+        .into_iter()
+        .map(|(_, v)| v.voter.as_str().to_string())
+        .collect();
+    voters.sort();
+    assert_eq!(
+        voters,
+        ["idle", "lingering-0", "lingering-1", "lingering-2"]
+    );
+    Ok(())
+}
+
 /// Polls /metrics (the gauge is set with each shard probe) until it reports `n` voting
 /// connections in `region`.
 async fn voting_connections_reach(stack: &Stack, region: &str, n: u64) -> anyhow::Result<()> {
-    let want = format!("tally_ingest_voting_connections{{region=\"{region}\"}} {n}\n");
+    metrics_show(
+        stack,
+        &format!("tally_ingest_voting_connections{{region=\"{region}\"}} {n}\n"),
+    )
+    .await
+}
+
+/// Polls /metrics until it holds the line `want`.
+async fn metrics_show(stack: &Stack, want: &str) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let metrics = stack.client.get("/metrics").await?.text();
-        if metrics.contains(&want) {
+        if metrics.contains(want) {
             return Ok(());
         }
         anyhow::ensure!(
