@@ -39,7 +39,8 @@ pub enum Next {
 /// The batch being formed, as the writer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Forming {
-    /// Votes queued for this shard.
+    /// Votes in the batch being formed (the shard's oldest; votes past `max_votes` wait in the
+    /// next).
     pub queued: usize,
     /// When the oldest of them was queued.
     pub oldest: Instant,
