@@ -440,11 +440,11 @@ async fn write_loop(
     let linger = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(linger);
     loop {
-        // Nothing forming: wait for a batch's first vote, finishing writes meanwhile.
-        let oldest = match queue.first() {
-            Some((_, oldest)) => oldest,
+        let (queued, oldest) = match queue.first() {
+            Some(first) => first,
             // Checked after the queue: a vote that came before the shard went is still written.
             None if queue.closed.load(Ordering::Relaxed) => break,
+            // Nothing forming: wait for a batch's first vote, finishing writes meanwhile.
             None => {
                 tokio::select! {
                     biased;
@@ -454,30 +454,32 @@ async fn write_loop(
                 continue;
             }
         };
-        loop {
-            let forming = Forming {
-                queued: queue.first().map_or(0, |(n, _)| n),
-                oldest,
-                in_flight: writes.len(),
-                more_may_come: !queue.stopping.load(Ordering::Relaxed)
-                    && lingering.census.more_may_come(),
-            };
-            match group.next(forming, Instant::now()) {
-                Next::Cut => break,
-                Next::WaitForSlot => {
-                    writes.next().await;
+        let forming = Forming {
+            queued,
+            oldest,
+            in_flight: writes.len(),
+            more_may_come: !queue.stopping.load(Ordering::Relaxed)
+                && lingering.census.more_may_come(),
+        };
+        // Waiting, then deciding again on the batch as it is by then; only the writer takes
+        // batches, so the first one is still there.
+        match group.next(forming, Instant::now()) {
+            Next::Cut => {}
+            Next::WaitForSlot => {
+                writes.next().await;
+                continue;
+            }
+            Next::LingerUntil(until) => {
+                lingering.begin(until);
+                linger.as_mut().reset(until);
+                tokio::select! {
+                    biased;
+                    Some(()) = writes.next() => {}
+                    () = lingering.wake.notified() => {}
+                    () = &mut linger => {}
                 }
-                Next::LingerUntil(until) => {
-                    lingering.begin(until);
-                    linger.as_mut().reset(until);
-                    tokio::select! {
-                        biased;
-                        Some(()) = writes.next() => {}
-                        () = lingering.wake.notified() => {}
-                        () = &mut linger => {}
-                    }
-                    lingering.end();
-                }
+                lingering.end();
+                continue;
             }
         }
         // One pass of the scheduler first: connection tasks that are already runnable add their
