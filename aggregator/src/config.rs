@@ -10,7 +10,8 @@ pub const DEFAULT_MAX_EVENTS: usize = 50_000;
 pub const DEFAULT_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// ...or its first vote has waited this long.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
-/// Votes moved out of Redis per round trip.
+/// About this many votes moved out of Redis per round trip: whole list elements, as many as
+/// recent elements' votes say make this many.
 pub const DEFAULT_POP_SIZE: usize = 5_000;
 /// Batches being written to PostgreSQL at once (one connection each). Several in flight keep a
 /// cross-region writer busy while earlier batches are still travelling: through a 70 ms link

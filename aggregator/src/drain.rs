@@ -1,6 +1,7 @@
-//! Shard readers: move votes out of a shard's queue into this worker's in-flight lists (an
-//! atomic Lua move: a vote is always in exactly one list), decode them into chunks, and hand the
-//! chunks to the batcher through a lock-free queue. A chunk's in-flight list is deleted only
+//! Shard readers: move elements (each one or more votes back to back, see [`model::queue`]) out
+//! of a shard's queue into this worker's in-flight lists (an atomic Lua move: a vote is always in
+//! exactly one list), decode them into chunks, and hand the chunks to the batcher through a
+//! lock-free queue. A chunk's in-flight list is deleted only
 //! after its batch has committed (see `ack`), so a crash at any instant loses nothing.
 //!
 //! A move whose reply never came (Redis killed after applying it, a cut connection) leaves votes
@@ -19,7 +20,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::Weighed;
 
-/// Moves up to ARGV[1] votes from the queue's head to the in-flight list, atomically.
+/// Moves up to ARGV[1] elements from the queue's head to the in-flight list, atomically.
 /// `unpack` is chunked to stay under Lua's stack limit.
 const MOVE: &str = r#"
 local items = redis.call('LPOP', KEYS[1], ARGV[1])
@@ -30,14 +31,18 @@ end
 return items
 "#;
 
-/// Stores ARGV (dead letters) on KEYS[2] and deletes the in-flight list KEYS[1], if that list
-/// still exists: an acknowledgement applied once whose reply was lost is not applied again.
+/// Stores ARGV[2..] (dead letters) on KEYS[2], deletes the in-flight list KEYS[1] and lowers
+/// the shard's count of stored votes KEYS[3] by the ARGV[1] votes it held, if that list still
+/// exists: an acknowledgement applied once whose reply was lost is not applied again. Votes
+/// pushed without being counted (by hand, by tools) would take the count below zero: it stops
+/// at zero.
 const ACK: &str = r#"
 if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
-for i = 1, #ARGV, 1000 do
+for i = 2, #ARGV, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
 redis.call('DEL', KEYS[1])
+if redis.call('DECRBY', KEYS[3], ARGV[1]) < 0 then redis.call('SET', KEYS[3], 0) end
 return 1
 "#;
 
@@ -45,6 +50,8 @@ return 1
 pub struct Chunk {
     pub shard: usize,
     pub key: String,
+    /// Votes its list holds, counted or dead: what acknowledging it takes off the shard's count.
+    pub held: u64,
     pub votes: Vec<Vote>,
     /// Dead letters (`reason\npayload`) to write when this chunk is acknowledged.
     pub dead: Vec<(&'static str, Vec<u8>)>,
@@ -111,6 +118,8 @@ pub struct Reader {
     /// Looks for lists no chunk holds at least this often (see
     /// [`crate::config::DEFAULT_RECOVER_EVERY`]).
     pub recover_every: Duration,
+    /// Votes a recent element held, which turns `pop_size` votes into elements to take.
+    pub votes_per_element: usize,
     pub catalog: Arc<db::CatalogCache>,
     pub postgres_url: String,
     pub up: Arc<AtomicBool>,
@@ -162,7 +171,8 @@ impl Reader {
             };
             seq += 1;
             let key = queue::in_flight_key(&self.worker, epoch, seq);
-            match self.take(&key).await {
+            let wanted = elements_to_take(self.pop_size, self.votes_per_element);
+            match self.take(&key, wanted).await {
                 Ok(items) if items.is_empty() => {
                     self.up.store(true, Ordering::Relaxed);
                     backoff = Duration::from_millis(50);
@@ -170,9 +180,11 @@ impl Reader {
                 Ok(items) => {
                     self.up.store(true, Ordering::Relaxed);
                     backoff = Duration::from_millis(50);
-                    drained.increment(items.len() as u64);
-                    let partial = items.len() < self.pop_size;
+                    let partial = items.len() < wanted;
+                    let elements = items.len();
                     let chunk = self.chunk(key, items, permit).await;
+                    drained.increment(chunk.held);
+                    self.votes_per_element = (chunk.held as usize).div_ceil(elements).max(1);
                     self.push(chunk);
                     if partial {
                         tokio::select! {
@@ -204,13 +216,13 @@ impl Reader {
         *backoff = (*backoff * 2).min(self.retry_max);
     }
 
-    /// Up to `pop_size` votes, moved into `key`; blocks up to `block` when the queue is empty.
-    async fn take(&mut self, key: &str) -> redis::RedisResult<Vec<Vec<u8>>> {
+    /// Up to `wanted` elements, moved into `key`; blocks up to `block` when the queue is empty.
+    async fn take(&mut self, key: &str, wanted: usize) -> redis::RedisResult<Vec<Vec<u8>>> {
         let script = redis::Script::new(MOVE);
         let items: Vec<Vec<u8>> = script
             .key(queue::VOTES)
             .key(key)
-            .arg(self.pop_size)
+            .arg(wanted)
             .invoke_async(&mut self.conn)
             .await?;
         if !items.is_empty() {
@@ -230,7 +242,7 @@ impl Reader {
         let mut rest: Vec<Vec<u8>> = script
             .key(queue::VOTES)
             .key(key)
-            .arg(self.pop_size - 1)
+            .arg(wanted - 1)
             .invoke_async(&mut self.conn)
             .await?;
         rest.insert(0, first);
@@ -285,15 +297,27 @@ impl Reader {
         Ok(n)
     }
 
-    /// Decodes payloads; what cannot be counted becomes a dead letter with its reason.
+    /// Decodes elements; what cannot be counted becomes a dead letter with its reason, one a
+    /// vote (or, past bytes that frame no vote, the rest of the element).
     async fn chunk(&self, key: String, items: Vec<Vec<u8>>, permit: OwnedSemaphorePermit) -> Chunk {
         let bytes = items.iter().map(Vec::len).sum();
         let mut votes = Vec::with_capacity(items.len());
         let mut undecodable = Vec::new();
-        for payload in items {
-            match model::wire::decode(&payload) {
-                Ok(v) => votes.push((v, payload)),
-                Err(_) => undecodable.push(("undecodable", payload)),
+        let mut held = 0u64;
+        for element in &items {
+            let mut split = model::wire::split(element);
+            for payload in split.by_ref() {
+                let Ok(payload) = payload else {
+                    break;
+                };
+                held += 1;
+                match model::wire::decode(payload) {
+                    Ok(v) => votes.push((v, payload.to_vec())),
+                    Err(_) => undecodable.push(("undecodable", payload.to_vec())),
+                }
+            }
+            if !split.rest().is_empty() {
+                undecodable.push(("undecodable", split.rest().to_vec()));
             }
         }
         // A vote may name a poll created after our catalog was read: look again before refusing it.
@@ -322,6 +346,7 @@ impl Reader {
             shard: self.shard,
             _claim: Claim::new(permit, &key, &self.claims),
             key,
+            held,
             votes: good,
             dead,
             bytes,
@@ -341,6 +366,7 @@ impl Reader {
 pub struct Pending {
     pub shard: usize,
     pub key: String,
+    pub held: u64,
     pub dead: Vec<(&'static str, Vec<u8>)>,
     /// Lanes still writing part of this chunk; the last to commit acknowledges it.
     pub remaining: std::sync::atomic::AtomicUsize,
@@ -378,6 +404,7 @@ impl Chunk {
         let pending = Arc::new(Pending {
             shard: self.shard,
             key: self.key,
+            held: self.held,
             dead: self.dead,
             remaining: std::sync::atomic::AtomicUsize::new(used),
             _claim: self._claim,
@@ -412,7 +439,11 @@ impl Chunk {
 pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
     let script = redis::Script::new(ACK);
     let mut invocation = script.prepare_invoke();
-    invocation.key(&chunk.key).key(queue::DEAD_LETTERS);
+    invocation
+        .key(&chunk.key)
+        .key(queue::DEAD_LETTERS)
+        .key(queue::STORED)
+        .arg(chunk.held);
     for (reason, payload) in &chunk.dead {
         invocation.arg(queue::dead_letter(reason, payload));
     }
@@ -438,9 +469,23 @@ pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, re
     tracing::error!(key = %chunk.key, "ack gave up; the chunk will be re-delivered");
 }
 
+/// Elements to move for about `pop_size` votes when recent elements held `votes_per_element`.
+fn elements_to_take(pop_size: usize, votes_per_element: usize) -> usize {
+    pop_size.div_ceil(votes_per_element.max(1)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_move_takes_about_pop_size_votes_and_always_at_least_one_element() {
+        assert_eq!(elements_to_take(5_000, 1), 5_000);
+        assert_eq!(elements_to_take(5_000, 50), 100);
+        assert_eq!(elements_to_take(5_000, 3), 1_667);
+        assert_eq!(elements_to_take(10, 1_000), 1);
+        assert_eq!(elements_to_take(1, 0), 1);
+    }
 
     #[test]
     fn a_key_is_claimed_while_its_chunk_lives_and_free_once_it_is_gone() {

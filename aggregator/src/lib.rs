@@ -182,6 +182,9 @@ async fn pipeline(
             permits: Arc::new(Semaphore::new(per_shard)),
             claims: drain::Claims::default(),
             pop_size: config.pop_size,
+            // Ingest's writes under load hold tens of votes: start by assuming many, so the
+            // first move cannot be `pop_size` large elements; each move corrects it.
+            votes_per_element: 64,
             block: config.block,
             linger: config.linger,
             recover_every: config.recover_every,
@@ -400,7 +403,8 @@ async fn primary_probe(url: String, health: Arc<Health>, mut stop: watch::Receiv
     }
 }
 
-/// Exports each shard's queue length, so operators see a backlog build.
+/// Exports each shard's votes not yet acknowledged (waiting or in flight), so operators see a
+/// backlog build.
 async fn backlog_probe(
     mut conn: ConnectionManager,
     region: String,
@@ -409,12 +413,12 @@ async fn backlog_probe(
 ) {
     let gauge = metrics::gauge!("tally_aggregator_backlog", "region" => region, "shard" => shard.to_string());
     loop {
-        if let Ok(n) = redis::cmd("LLEN")
-            .arg(model::queue::VOTES)
-            .query_async::<u64>(&mut conn)
+        if let Ok(n) = redis::cmd("GET")
+            .arg(model::queue::STORED)
+            .query_async::<Option<i64>>(&mut conn)
             .await
         {
-            gauge.set(n as f64);
+            gauge.set(n.unwrap_or(0).max(0) as f64);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -261,6 +261,70 @@ async fn poison_goes_to_the_dead_letter_list_with_a_reason() -> anyhow::Result<(
     Ok(())
 }
 
+/// Ingest pushes each write as one element of votes back to back and counts them in
+/// `STORED`: every vote of every element is counted, a damaged element loses only what cannot be
+/// read (dead-lettered), and the acknowledgements take the count back to zero.
+#[tokio::test]
+async fn elements_of_many_votes_are_counted_and_taken_off_the_shards_count() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    polls(&pg).await?;
+    let shards = harness::redis_shards(1).await?;
+    let good = votes::generate(3_000, 700, POLLS, 7);
+    let mut elements: Vec<Vec<u8>> = good[..2_990]
+        .chunks(46)
+        .map(|votes| votes.iter().flat_map(model::wire::encode).collect())
+        .collect();
+    let mut unknown_poll = good[2_990].clone();
+    unknown_poll.poll = model::PollId::new("no-such-poll")?;
+    let mut damaged: Vec<u8> = good[2_990..].iter().flat_map(model::wire::encode).collect();
+    damaged.extend(model::wire::encode(&unknown_poll));
+    damaged.extend_from_slice(b"\x01torn");
+    elements.push(damaged);
+    let mut con = shards[0].connection().await?;
+    let _: () = redis::pipe()
+        .atomic()
+        .rpush(model::queue::VOTES, &elements)
+        .ignore()
+        .incr(model::queue::STORED, 3_001)
+        .ignore()
+        .query_async(&mut con)
+        .await?;
+    assert_eq!(
+        shards[0].outstanding().await?,
+        3_002,
+        "3,001 votes and one torn tail"
+    );
+
+    let mut c = config(&pg, &shards, "w1");
+    c.pop_size = 500;
+    let agg = start(c).await?;
+    harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+    agg.stop().await?;
+    assert_exact(&pg, &Reference::of(&good)).await?;
+    let dead: Vec<Vec<u8>> = con.lrange(model::queue::DEAD_LETTERS, 0, -1).await?;
+    assert_eq!(
+        dead.len(),
+        2,
+        "one dead letter a vote, one for the torn tail"
+    );
+    assert_eq!(
+        dead[0],
+        model::queue::dead_letter("undecodable", b"\x01torn"),
+        "the tail is kept as it was"
+    );
+    assert_eq!(
+        dead[1],
+        model::queue::dead_letter("unknown poll", &model::wire::encode(&unknown_poll))
+    );
+    let stored: Option<i64> = con.get(model::queue::STORED).await?;
+    assert_eq!(
+        stored,
+        Some(0),
+        "every acknowledged vote taken off the count"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_error_retrying_cannot_fix_stops_the_worker_and_keeps_the_votes() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?;

@@ -7,7 +7,7 @@ use web::ServeConfig;
 
 pub use crate::group::GroupCommit;
 
-/// Most votes one pipelined `RPUSH` carries.
+/// Most votes one write (one list element) carries.
 pub const DEFAULT_GROUP_MAX_VOTES: usize = 1024;
 /// Group-commit writes one shard may have outstanding at once.
 pub const DEFAULT_GROUP_MAX_IN_FLIGHT: usize = 2;

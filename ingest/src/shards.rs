@@ -1,6 +1,6 @@
 //! The region's Redis shards, each with a group-commit writer: votes for one shard queue up while
 //! that shard's writes are in flight (and, below saturation, for up to a linger: see
-//! [`crate::group`]), then go out together in one pipelined `RPUSH`. Each vote's request is
+//! [`crate::group`]), then go out together as one list element (see [`model::queue`]). Each vote's request is
 //! answered only after Redis replied to the write holding it. A dead or slow shard holds only its
 //! own requests.
 //!
@@ -87,32 +87,23 @@ impl Accumulator {
     fn recycle(&mut self, mut buffers: Buffers) {
         if self.spare.len() < SPARE_BUFFERS {
             buffers.bytes.clear();
-            buffers.ends.clear();
+            buffers.votes = 0;
             self.spare.push(buffers);
         }
     }
 }
 
-/// A batch's votes, encoded back to back.
+/// A batch's votes, encoded back to back: the list element its write pushes.
 #[derive(Default)]
 struct Buffers {
     bytes: Vec<u8>,
-    /// Where each vote's encoding ends in `bytes`.
-    ends: Vec<u32>,
+    votes: usize,
 }
 
 impl Buffers {
     fn push(&mut self, vote: &model::wire::Fields<'_>) {
         vote.encode_into(&mut self.bytes);
-        // Cannot wrap: a shard queues at most `PENDING_PER_SHARD` votes of at most ~1 KiB each.
-        self.ends.push(self.bytes.len() as u32);
-    }
-
-    fn votes(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().map(|&e| e as usize));
-        starts
-            .zip(self.ends.iter())
-            .map(|(start, &end)| &self.bytes[start..end as usize])
+        self.votes += 1;
     }
 }
 
@@ -126,7 +117,7 @@ struct Batch {
 
 impl Batch {
     fn len(&self) -> usize {
-        self.buffers.ends.len()
+        self.buffers.votes
     }
 }
 
@@ -503,7 +494,8 @@ async fn write_loop(
     while writes.next().await.is_some() {}
 }
 
-/// Writes one batch with one pipelined `RPUSH` (and `WAIT`) and answers each of its votes.
+/// Writes one batch as one list element, its votes counted into [`model::queue::STORED`] in the
+/// same transaction (and `WAIT`s for replicas), then answers each of its votes.
 async fn write_batch(
     mut batch: Batch,
     mut conn: ConnectionManager,
@@ -511,16 +503,18 @@ async fn write_batch(
     queue: Arc<Queue>,
     settings: WriteSettings,
 ) {
-    const RPUSH: &str = "RPUSH";
     let votes = batch.len();
-    let bytes = RPUSH.len() + model::queue::VOTES.len() + batch.buffers.bytes.len();
-    let mut push = redis::Cmd::with_capacity(votes + 2, bytes);
-    push.arg(RPUSH).arg(model::queue::VOTES);
-    for vote in batch.buffers.votes() {
-        push.arg(vote);
-    }
-    let mut pipe = redis::Pipeline::with_capacity(2);
-    pipe.add_command(push);
+    let mut pipe = redis::Pipeline::with_capacity(5);
+    pipe.cmd("MULTI").ignore();
+    pipe.cmd("RPUSH")
+        .arg(model::queue::VOTES)
+        .arg(&batch.buffers.bytes)
+        .ignore();
+    pipe.cmd("INCRBY")
+        .arg(model::queue::STORED)
+        .arg(votes)
+        .ignore();
+    pipe.cmd("EXEC");
     let wait_replicas = settings.wait_replicas;
     if wait_replicas > 0 {
         pipe.cmd("WAIT")
@@ -532,23 +526,22 @@ async fn write_batch(
     let reply = if Instant::now() >= deadline {
         None
     } else {
-        tokio::time::timeout_at(deadline, pipe.query_async::<Vec<u64>>(&mut conn))
+        tokio::time::timeout_at(deadline, pipe.query_async::<Vec<redis::Value>>(&mut conn))
             .await
             .ok()
+            .map(|r| r.and_then(|r| Written::from_replies(&r).map_err(Into::into)))
     };
     let outcome = match reply {
         // Not confirmed in time: not acknowledged, though Redis may still store it (a retry
         // is a re-vote, which the ballot upsert counts once).
         None => Err(StoreError::Timeout),
-        Some(Ok(r))
-            if wait_replicas > 0 && r.get(1).copied().unwrap_or(0) < wait_replicas as u64 =>
-        {
+        Some(Ok(w)) if w.replicas < wait_replicas as u64 => {
             // Stored on the primary but not on enough replicas: not acknowledged.
             Err(StoreError::Unavailable)
         }
-        Some(Ok(r)) => {
+        Some(Ok(w)) => {
             if let Some(s) = shard.upgrade() {
-                s.depth.store(r[0], Ordering::Relaxed);
+                s.depth.store(w.stored, Ordering::Relaxed);
             }
             Ok(())
         }
@@ -568,6 +561,29 @@ async fn write_batch(
     batch.outcome.settle(outcome);
     let buffers = std::mem::take(&mut batch.buffers);
     queue.lock().recycle(buffers);
+}
+
+/// What Redis said to a write: the shard's stored votes after it, and the replicas that have it
+/// (0 when the write did not `WAIT`).
+struct Written {
+    stored: u64,
+    replicas: u64,
+}
+
+impl Written {
+    /// Replies are `EXEC`'s (the list's length, the count) and then `WAIT`'s, if sent.
+    fn from_replies(replies: &[redis::Value]) -> Result<Self, redis::ParsingError> {
+        let exec = replies.first().ok_or("no reply to EXEC")?;
+        let (_elements, stored): (u64, i64) = redis::from_redis_value_ref(exec)?;
+        let replicas = match replies.get(1) {
+            Some(wait) => redis::from_redis_value_ref(wait)?,
+            None => 0,
+        };
+        Ok(Self {
+            stored: stored.max(0) as u64,
+            replicas,
+        })
+    }
 }
 
 /// Publishes the connections the linger waits for, as often as the shards are probed, until
@@ -590,9 +606,9 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
         let mut conn = s.conn.clone();
         let probe = tokio::time::timeout(
             RESPONSE_TIMEOUT,
-            redis::cmd("LLEN")
-                .arg(model::queue::VOTES)
-                .query_async::<u64>(&mut conn),
+            redis::cmd("GET")
+                .arg(model::queue::STORED)
+                .query_async::<Option<i64>>(&mut conn),
         )
         .await;
         let labels = [
@@ -602,7 +618,10 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
         let waiting = s.queue.lock().queued;
         metrics::gauge!("tally_ingest_votes_waiting", &labels).set(waiting as f64);
         match probe {
-            Ok(Ok(depth)) => {
+            Ok(Ok(stored)) => {
+                // Raw pushes (tools, tests) are not counted, so their acknowledgements can take
+                // the count below zero until the aggregator clamps it.
+                let depth = stored.unwrap_or(0).max(0) as u64;
                 was_up = Some(true);
                 s.depth.store(depth, Ordering::Relaxed);
                 s.up.store(true, Ordering::Relaxed);
@@ -664,7 +683,10 @@ mod tests {
                 // Only the last batch may be short.
                 prop_assert!(batch.len() == max_votes || accumulator.batches.is_empty());
                 prop_assert_eq!(batch.oldest, t0 + Duration::from_micros(seen.len() as u64));
-                for bytes in batch.buffers.votes() {
+                let element = &batch.buffers.bytes;
+                let split: Vec<&[u8]> = model::wire::split(element).collect::<Result<_, _>>().expect("whole votes");
+                prop_assert_eq!(split.len(), batch.len());
+                for bytes in split {
                     seen.push(model::wire::decode(bytes).expect("a whole vote"));
                 }
                 accumulator.recycle(std::mem::take(&mut batch.buffers));
@@ -689,8 +711,11 @@ mod tests {
         accumulator.add(&vote(2, "v2"), t0, 4);
         let batch = accumulator.take_first().expect("one batch");
         assert_eq!(batch.buffers.bytes.capacity(), capacity);
-        let votes: Vec<_> = batch.buffers.votes().collect();
+        let votes: Vec<&[u8]> = model::wire::split(&batch.buffers.bytes)
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(votes.len(), 1, "nothing of the earlier batch is left");
+        assert_eq!(batch.len(), 1);
         assert_eq!(model::wire::decode(votes[0]).unwrap().id, VoteId(2));
     }
 

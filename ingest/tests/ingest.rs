@@ -51,15 +51,25 @@ impl Stack {
         Ok(stack)
     }
 
-    /// Every payload in every shard's queue, decoded, with its shard.
+    /// Every vote in every shard's queue, decoded, with its shard. Checks on the way that each
+    /// shard's count of stored votes says as many as its list holds.
     async fn queued(&self) -> anyhow::Result<Vec<(usize, model::Vote)>> {
         let mut out = Vec::new();
         for (i, s) in self.shards.iter().enumerate() {
             let mut con = s.connection().await?;
-            let items: Vec<Vec<u8>> = con.lrange(model::queue::VOTES, 0, -1).await?;
-            for bytes in items {
-                out.push((i, model::wire::decode(&bytes)?));
+            let elements: Vec<Vec<u8>> = con.lrange(model::queue::VOTES, 0, -1).await?;
+            let before = out.len();
+            for element in &elements {
+                for bytes in model::wire::split(element) {
+                    out.push((i, model::wire::decode(bytes?)?));
+                }
             }
+            let stored: Option<u64> = con.get(model::queue::STORED).await?;
+            anyhow::ensure!(
+                stored.unwrap_or(0) == (out.len() - before) as u64,
+                "shard {i} counts {stored:?} stored votes but holds {}",
+                out.len() - before
+            );
         }
         Ok(out)
     }
@@ -360,6 +370,36 @@ async fn a_stalled_shard_answers_503_by_the_store_timeout() -> anyhow::Result<()
     );
     let live = vote(&stack.client, "default", "a", &on_shard(0)).await?;
     assert_eq!(live.status, 202, "{}", live.text());
+    stack.shutdown().await
+}
+
+/// The bound is in votes, read from the shard's count of stored votes, whatever number of
+/// list elements (writes) holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_holding_its_bound_of_votes_refuses_more_and_stores_nothing() -> anyhow::Result<()>
+{
+    let stack = Stack::start(1, |c| c.queue_bound = 30).await?;
+    let statuses = concurrent_votes(&stack, 30).await;
+    assert!(statuses.iter().all(|&s| s == 202), "{statuses:?}");
+    metrics_show(
+        &stack,
+        r#"tally_ingest_queue_depth{region="us-east-1",shard="0"} 30"#,
+    )
+    .await?;
+    let refused = vote(&stack.client, "default", "b", "one-too-many").await?;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.error_code(), "unavailable");
+    assert!(
+        refused.text().contains("queue shard is full"),
+        "{}",
+        refused.text()
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(
+        stack.queued().await?.len(),
+        30,
+        "the refused vote was not stored"
+    );
     stack.shutdown().await
 }
 

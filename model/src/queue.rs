@@ -1,26 +1,39 @@
 //! Where votes wait in each Redis shard. Ingest appends to the right of [`VOTES`]; aggregators
-//! move batches from its left into an in-flight list of their own and delete that list only
-//! once PostgreSQL has committed the batch.
+//! move elements from its left into an in-flight list of their own and delete that list only
+//! once PostgreSQL has committed its votes.
+//!
+//! An element holds one or more encoded votes back to back (one group-commit write of ingest's;
+//! see [`crate::wire::split`]), so a list's length counts writes, not votes: [`STORED`] counts the
+//! votes.
 
-/// The list of encoded votes waiting to be counted.
+/// The list of elements of encoded votes waiting to be counted.
 pub const VOTES: &str = "tally:votes";
+/// How many votes the shard holds and no aggregator has acknowledged (waiting in [`VOTES`] or in
+/// flight): raised in the same transaction as each push, lowered by the acknowledgement that
+/// deletes an in-flight list. What ingest's queue bound and the backlog gauges read.
+pub const STORED: &str = "tally:votes:stored";
 /// Votes that can never be counted, each as `reason\npayload`.
 pub const DEAD_LETTERS: &str = "tally:dead";
 /// Prefix of every in-flight list.
 pub const IN_FLIGHT_PREFIX: &str = "tally:inflight:";
 
-/// Redis ACL rules for ingest's user: push onto [`VOTES`] and read its length, nothing else and
-/// no other key (`WAIT` for replicas).
-pub const INGEST_ACL: &str = "resetkeys ~tally:votes resetchannels -@all +rpush +llen +wait +ping";
+/// Redis ACL rules for ingest's user: push onto [`VOTES`] and, in the same transaction, raise
+/// [`STORED`] (which it also reads); nothing else and no other key (`WAIT` for replicas).
+pub const INGEST_ACL: &str =
+    "resetkeys ~tally:votes resetchannels -@all +rpush +multi +exec +wait +ping \
+(~tally:votes:stored +incrby +get)";
 
 /// Redis ACL rules for the aggregator's user: pop and move votes from [`VOTES`] into its
-/// in-flight lists, read those back after a restart, delete them once committed, dead-letter; no
-/// other key. The selector in brackets allows pushing onto in-flight lists and dead letters
-/// only, so not even the move script (it runs with the same rights) can push onto [`VOTES`].
+/// in-flight lists, read those back after a restart, delete them once committed, dead-letter,
+/// lower and read [`STORED`]; no other key. The first selector in brackets allows pushing onto
+/// in-flight lists and dead letters only, so not even the move script (it runs with the same
+/// rights) can push onto [`VOTES`]; the second changing [`STORED`] only by the commands the
+/// acknowledgement uses. [`STORED`] is among the root's keys too, because a script's keys must
+/// all pass one rule set for `EVALSHA` itself to be allowed.
 pub const AGGREGATOR_ACL: &str =
-    "resetkeys ~tally:votes ~tally:inflight:* ~tally:dead resetchannels -@all \
+    "resetkeys ~tally:votes ~tally:votes:stored ~tally:inflight:* ~tally:dead resetchannels -@all \
 +lpop +blmove +lrange +del +scan +llen +evalsha +eval +script|load +ping \
-(~tally:inflight:* ~tally:dead +rpush)";
+(~tally:inflight:* ~tally:dead +rpush) (~tally:votes:stored +decrby +set +get)";
 
 /// The in-flight list holding move `seq` of aggregator `worker`'s run `epoch`.
 pub fn in_flight_key(worker: &str, epoch: u64, seq: u64) -> String {

@@ -8,6 +8,10 @@
 //!
 //! A version byte first so a future ingest can change the layout while old aggregators refuse it
 //! by name ([`WireError::UnsupportedVersion`]) instead of misreading it.
+//!
+//! Every vote says its own length, so a list element may hold several votes back to back: ingest
+//! pushes each group-commit write as one element (Redis then stores and moves one element where
+//! it would have handled fifty), and [`split`] takes an element apart again.
 
 use crate::{IdError, OptionId, PollId, RegionName, Stamp, Vote, VoteId, VoterId};
 
@@ -127,6 +131,70 @@ pub fn decode(bytes: &[u8]) -> Result<Vote, WireError> {
     })
 }
 
+/// The votes of one list element, each as its own bytes (framed by their lengths, not yet
+/// decoded), in order. Ends at the first bytes that do not frame a vote: past them no later vote
+/// can be found, so they stay in [`Split::rest`] for whoever dead-letters them.
+pub fn split(element: &[u8]) -> Split<'_> {
+    Split {
+        rest: element,
+        failed: false,
+    }
+}
+
+pub struct Split<'a> {
+    rest: &'a [u8],
+    failed: bool,
+}
+
+impl<'a> Split<'a> {
+    /// The bytes not yet returned; after an error, everything from the vote that failed.
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+
+    fn frame(&self) -> Result<usize, WireError> {
+        let (&version, _) = self.rest.split_first().ok_or(WireError::Empty)?;
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        for (end, field) in [(1 + 16, "vote id"), (FIXED, "timestamp")] {
+            if self.rest.len() < end {
+                return Err(WireError::Truncated { field });
+            }
+        }
+        let mut len = FIXED;
+        for field in ["poll id", "option", "voter id", "region"] {
+            let &n = self.rest.get(len).ok_or(WireError::Truncated { field })?;
+            len += 1 + n as usize;
+            if len > self.rest.len() {
+                return Err(WireError::Truncated { field });
+            }
+        }
+        Ok(len)
+    }
+}
+
+impl<'a> Iterator for Split<'a> {
+    type Item = Result<&'a [u8], WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.rest.is_empty() {
+            return None;
+        }
+        match self.frame() {
+            Ok(len) => {
+                let (vote, rest) = self.rest.split_at(len);
+                self.rest = rest;
+                Some(Ok(vote))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
 struct Reader<'a> {
     rest: &'a [u8],
 }
@@ -230,6 +298,32 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn an_element_splits_into_its_votes_and_keeps_what_does_not_frame_one() {
+        let one = encode(&vote());
+        let mut element = one.clone();
+        element.extend_from_slice(&one);
+        element.extend_from_slice(b"\x01short");
+        let mut split = split(&element);
+        assert_eq!(split.next(), Some(Ok(&one[..])));
+        assert_eq!(split.next(), Some(Ok(&one[..])));
+        assert_eq!(
+            split.next(),
+            Some(Err(WireError::Truncated { field: "vote id" }))
+        );
+        assert_eq!(
+            split.next(),
+            None,
+            "nothing is found past bytes that do not frame a vote"
+        );
+        assert_eq!(split.rest(), b"\x01short");
+        assert_eq!(super::split(b"").count(), 0);
+        assert_eq!(
+            super::split(b"not a vote").next(),
+            Some(Err(WireError::UnsupportedVersion(b'n')))
+        );
+    }
+
     fn name() -> impl Strategy<Value = String> {
         "[A-Za-z0-9_-]{1,32}"
     }
@@ -257,6 +351,42 @@ mod tests {
         #[test]
         fn round_trips_every_field(v in any_vote()) {
             prop_assert_eq!(decode(&encode(&v)), Ok(v));
+        }
+
+        #[test]
+        fn votes_back_to_back_split_into_each_encoding(votes in proptest::collection::vec(any_vote(), 0..20)) {
+            let element: Vec<u8> = votes.iter().flat_map(encode).collect();
+            let split: Vec<&[u8]> = split(&element).collect::<Result<_, _>>().unwrap();
+            prop_assert_eq!(split.len(), votes.len());
+            for (bytes, v) in split.into_iter().zip(votes) {
+                prop_assert_eq!(decode(bytes), Ok(v));
+            }
+        }
+
+        /// Whatever the damage, every byte of an element is either in a framed vote or in the
+        /// rest handed to the dead letters: nothing is skipped or read twice.
+        #[test]
+        fn a_damaged_element_loses_no_byte(
+            votes in proptest::collection::vec(any_vote(), 1..8),
+            damage in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let mut element: Vec<u8> = votes.iter().flat_map(encode).collect();
+            for (at, byte) in &damage {
+                let i = at.index(element.len());
+                element[i] = *byte;
+            }
+            element.truncate(cut.index(element.len() + 1));
+            let mut split = split(&element);
+            let mut seen: Vec<u8> = Vec::new();
+            for vote in split.by_ref() {
+                match vote {
+                    Ok(bytes) => seen.extend_from_slice(bytes),
+                    Err(_) => break,
+                }
+            }
+            seen.extend_from_slice(split.rest());
+            prop_assert_eq!(seen, element);
         }
 
         #[test]

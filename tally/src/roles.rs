@@ -99,7 +99,8 @@ pub struct IngestArgs {
     /// PostgreSQL to read the poll catalog from (the local replica is fine).
     #[arg(long, env = ENV_POSTGRES_URL)]
     pub postgres_url: String,
-    /// Votes a shard may hold before it refuses more with 503.
+    /// Votes a shard may hold, stored and not yet acknowledged by an aggregator, before it
+    /// refuses more with 503.
     #[arg(long, env = ENV_QUEUE_BOUND, default_value_t = ingest::config::DEFAULT_QUEUE_BOUND)]
     pub queue_bound: u64,
     /// Most votes in one group-commit write.
