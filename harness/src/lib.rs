@@ -238,6 +238,10 @@ pub async fn redis_connection(url: &str) -> anyhow::Result<redis::aio::Multiplex
         .await?)
 }
 
+/// Votes a list element holds when the harness fills a queue: about what ingest's writes hold
+/// under load.
+pub const VOTES_PER_ELEMENT: usize = 50;
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.server.kill();
@@ -245,24 +249,33 @@ impl Drop for RedisServer {
 }
 
 impl RedisServer {
-    /// Appends encoded votes to this shard's queue, one a list element, and counts them as
-    /// stored, as ingest does.
+    /// Appends votes to this shard's queue as ingest's writes under load do: list elements of
+    /// [`VOTES_PER_ELEMENT`] votes back to back, counted in `STORED` in the same transaction.
     pub async fn enqueue<'a>(
         &self,
         votes: impl IntoIterator<Item = &'a model::Vote>,
     ) -> anyhow::Result<()> {
         let mut con = self.connection().await?;
-        let payloads: Vec<Vec<u8>> = votes.into_iter().map(model::wire::encode).collect();
-        for chunk in payloads.chunks(10_000) {
+        let votes: Vec<&model::Vote> = votes.into_iter().collect();
+        for writes in votes.chunks(10_000) {
+            let elements: Vec<Vec<u8>> = writes
+                .chunks(VOTES_PER_ELEMENT)
+                .map(|element| {
+                    element
+                        .iter()
+                        .flat_map(|v| model::wire::encode(v))
+                        .collect()
+                })
+                .collect();
             let _: () = redis::pipe()
                 .atomic()
                 .cmd("RPUSH")
                 .arg(model::queue::VOTES)
-                .arg(chunk)
+                .arg(elements)
                 .ignore()
                 .cmd("INCRBY")
                 .arg(model::queue::STORED)
-                .arg(chunk.len())
+                .arg(writes.len())
                 .ignore()
                 .query_async(&mut con)
                 .await?;
