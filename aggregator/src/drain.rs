@@ -1,8 +1,8 @@
 //! Shard readers: move elements (each one or more votes back to back, see [`model::queue`]) out
 //! of a shard's queue into this worker's in-flight lists (an atomic Lua move: a vote is always in
 //! exactly one list), decode them into chunks, and hand the chunks to the batcher through a
-//! lock-free queue. A chunk's in-flight list is deleted only
-//! after its batch has committed (see `ack`), so a crash at any instant loses nothing.
+//! lock-free queue. A chunk's in-flight list is deleted only after its batch has committed (see
+//! `ack`), so a crash at any instant loses nothing.
 //!
 //! A move whose reply never came (Redis killed after applying it, a cut connection) leaves votes
 //! in a list nobody holds, so after every error a reader takes back each list of its worker that

@@ -1,8 +1,8 @@
 //! The region's Redis shards, each with a group-commit writer: votes for one shard queue up while
 //! that shard's writes are in flight (and, below saturation, for up to a linger: see
-//! [`crate::group`]), then go out together as one list element (see [`model::queue`]). Each vote's request is
-//! answered only after Redis replied to the write holding it. A dead or slow shard holds only its
-//! own requests.
+//! [`crate::group`]), then go out together as one list element (see [`model::queue`]). Each
+//! vote's request is answered only after Redis replied to the write holding it. A dead or slow
+//! shard holds only its own requests.
 //!
 //! A vote is encoded straight into the batch it joins and waits on that batch's outcome, so it
 //! costs no allocation of its own and nothing of it is freed on the writer's thread; written
@@ -619,8 +619,8 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
         metrics::gauge!("tally_ingest_votes_waiting", &labels).set(waiting as f64);
         match probe {
             Ok(Ok(stored)) => {
-                // Raw pushes (tools, tests) are not counted, so their acknowledgements can take
-                // the count below zero until the aggregator clamps it.
+                // Absent until the first write; never below zero (the aggregator's
+                // acknowledgement stops it there), unless set so by hand.
                 let depth = stored.unwrap_or(0).max(0) as u64;
                 was_up = Some(true);
                 s.depth.store(depth, Ordering::Relaxed);
@@ -683,8 +683,9 @@ mod tests {
                 // Only the last batch may be short.
                 prop_assert!(batch.len() == max_votes || accumulator.batches.is_empty());
                 prop_assert_eq!(batch.oldest, t0 + Duration::from_micros(seen.len() as u64));
-                let element = &batch.buffers.bytes;
-                let split: Vec<&[u8]> = model::wire::split(element).collect::<Result<_, _>>().expect("whole votes");
+                let split: Vec<&[u8]> = model::wire::split(&batch.buffers.bytes)
+                    .collect::<Result<_, _>>()
+                    .expect("whole votes");
                 prop_assert_eq!(split.len(), batch.len());
                 for bytes in split {
                     seen.push(model::wire::decode(bytes).expect("a whole vote"));
