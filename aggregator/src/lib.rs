@@ -418,7 +418,7 @@ async fn backlog_probe(
             .query_async::<Option<i64>>(&mut conn)
             .await
         {
-            gauge.set(n.unwrap_or(0).max(0) as f64);
+            gauge.set(model::queue::stored_votes(n) as f64);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -580,7 +580,7 @@ impl Written {
             None => 0,
         };
         Ok(Self {
-            stored: stored.max(0) as u64,
+            stored: model::queue::stored_votes(Some(stored)),
             replicas,
         })
     }
@@ -619,9 +619,7 @@ async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
         metrics::gauge!("tally_ingest_votes_waiting", &labels).set(waiting as f64);
         match probe {
             Ok(Ok(stored)) => {
-                // Absent until the first write; never below zero (the aggregator's
-                // acknowledgement stops it there), unless set so by hand.
-                let depth = stored.unwrap_or(0).max(0) as u64;
+                let depth = model::queue::stored_votes(stored);
                 was_up = Some(true);
                 s.depth.store(depth, Ordering::Relaxed);
                 s.up.store(true, Ordering::Relaxed);

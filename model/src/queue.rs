@@ -12,6 +12,12 @@ pub const VOTES: &str = "tally:votes";
 /// flight): raised in the same transaction as each push, lowered by the acknowledgement that
 /// deletes an in-flight list. What ingest's queue bound and the backlog gauges read.
 pub const STORED: &str = "tally:votes:stored";
+
+/// [`STORED`] as Redis answers it: absent until the shard's first push, and never below zero
+/// (the acknowledgement stops it there; only a hand-set value could be).
+pub fn stored_votes(count: Option<i64>) -> u64 {
+    count.unwrap_or(0).max(0) as u64
+}
 /// Votes that can never be counted, each as `reason\npayload`.
 pub const DEAD_LETTERS: &str = "tally:dead";
 /// Prefix of every in-flight list.
@@ -52,4 +58,16 @@ pub fn dead_letter(reason: &str, payload: &[u8]) -> Vec<u8> {
     out.push(b'\n');
     out.extend_from_slice(payload);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_count_reads_as_zero_when_absent_or_below_zero() {
+        assert_eq!(stored_votes(None), 0);
+        assert_eq!(stored_votes(Some(-3)), 0);
+        assert_eq!(stored_votes(Some(42)), 42);
+    }
 }
