@@ -16,7 +16,7 @@ use model::{Clock, RegionName, Rejection, VoteId, VoterId};
 use web::{error, json, Body};
 
 use crate::auth::AuthConfig;
-use crate::limit::Limiter;
+use crate::limit::{Limiter, Place};
 use crate::request;
 use crate::shards::{Shards, StoreError};
 use db::CatalogCache;
@@ -306,6 +306,11 @@ impl Ingest {
     ) -> Result<(VoteId, String, Option<HeaderValue>), Refusal> {
         self.check_ip(conn.peer(), started)?;
         let (voter, new_cookie) = self.voter(&parts.headers)?;
+        // Located now, the voter's bucket loads from memory while the body is read and decoded.
+        let bucket = self
+            .voter_limit
+            .as_ref()
+            .map(|limit| limit.locate(voter.as_bytes()));
         if !request::content_type_is(
             parts
                 .headers
@@ -318,7 +323,9 @@ impl Ingest {
         let body = self.read_body(body).await?;
         let read = Instant::now();
         let option = decode(&body)?;
-        let id = self.record(poll, &option, &voter, conn, read).await?;
+        let id = self
+            .record(poll, &option, &voter, bucket, conn, read)
+            .await?;
         Ok((id, option, new_cookie))
     }
 
@@ -423,21 +430,23 @@ impl Ingest {
     }
 
     /// Validates against the catalog, applies the voter limit, stamps, and stores on the voter's
-    /// shard. `voter` is a validated voter id; `read` is when the vote's body was read, the
-    /// instant its limit and its store's deadline count from. The vote's connection is enlisted
-    /// as a voter's, one the group commit may linger for (see [`web::Enlisted`]).
+    /// shard. `voter` is a validated voter id, `bucket` its rate-limit bucket when the voter limit
+    /// is on; `read` is when the vote's body was read, the instant its limit and its store's
+    /// deadline count from. The vote's connection is enlisted as a voter's, one the group commit
+    /// may linger for (see [`web::Enlisted`]).
     async fn record(
         &self,
         poll: &str,
         option: &str,
         voter: &str,
+        bucket: Option<Place>,
         conn: &web::Connection,
         read: Instant,
     ) -> Result<VoteId, Refusal> {
         // Checked against the catalog, `poll` and `option` are valid ids too.
         self.catalog.load().check(poll, option)?;
-        if let Some(limit) = &self.voter_limit {
-            limit.check(voter.as_bytes(), read).map_err(|wait| {
+        if let (Some(limit), Some(bucket)) = (&self.voter_limit, bucket) {
+            limit.check_at(bucket, read).map_err(|wait| {
                 Refusal::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
