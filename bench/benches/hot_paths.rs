@@ -1,5 +1,5 @@
-//! Criterion benches of the hot paths: a vote's decode/validate/encode, shard choice, batch
-//! assembly and COPY encoding. Gate a change with `tally bench gate` (see the README).
+//! Criterion benches of the hot paths: a vote's decode/validate/encode, shard choice, the
+//! per-voter limit, batch assembly and COPY encoding. Gate a change with `tally bench gate` (see the README).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use aggregator::batch::{Batcher, Weighed};
 use aggregator::BatchConfig;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ingest::config::{Rate, DEFAULT_LIMIT_KEYS};
+use ingest::limit::Limiter;
 use model::{Catalog, OptionId, Poll, PollId, RegionName, Stamp, Vote, VoteId, VoterId};
 
 /// One measured iteration. Built with `--features slowdown`, it does the work four times: the
@@ -64,6 +66,61 @@ fn wire(c: &mut Criterion) {
     g.finish();
 }
 
+/// The per-voter limit with as many voters as the ingest benchmark has, in a table of the
+/// default size: far larger than the caches, so most checks find their set in memory, as
+/// ingest's do under load. `vote_then_check` is a vote's path as ingest took it before
+/// 2026-12-05 (decode and validate the body, then check the voter); `locate_vote_check` locates
+/// the voter's set first, so its load overlaps the decoding, as ingest does now.
+fn limit(c: &mut Criterion) {
+    const VOTERS: u64 = 100_000;
+    let limiter = Limiter::new(
+        Rate {
+            per_second: 1e9,
+            burst: 1e9,
+        },
+        DEFAULT_LIMIT_KEYS,
+        metrics::Counter::noop(),
+    );
+    let catalog = Catalog::new([Poll::new("default", &["a", "b"]).unwrap()]);
+    let now = Instant::now();
+    // Voters in a scattered order, as the benchmark's load generator sends them.
+    let mut n = 0u64;
+    let mut next_voter = move || {
+        n += 1;
+        (n.wrapping_mul(2_654_435_761) % VOTERS).to_le_bytes()
+    };
+    let decode = |body: &[u8]| {
+        let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let option = body["option"].as_str().unwrap().to_owned();
+        catalog.check("default", &option).unwrap();
+        option
+    };
+    let mut g = c.benchmark_group("limit");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("check_one_of_100k_voters", |b| {
+        b.iter(|| work(|| black_box(limiter.check(&next_voter(), now))))
+    });
+    g.bench_function("vote_then_check", |b| {
+        b.iter(|| {
+            work(|| {
+                let voter = next_voter();
+                let option = decode(black_box(br#"{"option":"a"}"#));
+                black_box((option, limiter.check(&voter, now)))
+            })
+        })
+    });
+    g.bench_function("locate_vote_check", |b| {
+        b.iter(|| {
+            work(|| {
+                let bucket = limiter.locate(&next_voter());
+                let option = decode(black_box(br#"{"option":"a"}"#));
+                black_box((option, limiter.check_at(bucket, now)))
+            })
+        })
+    });
+    g.finish();
+}
+
 struct Chunk(usize);
 impl Weighed for Chunk {
     fn events(&self) -> usize {
@@ -112,5 +169,5 @@ fn batching(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, wire, batching);
+criterion_group!(benches, wire, limit, batching);
 criterion_main!(benches);

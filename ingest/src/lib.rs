@@ -9,7 +9,7 @@ pub mod auth;
 pub mod config;
 mod group;
 mod http;
-mod limit;
+pub mod limit;
 mod page;
 pub mod request;
 mod shards;
