@@ -16,7 +16,7 @@ use model::{Clock, RegionName, Rejection, VoteId, VoterId};
 use web::{error, json, Body};
 
 use crate::auth::AuthConfig;
-use crate::limit::{Limiter, Place};
+use crate::limit::{Bucket, Limiter};
 use crate::request;
 use crate::shards::{Shards, StoreError};
 use db::CatalogCache;
@@ -439,14 +439,14 @@ impl Ingest {
         poll: &str,
         option: &str,
         voter: &str,
-        bucket: Option<Place>,
+        bucket: Option<Bucket<'_>>,
         conn: &web::Connection,
         read: Instant,
     ) -> Result<VoteId, Refusal> {
         // Checked against the catalog, `poll` and `option` are valid ids too.
         self.catalog.load().check(poll, option)?;
-        if let (Some(limit), Some(bucket)) = (&self.voter_limit, bucket) {
-            limit.check_at(bucket, read).map_err(|wait| {
+        if let Some(bucket) = bucket {
+            bucket.take(read).map_err(|wait| {
                 Refusal::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",

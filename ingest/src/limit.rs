@@ -6,8 +6,7 @@
 //! With many voters the table is far larger than the CPU's caches, so a check's set is nearly
 //! always a miss to memory (measured at ~0.25 µs a vote, the largest single cost ingest adds to a
 //! request). [`Limiter::locate`] finds the set and starts its load, so the caller can do other
-//! work (read and decode the body) while it arrives, and [`Limiter::check_at`] then finds it in
-//! cache.
+//! work (read and decode the body) while it arrives, and [`Bucket::take`] then finds it in cache.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -44,9 +43,10 @@ const _: () = assert!(
     "a set is two cache lines"
 );
 
-/// Where a key's bucket lives, found by [`Limiter::locate`].
-#[derive(Debug, Clone, Copy)]
-pub struct Place {
+/// A key's bucket, located by [`Limiter::locate`] in that limiter's table.
+#[derive(Clone, Copy)]
+pub struct Bucket<'a> {
+    limiter: &'a Limiter,
     hash: u64,
     set: usize,
 }
@@ -84,29 +84,36 @@ impl Limiter {
 
     /// Takes a token for `key`, or says how long until one is available.
     pub fn check(&self, key: &[u8], now: Instant) -> Result<(), Duration> {
-        self.check_at(self.locate(key), now)
+        self.locate(key).take(now)
     }
 
-    /// Finds `key`'s set and has the CPU start loading it.
-    pub fn locate(&self, key: &[u8]) -> Place {
+    /// Finds `key`'s bucket and has the CPU start loading its set.
+    pub fn locate(&self, key: &[u8]) -> Bucket<'_> {
         let hash = self.hasher.hash_one(key);
         // The hash's high bits scaled to the table (Lemire's multiply-shift): any table size,
         // no division.
         let set = ((u128::from(hash) * self.sets.len() as u128) >> 64) as usize;
         prefetch(&self.sets[set]);
-        Place { hash, set }
+        Bucket {
+            limiter: self,
+            hash,
+            set,
+        }
     }
+}
 
-    /// [`Limiter::check`] for a key already located.
-    pub fn check_at(&self, place: Place, now: Instant) -> Result<(), Duration> {
+impl Bucket<'_> {
+    /// Takes a token from this bucket, or says how long until one is available.
+    pub fn take(self, now: Instant) -> Result<(), Duration> {
+        let limiter = self.limiter;
         // Never zero, so a slot never used reads as a bucket full long ago.
-        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64 + 1;
+        let now = now.saturating_duration_since(limiter.epoch).as_nanos() as u64 + 1;
         // Nothing under the lock can leave a set half-changed.
-        let mut slots = self.sets[place.set]
+        let mut slots = limiter.sets[self.set]
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let slot = match slots.iter().position(|s| s.fingerprint == place.hash) {
+        let slot = match slots.iter().position(|s| s.fingerprint == self.hash) {
             Some(i) => &mut slots[i],
             None => {
                 // The bucket nearest to full: forgetting it forgives the least.
@@ -115,10 +122,10 @@ impl Limiter {
                     .min_by_key(|s| s.full_at)
                     .expect("a set has slots");
                 if victim.full_at > now {
-                    self.forgiven.increment(1);
+                    limiter.forgiven.increment(1);
                 }
                 *victim = Slot {
-                    fingerprint: place.hash,
+                    fingerprint: self.hash,
                     full_at: 0,
                 };
                 victim
@@ -126,11 +133,11 @@ impl Limiter {
         };
         let full_at = slot.full_at.max(now);
         let ahead = full_at - now;
-        if ahead > self.tolerance {
-            return Err(Duration::from_nanos(ahead - self.tolerance));
+        if ahead > limiter.tolerance {
+            return Err(Duration::from_nanos(ahead - limiter.tolerance));
         }
         // Saturating: a rate of one a century has an interval past u64's nanoseconds.
-        slot.full_at = full_at.saturating_add(self.interval);
+        slot.full_at = full_at.saturating_add(limiter.interval);
         Ok(())
     }
 }
