@@ -12,12 +12,6 @@ pub const VOTES: &str = "tally:votes";
 /// flight): raised in the same transaction as each push, lowered by the acknowledgement that
 /// deletes an in-flight list. What ingest's queue bound and the backlog gauges read.
 pub const STORED: &str = "tally:votes:stored";
-
-/// [`STORED`] as Redis answers it: absent until the shard's first push, and never below zero
-/// (the acknowledgement stops it there; only a hand-set value could be).
-pub fn stored_votes(count: Option<i64>) -> u64 {
-    count.unwrap_or(0).max(0) as u64
-}
 /// Votes that can never be counted, each as `reason\npayload`.
 pub const DEAD_LETTERS: &str = "tally:dead";
 /// Prefix of every in-flight list.
@@ -40,6 +34,12 @@ pub const AGGREGATOR_ACL: &str =
     "resetkeys ~tally:votes ~tally:votes:stored ~tally:inflight:* ~tally:dead resetchannels -@all \
 +lpop +blmove +lrange +del +scan +llen +evalsha +eval +script|load +ping \
 (~tally:inflight:* ~tally:dead +rpush) (~tally:votes:stored +decrby +set +get)";
+
+/// [`STORED`] as Redis answers it: absent until the shard's first push, and never below zero
+/// (the acknowledgement stops it there; only a hand-set value could be).
+pub fn stored_votes(count: Option<i64>) -> u64 {
+    count.unwrap_or(0).max(0) as u64
+}
 
 /// The in-flight list holding move `seq` of aggregator `worker`'s run `epoch`.
 pub fn in_flight_key(worker: &str, epoch: u64, seq: u64) -> String {
