@@ -115,6 +115,41 @@ async fn shutdown_closes_idle_connections_and_answers_the_request_in_flight() ->
     Ok(())
 }
 
+/// A server whose future is dropped (its task aborted) without a shutdown still drains: the idle
+/// connection closes and the request in flight is answered, as the connections outlive the loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_server_drains_its_connections() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let service = Arc::new(Held::default());
+    let server = tokio::spawn(web::serve(
+        listener,
+        service.clone(),
+        ServeConfig::default(),
+        std::future::pending(),
+    ));
+
+    let mut idle = TcpStream::connect(addr).await?;
+    send(&mut idle, "/fast").await?;
+    read_until(&mut idle, "fast done").await?;
+    let mut busy = TcpStream::connect(addr).await?;
+    send(&mut busy, "/slow").await?;
+    timeout(PATIENCE, service.entered.notified()).await?;
+
+    server.abort();
+    assert!(server.await.is_err_and(|e| e.is_cancelled()));
+    assert_eq!(
+        read_to_close(&mut idle).await?,
+        "",
+        "the idle connection closes"
+    );
+    service.release.notify_one();
+    let answer = read_to_close(&mut busy).await?;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.ends_with("slow done"), "{answer}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enlisted_counts_the_connections_the_service_enlisted_until_they_close(
 ) -> anyhow::Result<()> {
