@@ -4,13 +4,14 @@
 //! vote's request is answered only after Redis replied to the write holding it. A dead or slow
 //! shard holds only its own requests.
 //!
-//! A vote is encoded straight into the batch it joins and waits on that batch's outcome, so it
-//! costs no allocation of its own and nothing of it is freed on the writer's thread; written
-//! batches' buffers are reused.
+//! A vote is encoded straight into the batch it joins, its task's waker beside it, and waits on
+//! that batch's outcome, so it costs no allocation of its own and nothing of it is freed on the
+//! writer's thread; written batches' buffers are reused.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -55,14 +56,16 @@ struct Accumulator {
 const SPARE_BUFFERS: usize = 8;
 
 impl Accumulator {
-    /// Adds `vote`, ready to store at `queued`, to the batch being filled, and returns that
-    /// batch's outcome and how many votes the first batch (the one a writer forms) now holds.
+    /// Adds `vote`, ready to store at `queued`, to the batch being filled, with `task` to wake
+    /// when the batch is written, and returns the vote's wait for that batch's outcome and how
+    /// many votes the first batch (the one a writer forms) now holds.
     fn add(
         &mut self,
         vote: &model::wire::Fields<'_>,
         queued: Instant,
         max_votes: usize,
-    ) -> (Arc<Outcome>, usize) {
+        task: &Waker,
+    ) -> (Waiting, usize) {
         if self.batches.back().is_none_or(|b| b.len() >= max_votes) {
             let buffers = self.spare.pop().unwrap_or_default();
             self.batches.push_back(Batch {
@@ -72,10 +75,13 @@ impl Accumulator {
             });
         }
         let filling = self.batches.back_mut().expect("a batch was just ensured");
-        filling.buffers.push(vote);
-        let outcome = filling.outcome.clone();
+        filling.buffers.push(vote, task);
+        let waiting = Waiting {
+            outcome: filling.outcome.clone(),
+            task: task.clone(),
+        };
         self.queued += 1;
-        (outcome, self.batches[0].len())
+        (waiting, self.batches[0].len())
     }
 
     fn take_first(&mut self) -> Option<Batch> {
@@ -88,22 +94,28 @@ impl Accumulator {
         if self.spare.len() < SPARE_BUFFERS {
             buffers.bytes.clear();
             buffers.votes = 0;
+            buffers.waiting.clear();
             self.spare.push(buffers);
         }
     }
 }
 
-/// A batch's votes, encoded back to back: the list element its write pushes.
+/// A batch's votes, encoded back to back (the list element its write pushes), and the tasks
+/// waiting for them.
 #[derive(Default)]
 struct Buffers {
     bytes: Vec<u8>,
     votes: usize,
+    /// Registered under the accumulator's lock as each vote joins, so waiting costs a vote no
+    /// lock of its own, and taken out with the batch, so waking them takes none either.
+    waiting: Vec<Waker>,
 }
 
 impl Buffers {
-    fn push(&mut self, vote: &model::wire::Fields<'_>) {
+    fn push(&mut self, vote: &model::wire::Fields<'_>, task: &Waker) {
         vote.encode_into(&mut self.bytes);
         self.votes += 1;
+        self.waiting.push(task.clone());
     }
 }
 
@@ -119,43 +131,71 @@ impl Batch {
     fn len(&self) -> usize {
         self.buffers.votes
     }
+
+    /// Tells every vote of the batch how its write ended; only the first settlement counts.
+    fn settle(&mut self, result: Result<(), StoreError>) {
+        if self.outcome.result.set(result).is_err() {
+            return;
+        }
+        for task in self.buffers.waiting.drain(..) {
+            task.wake();
+        }
+        let late = std::mem::take(&mut *lock(&self.outcome.late));
+        for task in late {
+            task.wake();
+        }
+    }
 }
 
 impl Drop for Batch {
     /// A batch dropped unwritten (its writer gone) answers its votes rather than leave them
     /// waiting; after a write this changes nothing.
     fn drop(&mut self) {
-        self.outcome.settle(Err(StoreError::Unavailable));
+        self.settle(Err(StoreError::Unavailable));
     }
 }
 
-/// How the write of a batch ended, for every vote in it.
+/// How the write of a batch ended, for every vote in it. Where tokio's `Notify` took a lock and
+/// linked a waiter a vote, and the write walked them under the lock again, a vote's task is
+/// registered in its batch as it joins (see [`Buffers::waiting`]).
 #[derive(Default)]
 struct Outcome {
     result: OnceLock<Result<(), StoreError>>,
-    settled: Notify,
+    /// Tasks that came to wait with a waker other than the one they joined with: none for a vote
+    /// awaited by its connection's task, which polls it with the same waker every time.
+    late: Mutex<Vec<Waker>>,
 }
 
-impl Outcome {
-    fn settle(&self, result: Result<(), StoreError>) {
-        if self.result.set(result).is_ok() {
-            self.settled.notify_waiters();
-        }
-    }
+/// One vote's wait for its batch's outcome.
+struct Waiting {
+    outcome: Arc<Outcome>,
+    /// The waker last registered for the vote.
+    task: Waker,
+}
 
-    async fn wait(&self) -> Result<(), StoreError> {
-        // Created before the look: `notify_waiters` reaches every `Notified` that exists when it
-        // runs, and one created after it finds the result set.
-        let settled = self.settled.notified();
-        if let Some(result) = self.result.get() {
-            return *result;
+impl Waiting {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StoreError>> {
+        if let Some(result) = self.outcome.result.get() {
+            return Poll::Ready(*result);
         }
-        settled.await;
-        self.result
-            .get()
-            .copied()
-            .unwrap_or(Err(StoreError::Unavailable))
+        if self.task.will_wake(cx.waker()) {
+            return Poll::Pending;
+        }
+        let mut late = lock(&self.outcome.late);
+        // Looked at again under the lock: a settlement sets the result before it takes the
+        // late wakers, so this one is either seen by it or sees its result.
+        if let Some(result) = self.outcome.result.get() {
+            return Poll::Ready(*result);
+        }
+        self.task = cx.waker().clone();
+        late.push(self.task.clone());
+        Poll::Pending
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks can leave what they guard half-changed.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One shard's votes on their way to its writer.
@@ -170,10 +210,7 @@ struct Queue {
 
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, Accumulator> {
-        // Nothing under the lock can leave the accumulator half-changed.
-        self.accumulator
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.accumulator)
     }
 
     /// The first batch's size and oldest vote, if any vote waits.
@@ -301,18 +338,28 @@ impl Shard {
         }
         let lingering = &self.queue.lingering;
         let census = &lingering.census;
-        census.unanswered.fetch_add(1, Ordering::Relaxed);
-        let joined = {
-            let mut accumulator = self.queue.lock();
-            (accumulator.queued < PENDING_PER_SHARD)
-                .then(|| accumulator.add(vote, queued, lingering.max_votes))
-        };
-        let Some((outcome, forming)) = joined else {
-            census.unanswered.fetch_sub(1, Ordering::Relaxed);
-            return Err(StoreError::Full);
-        };
-        lingering.arrived(queued, forming);
-        outcome.wait().await
+        // The vote joins a batch on the first poll, where its task's waker is at hand.
+        let mut waiting: Option<Waiting> = None;
+        std::future::poll_fn(|cx| {
+            if let Some(waiting) = &mut waiting {
+                return waiting.poll(cx);
+            }
+            census.unanswered.fetch_add(1, Ordering::Relaxed);
+            let joined = {
+                let mut accumulator = self.queue.lock();
+                (accumulator.queued < PENDING_PER_SHARD)
+                    .then(|| accumulator.add(vote, queued, lingering.max_votes, cx.waker()))
+            };
+            let Some((joined, forming)) = joined else {
+                census.unanswered.fetch_sub(1, Ordering::Relaxed);
+                return Poll::Ready(Err(StoreError::Full));
+            };
+            lingering.arrived(queued, forming);
+            // Its write cannot have been settled without waking this task.
+            waiting = Some(joined);
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -558,7 +605,7 @@ async fn write_batch(
         .census
         .unanswered
         .fetch_sub(votes, Ordering::Relaxed);
-    batch.outcome.settle(outcome);
+    batch.settle(outcome);
     let buffers = std::mem::take(&mut batch.buffers);
     queue.lock().recycle(buffers);
 }
@@ -671,7 +718,7 @@ mod tests {
             let t0 = Instant::now();
             for (n, voter) in voters.iter().enumerate() {
                 let at = t0 + Duration::from_micros(n as u64);
-                let (_, first) = accumulator.add(&vote(n as u64, voter), at, max_votes);
+                let (_, first) = accumulator.add(&vote(n as u64, voter), at, max_votes, Waker::noop());
                 prop_assert_eq!(first, accumulator.batches[0].len());
                 prop_assert_eq!(accumulator.queued, n + 1);
             }
@@ -703,11 +750,11 @@ mod tests {
     fn written_buffers_are_reused_empty() {
         let mut accumulator = Accumulator::default();
         let t0 = Instant::now();
-        accumulator.add(&vote(1, "v1"), t0, 4);
+        accumulator.add(&vote(1, "v1"), t0, 4, Waker::noop());
         let mut batch = accumulator.take_first().expect("one batch");
         let capacity = batch.buffers.bytes.capacity();
         accumulator.recycle(std::mem::take(&mut batch.buffers));
-        accumulator.add(&vote(2, "v2"), t0, 4);
+        accumulator.add(&vote(2, "v2"), t0, 4, Waker::noop());
         let batch = accumulator.take_first().expect("one batch");
         assert_eq!(batch.buffers.bytes.capacity(), capacity);
         let votes: Vec<&[u8]> = model::wire::split(&batch.buffers.bytes)
@@ -715,29 +762,80 @@ mod tests {
             .unwrap();
         assert_eq!(votes.len(), 1, "nothing of the earlier batch is left");
         assert_eq!(batch.len(), 1);
+        assert_eq!(
+            batch.buffers.waiting.len(),
+            1,
+            "only the new vote's task waits"
+        );
         assert_eq!(model::wire::decode(votes[0]).unwrap().id, VoteId(2));
     }
 
-    #[tokio::test]
-    async fn every_vote_of_a_batch_learns_its_outcome_whether_it_waits_before_or_after() {
-        let outcome = Arc::new(Outcome::default());
-        let early = tokio::spawn({
-            let outcome = outcome.clone();
-            async move { outcome.wait().await }
-        });
-        tokio::task::yield_now().await;
-        outcome.settle(Err(StoreError::Timeout));
+    /// Joins vote `n` to the shared accumulator's batch from the polling task, then waits for
+    /// its outcome, as `Shard::store` does.
+    async fn join_and_wait(accumulator: Arc<Mutex<Accumulator>>, n: u64) -> Result<(), StoreError> {
+        let mut waiting: Option<Waiting> = None;
+        std::future::poll_fn(|cx| {
+            let waiting = waiting.get_or_insert_with(|| {
+                lock(&accumulator)
+                    .add(&vote(n, "v"), Instant::now(), 64, cx.waker())
+                    .0
+            });
+            waiting.poll(cx)
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_vote_of_a_batch_learns_its_outcome_however_it_waits() {
+        let accumulator = Arc::new(Mutex::new(Accumulator::default()));
+        let voters: Vec<_> = (0..8)
+            .map(|n| tokio::spawn(join_and_wait(accumulator.clone(), n)))
+            .collect();
+        // One more joins with one waker and is then awaited by a task with another: it is
+        // registered again, as a late waiter.
+        let (mut moved, _) =
+            lock(&accumulator).add(&vote(8, "v"), Instant::now(), 64, Waker::noop());
+        let moved = tokio::spawn(async move { std::future::poll_fn(|cx| moved.poll(cx)).await });
+        // And one looks only once the batch is written.
+        let (mut after, _) =
+            lock(&accumulator).add(&vote(9, "v"), Instant::now(), 64, Waker::noop());
+        let all_waiting = async {
+            loop {
+                let accumulator = lock(&accumulator);
+                if accumulator.queued == 10
+                    && !lock(&accumulator.batches[0].outcome.late).is_empty()
+                {
+                    return;
+                }
+                drop(accumulator);
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_waiting)
+            .await
+            .expect("every vote joined and the moved one registered late");
+        let mut batch = lock(&accumulator).take_first().expect("one batch");
+        assert_eq!(batch.len(), 10);
+        batch.settle(Err(StoreError::Timeout));
         // A second settlement (a batch dropped after its write) changes nothing.
-        outcome.settle(Ok(()));
-        assert_eq!(early.await.unwrap(), Err(StoreError::Timeout));
-        assert_eq!(outcome.wait().await, Err(StoreError::Timeout));
+        batch.settle(Ok(()));
+        drop(batch);
+        for voter in voters {
+            assert_eq!(voter.await.unwrap(), Err(StoreError::Timeout));
+        }
+        assert_eq!(moved.await.unwrap(), Err(StoreError::Timeout));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(after.poll(&mut cx), Poll::Ready(Err(StoreError::Timeout)));
     }
 
     #[tokio::test]
     async fn a_batch_dropped_unwritten_answers_its_votes_unavailable() {
-        let mut accumulator = Accumulator::default();
-        let (outcome, _) = accumulator.add(&vote(1, "v1"), Instant::now(), 4);
-        drop(accumulator);
-        assert_eq!(outcome.wait().await, Err(StoreError::Unavailable));
+        let accumulator = Arc::new(Mutex::new(Accumulator::default()));
+        let voter = tokio::spawn(join_and_wait(accumulator.clone(), 1));
+        while lock(&accumulator).queued < 1 {
+            tokio::task::yield_now().await;
+        }
+        drop(lock(&accumulator).take_first());
+        assert_eq!(voter.await.unwrap(), Err(StoreError::Unavailable));
     }
 }
