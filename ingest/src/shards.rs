@@ -801,13 +801,14 @@ mod tests {
             lock(&accumulator).add(&vote(9, "v"), Instant::now(), 64, Waker::noop());
         let all_waiting = async {
             loop {
-                let accumulator = lock(&accumulator);
-                if accumulator.queued == 10
-                    && !lock(&accumulator.batches[0].outcome.late).is_empty()
-                {
+                let joined = {
+                    let accumulator = lock(&accumulator);
+                    accumulator.queued == 10
+                        && !lock(&accumulator.batches[0].outcome.late).is_empty()
+                };
+                if joined {
                     return;
                 }
-                drop(accumulator);
                 tokio::task::yield_now().await;
             }
         };
