@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use metrics::{Counter, Histogram};
+use metrics::Counter;
 use model::{Clock, RegionName, Rejection, VoteId, VoterId};
 use web::{error, json, Body};
 
@@ -45,7 +45,8 @@ pub struct Ingest {
 /// Handles registered once, so the hot path does not build label sets per request.
 pub(crate) struct IngestMetrics {
     accepted: Counter,
-    ack_seconds: Histogram,
+    /// Recorded for every vote, so counted in place (see [`web::LatencyHistogram`]).
+    ack_seconds: web::LatencyHistogram,
     region: String,
 }
 
@@ -54,7 +55,7 @@ impl IngestMetrics {
         let r = region.to_string();
         Self {
             accepted: metrics::counter!("tally_ingest_votes_total", "region" => r.clone(), "outcome" => "accepted"),
-            ack_seconds: metrics::histogram!("tally_ingest_ack_seconds", "region" => r.clone()),
+            ack_seconds: web::LatencyHistogram::new("tally_ingest_ack_seconds", &[("region", &r)]),
             region: r,
         }
     }
@@ -225,9 +226,7 @@ impl Ingest {
         {
             Ok((id, _, new_cookie)) => {
                 self.metrics.accepted.increment(1);
-                self.metrics
-                    .ack_seconds
-                    .record(started.elapsed().as_secs_f64());
+                self.metrics.ack_seconds.record(started.elapsed());
                 let mut body = Vec::with_capacity(50);
                 body.extend_from_slice(b"{\"vote_id\":\"");
                 body.extend_from_slice(&id.to_uuid_text());

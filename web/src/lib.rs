@@ -3,10 +3,12 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod histogram;
 mod metrics_endpoint;
 mod serve;
 
 pub use body::{error, full, json, read_body, text, Body, BodyError, ErrorBody};
+pub use histogram::LatencyHistogram;
 pub use metrics_endpoint::{metrics_handle, render_metrics, spawn_upkeep};
 pub use serve::{serve, Connection, Enlisted, ServeConfig, Service, DEFAULT_MAX_HEAD_BYTES};
 

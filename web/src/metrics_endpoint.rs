@@ -1,4 +1,5 @@
-//! One Prometheus recorder per process; every role renders it on `GET /metrics`.
+//! One Prometheus recorder per process; every role renders it, and any
+//! [`LatencyHistogram`](crate::LatencyHistogram), on `GET /metrics`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::{text, Body};
 
 /// Latency buckets (seconds) for every `_seconds` histogram: 100 µs to 10 s.
-const SECONDS_BUCKETS: &[f64] = &[
+pub(crate) const SECONDS_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
@@ -27,7 +28,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZE_BUCKETS))
             .expect("static bucket lists are non-empty")
             .build_recorder();
@@ -53,9 +54,7 @@ pub fn spawn_upkeep(handle: PrometheusHandle, every: Duration) {
 }
 
 pub fn render_metrics() -> Response<Body> {
-    text(
-        StatusCode::OK,
-        "text/plain; version=0.0.4",
-        metrics_handle().render(),
-    )
+    let mut out = metrics_handle().render();
+    crate::histogram::render(&mut out);
+    text(StatusCode::OK, "text/plain; version=0.0.4", out)
 }
