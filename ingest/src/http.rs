@@ -220,11 +220,12 @@ impl Ingest {
                 poll,
                 "application/json",
                 request::json_vote,
+                |_| (),
                 started,
             )
             .await
         {
-            Ok((id, _, new_cookie)) => {
+            Ok((id, (), new_cookie)) => {
                 self.metrics.accepted.increment(1);
                 self.metrics.ack_seconds.record(started.elapsed());
                 let mut body = Vec::with_capacity(50);
@@ -261,6 +262,7 @@ impl Ingest {
                 model::DEFAULT_POLL,
                 form,
                 request::form_vote,
+                str::to_string,
                 started,
             )
             .await
@@ -289,20 +291,23 @@ impl Ingest {
 
     /// What every vote goes through before it is answered, whichever route it came by: the address
     /// limit, the voter, the content type, the body, its decoding, and [`Ingest::record`]. Returns
-    /// the stored vote's id, its option, and a `Set-Cookie` for a newly issued voter id.
+    /// the stored vote's id, what `keep` takes from its option (which borrows from the body, so
+    /// a route that does not need it copies nothing), and a `Set-Cookie` for a newly issued voter
+    /// id.
     /// `started` is when the request came in; the clock is read once more, once its body is in,
     /// and those two readings serve every check (a clock read is dear on a vote's path).
     #[allow(clippy::too_many_arguments)]
-    async fn take_vote(
+    async fn take_vote<T>(
         &self,
         parts: &Parts,
         body: Incoming,
         conn: &web::Connection,
         poll: &str,
         content_type: &'static str,
-        decode: fn(&[u8]) -> Result<String, request::DecodeError>,
+        decode: fn(&[u8]) -> Result<Cow<'_, str>, request::DecodeError>,
+        keep: impl FnOnce(&str) -> T,
         started: Instant,
-    ) -> Result<(VoteId, String, Option<HeaderValue>), Refusal> {
+    ) -> Result<(VoteId, T, Option<HeaderValue>), Refusal> {
         self.check_ip(conn.peer(), started)?;
         let (voter, new_cookie) = self.voter(&parts.headers)?;
         // Located now, the voter's bucket loads from memory while the body is read and decoded.
@@ -325,7 +330,7 @@ impl Ingest {
         let id = self
             .record(poll, &option, &voter, bucket, conn, read)
             .await?;
-        Ok((id, option, new_cookie))
+        Ok((id, keep(&option), new_cookie))
     }
 
     fn page(&self, headers: &HeaderMap, just_voted: Option<&str>) -> Response<Body> {

@@ -160,7 +160,10 @@ async fn ten_thousand_votes_land_exactly_once_on_the_right_shard() -> anyhow::Re
         r#"tally_ingest_ack_seconds_bucket{region="load-test",le="+Inf"} 10000"#,
         r#"tally_ingest_ack_seconds_count{region="load-test"} 10000"#,
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
     }
     stack.shutdown().await
 }
