@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use metrics::Counter;
 use model::{Clock, RegionName, Rejection, VoteId, VoterId};
 use web::{error, json, Body};
 
@@ -42,9 +41,9 @@ pub struct Ingest {
     pub(crate) metrics: IngestMetrics,
 }
 
-/// Handles registered once, so the hot path does not build label sets per request.
+/// Handles registered once, so the hot path does not build label sets per request. Accepted
+/// votes are counted by their shard's writer, a batch at a time.
 pub(crate) struct IngestMetrics {
-    accepted: Counter,
     /// Recorded for every vote, so counted in place (see [`web::LatencyHistogram`]).
     ack_seconds: web::LatencyHistogram,
     region: String,
@@ -54,7 +53,6 @@ impl IngestMetrics {
     pub(crate) fn new(region: &RegionName) -> Self {
         let r = region.to_string();
         Self {
-            accepted: metrics::counter!("tally_ingest_votes_total", "region" => r.clone(), "outcome" => "accepted"),
             ack_seconds: web::LatencyHistogram::new("tally_ingest_ack_seconds", &[("region", &r)]),
             region: r,
         }
@@ -226,7 +224,6 @@ impl Ingest {
             .await
         {
             Ok((id, (), new_cookie)) => {
-                self.metrics.accepted.increment(1);
                 self.metrics.ack_seconds.record(started.elapsed());
                 let mut body = Vec::with_capacity(50);
                 body.extend_from_slice(b"{\"vote_id\":\"");
@@ -268,7 +265,6 @@ impl Ingest {
             .await
         {
             Ok((_, option, new_cookie)) => {
-                self.metrics.accepted.increment(1);
                 let mut resp = self.page(&parts.headers, Some(&option));
                 if let Some(c) = new_cookie {
                     resp.headers_mut().append(header::SET_COOKIE, c);
