@@ -58,6 +58,21 @@ async fn read_until(stream: &mut TcpStream, want: &str) -> anyhow::Result<String
     Ok(String::from_utf8_lossy(&seen).into_owned())
 }
 
+/// Two connections to a server of [`Held`]: one answered once and idle, one whose `/slow`
+/// request the service holds.
+async fn idle_and_busy(
+    addr: std::net::SocketAddr,
+    service: &Held,
+) -> anyhow::Result<(TcpStream, TcpStream)> {
+    let mut idle = TcpStream::connect(addr).await?;
+    send(&mut idle, "/fast").await?;
+    read_until(&mut idle, "fast done").await?;
+    let mut busy = TcpStream::connect(addr).await?;
+    send(&mut busy, "/slow").await?;
+    timeout(PATIENCE, service.entered.notified()).await?;
+    Ok((idle, busy))
+}
+
 async fn read_to_close(stream: &mut TcpStream) -> anyhow::Result<String> {
     let mut all = Vec::new();
     timeout(PATIENCE, stream.read_to_end(&mut all)).await??;
@@ -79,14 +94,7 @@ async fn shutdown_closes_idle_connections_and_answers_the_request_in_flight() ->
             let _ = stopped.await;
         },
     ));
-
-    let mut idle = TcpStream::connect(addr).await?;
-    send(&mut idle, "/fast").await?;
-    read_until(&mut idle, "fast done").await?;
-
-    let mut busy = TcpStream::connect(addr).await?;
-    send(&mut busy, "/slow").await?;
-    timeout(PATIENCE, service.entered.notified()).await?;
+    let (mut idle, mut busy) = idle_and_busy(addr, &service).await?;
 
     stop.send(()).expect("serve is running");
 
@@ -128,13 +136,7 @@ async fn a_dropped_server_drains_its_connections() -> anyhow::Result<()> {
         ServeConfig::default(),
         std::future::pending(),
     ));
-
-    let mut idle = TcpStream::connect(addr).await?;
-    send(&mut idle, "/fast").await?;
-    read_until(&mut idle, "fast done").await?;
-    let mut busy = TcpStream::connect(addr).await?;
-    send(&mut busy, "/slow").await?;
-    timeout(PATIENCE, service.entered.notified()).await?;
+    let (mut idle, mut busy) = idle_and_busy(addr, &service).await?;
 
     server.abort();
     assert!(server.await.is_err_and(|e| e.is_cancelled()));
