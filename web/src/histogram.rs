@@ -130,7 +130,11 @@ pub(crate) fn render(out: &mut String) {
                 }
                 sum_nanos = sum_nanos.wrapping_add(stripe.sum_nanos.load(Ordering::Relaxed));
             }
-            let sep = if s.labels.is_empty() { "" } else { "," };
+            let (sep, labels) = if s.labels.is_empty() {
+                ("", String::new())
+            } else {
+                (",", format!("{{{}}}", s.labels))
+            };
             let mut cumulative = 0;
             for (i, count) in counts.iter().enumerate() {
                 cumulative += count;
@@ -143,14 +147,6 @@ pub(crate) fn render(out: &mut String) {
                     s.labels
                 );
             }
-            let braces = |labels: &str| {
-                if labels.is_empty() {
-                    String::new()
-                } else {
-                    format!("{{{labels}}}")
-                }
-            };
-            let labels = braces(&s.labels);
             let _ = writeln!(out, "{name}_sum{labels} {}", sum_nanos as f64 / 1e9);
             let _ = writeln!(out, "{name}_count{labels} {cumulative}");
         }
