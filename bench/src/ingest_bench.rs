@@ -23,6 +23,10 @@ pub struct Options {
     pub voters: u64,
     /// Redis shards behind ingest, each its own `redis-server` on this machine's cores.
     pub shards: usize,
+    /// Most votes in one of ingest's group-commit writes.
+    pub group_max_votes: usize,
+    /// Votes that end a batch's linger in ingest's group commit.
+    pub group_target_votes: usize,
     /// Ingest's group-commit writes one shard may have outstanding at once.
     pub group_max_in_flight: usize,
     /// How long a batch's first vote may wait for others while a write slot is free.
@@ -61,6 +65,8 @@ impl Default for Options {
             connections: DEFAULT_CONNECTIONS,
             voters: 1_000_000,
             shards: DEFAULT_SHARDS,
+            group_max_votes: ingest::config::DEFAULT_GROUP_MAX_VOTES,
+            group_target_votes: ingest::config::DEFAULT_GROUP_TARGET_VOTES,
             group_max_in_flight: ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT,
             group_linger: ingest::config::DEFAULT_GROUP_LINGER,
             redis_fsync: servers::Fsync::Everysec,
@@ -109,6 +115,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             config.voter_limit = None;
         }
         config.queue_bound = u64::MAX;
+        config.group.max_votes = opts.group_max_votes;
+        config.group.target_votes = opts.group_target_votes;
         config.group.max_in_flight = opts.group_max_in_flight;
         config.group.linger = opts.group_linger;
         let (ingest_listener, ingest_addr) = crate::loopback_listener()?;
@@ -204,6 +212,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             serde_json::json!({
                 "connections": opts.connections,
                 "shards": opts.shards,
+                "group_max_votes": opts.group_max_votes,
+                "group_target_votes": opts.group_target_votes,
                 "group_max_in_flight": opts.group_max_in_flight,
                 "group_linger_us": opts.group_linger.as_micros() as u64,
                 "redis_fsync": opts.redis_fsync,

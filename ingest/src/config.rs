@@ -9,12 +9,17 @@ pub use crate::group::GroupCommit;
 
 /// Most votes one write (one list element) carries.
 pub const DEFAULT_GROUP_MAX_VOTES: usize = 1024;
+/// Votes that end a batch's linger. At 256 connections on two cores the closed loop's writes
+/// carry 40-55 votes without a linger; 64 keeps that saturation's batches as they were while a
+/// slower arrival rate lingers for as many.
+pub const DEFAULT_GROUP_TARGET_VOTES: usize = 64;
 /// Group-commit writes one shard may have outstanding at once.
 pub const DEFAULT_GROUP_MAX_IN_FLIGHT: usize = 2;
 /// How long a batch's first vote may wait for others while a write slot is free. Under load the
 /// arriving votes end the wait on time; when none comes, tokio's timer ends it on its next
-/// millisecond tick.
-pub const DEFAULT_GROUP_LINGER: Duration = Duration::from_micros(500);
+/// millisecond tick. Long enough that at 0.8x of bare hyper's rate on two cores (~28,000 votes/s
+/// a shard) a write carries ~56 votes; a fifth of the 10 ms latency target.
+pub const DEFAULT_GROUP_LINGER: Duration = Duration::from_millis(2);
 /// Above this many queued votes a shard refuses new ones (503) until aggregators catch up.
 pub const DEFAULT_QUEUE_BOUND: u64 = 5_000_000;
 /// Largest accepted request body.
@@ -96,6 +101,7 @@ impl Config {
             catalog_refresh: DEFAULT_CATALOG_REFRESH,
             group: GroupCommit {
                 max_votes: DEFAULT_GROUP_MAX_VOTES,
+                target_votes: DEFAULT_GROUP_TARGET_VOTES,
                 max_in_flight: DEFAULT_GROUP_MAX_IN_FLIGHT,
                 linger: DEFAULT_GROUP_LINGER,
             },
@@ -125,6 +131,7 @@ impl Config {
         }
         for (name, v) in [
             ("group commit max votes", self.group.max_votes),
+            ("group commit target votes", self.group.target_votes),
             ("group commit max in flight", self.group.max_in_flight),
             ("body limit", self.body_limit),
             ("max connections", self.serve.max_connections),

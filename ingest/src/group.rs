@@ -5,10 +5,15 @@
 //! saturation they do by themselves: while every write slot is busy, votes pile up and the next
 //! write takes them all. Below saturation a slot is usually free and each vote would go out
 //! nearly alone; there the first vote of a batch waits up to `linger` for company, like a Kafka
-//! producer's `linger.ms`. A batch that reaches `max_votes` goes at once, and so does one that
-//! nobody else can join: when every open connection that has voted already has a vote waiting on
-//! a shard (a lone client voting vote by vote, a closed-loop benchmark), lingering would only add
-//! latency.
+//! producer's `linger.ms`. A batch that reaches `target_votes` goes as soon as a slot is free (like
+//! Kafka's `batch.size`, but only the wait's end: while every slot is busy a batch grows on to
+//! `max_votes`, so a shard that stalled drains in big writes), and so does one that nobody else
+//! can join: when every open connection that has voted already has a vote waiting on a shard (a
+//! lone client voting vote by vote, a closed-loop benchmark), lingering would only add latency.
+//!
+//! The target is what lets the linger be long: with only `max_votes` (1,024) to end it, a linger
+//! long enough to fill writes below saturation held votes back at saturation too, whenever a slot
+//! came free before the next batch was big, and cost the closed loop more than Redis saved.
 
 use std::time::Duration;
 
@@ -17,8 +22,11 @@ use tokio::time::Instant;
 /// How a shard's writer forms its writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupCommit {
-    /// Most votes one write carries; a batch this big does not wait out the linger.
+    /// Most votes one write carries.
     pub max_votes: usize,
+    /// Votes that end a batch's linger: a batch this big (or `max_votes`, if fewer) goes as soon
+    /// as a write slot is free.
+    pub target_votes: usize,
     /// Writes one shard may have outstanding at once.
     pub max_in_flight: usize,
     /// How long the oldest vote of a batch may wait for others while a write slot is free.
@@ -57,11 +65,16 @@ impl GroupCommit {
             return Next::WaitForSlot;
         }
         let until = batch.oldest + self.linger;
-        if batch.queued >= self.max_votes || now >= until || !batch.more_may_come {
+        if self.is_enough(batch.queued) || now >= until || !batch.more_may_come {
             Next::Cut
         } else {
             Next::LingerUntil(until)
         }
+    }
+
+    /// Whether a batch of `votes` is big enough not to wait for more.
+    pub fn is_enough(&self, votes: usize) -> bool {
+        votes >= self.target_votes.min(self.max_votes)
     }
 }
 
@@ -73,6 +86,7 @@ mod tests {
     fn policy(max_votes: usize, max_in_flight: usize, linger_us: u64) -> GroupCommit {
         GroupCommit {
             max_votes,
+            target_votes: max_votes,
             max_in_flight,
             linger: Duration::from_micros(linger_us),
         }
@@ -108,6 +122,26 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_that_reaches_its_target_goes_at_once_and_a_smaller_one_lingers() {
+        let t0 = Instant::now();
+        let p = GroupCommit {
+            target_votes: 64,
+            ..policy(1024, 2, 2000)
+        };
+        assert_eq!(p.next(forming(64, t0, 1), t0), Next::Cut);
+        assert_eq!(
+            p.next(forming(63, t0, 1), t0),
+            Next::LingerUntil(t0 + Duration::from_micros(2000))
+        );
+        // A target above the most a write carries is met at that most.
+        let above = GroupCommit {
+            target_votes: 4096,
+            ..policy(16, 2, 2000)
+        };
+        assert_eq!(above.next(forming(16, t0, 0), t0), Next::Cut);
+    }
+
+    #[test]
     fn a_batch_nobody_else_can_join_goes_at_once() {
         let t0 = Instant::now();
         let alone = Forming {
@@ -132,6 +166,7 @@ mod tests {
         #[test]
         fn the_decision_keeps_every_bound(
             max_votes in 1usize..2048,
+            target_votes in 1usize..4096,
             max_in_flight in 1usize..8,
             linger_us in 0u64..5_000,
             queued in 1usize..4096,
@@ -139,23 +174,24 @@ mod tests {
             age_us in 0u64..10_000,
             more_may_come: bool,
         ) {
-            let p = policy(max_votes, max_in_flight, linger_us);
+            let p = GroupCommit { target_votes, ..policy(max_votes, max_in_flight, linger_us) };
+            let enough = target_votes.min(max_votes);
             let oldest = Instant::now();
             let now = oldest + Duration::from_micros(age_us);
             let batch = Forming { queued, oldest, in_flight, more_may_come };
             match p.next(batch, now) {
-                // A write starts only into a free slot, and only when it is full, nobody else
-                // can join it, or its oldest vote has waited the whole linger.
+                // A write starts only into a free slot, and only when it is big enough, nobody
+                // else can join it, or its oldest vote has waited the whole linger.
                 Next::Cut => {
                     prop_assert!(in_flight < max_in_flight);
-                    prop_assert!(queued >= max_votes || !more_may_come || age_us >= linger_us);
+                    prop_assert!(queued >= enough || !more_may_come || age_us >= linger_us);
                 }
                 Next::WaitForSlot => prop_assert!(in_flight >= max_in_flight),
                 // Lingering never holds the oldest vote longer than the linger, and never
-                // holds a batch that is full or that nobody else can join.
+                // holds a batch that is big enough or that nobody else can join.
                 Next::LingerUntil(until) => {
                     prop_assert!(in_flight < max_in_flight);
-                    prop_assert!(queued < max_votes && more_may_come);
+                    prop_assert!(queued < enough && more_may_come);
                     prop_assert!(until > now);
                     prop_assert_eq!(until, oldest + Duration::from_micros(linger_us));
                 }

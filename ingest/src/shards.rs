@@ -256,7 +256,7 @@ impl Census {
 
 /// How a writer learns of votes without being woken per vote: a vote that finds the shard's queue
 /// empty wakes it, and while it lingers each vote that arrives checks whether the batch is now
-/// full, its linger over or nobody else able to join, and wakes the writer if so. Under load that
+/// big enough, its linger over or nobody else able to join, and wakes the writer if so. Under load that
 /// ends a linger to the microsecond; tokio's timer, which the writer also sets for when no vote
 /// comes, fires only on its next millisecond tick.
 struct Lingering {
@@ -265,17 +265,17 @@ struct Lingering {
     /// writer is not lingering.
     until: AtomicU64,
     epoch: Instant,
-    max_votes: usize,
+    group: GroupCommit,
     census: Arc<Census>,
 }
 
 impl Lingering {
-    fn new(max_votes: usize, census: Arc<Census>) -> Self {
+    fn new(group: GroupCommit, census: Arc<Census>) -> Self {
         Self {
             wake: Notify::new(),
             until: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
-            max_votes,
+            group,
             census,
         }
     }
@@ -292,7 +292,8 @@ impl Lingering {
         if until == u64::MAX {
             return;
         }
-        if forming >= self.max_votes || self.nanos(at) >= until || !self.census.more_may_come() {
+        if self.group.is_enough(forming) || self.nanos(at) >= until || !self.census.more_may_come()
+        {
             self.wake.notify_one();
         }
     }
@@ -367,7 +368,7 @@ impl Shard {
             let joined = {
                 let mut accumulator = self.queue.lock();
                 (accumulator.queued < PENDING_PER_SHARD)
-                    .then(|| accumulator.add(vote, queued, lingering.max_votes, cx.waker()))
+                    .then(|| accumulator.add(vote, queued, lingering.group.max_votes, cx.waker()))
             };
             let Some((joined, forming)) = joined else {
                 census.unanswered.fetch_sub(1, Ordering::Relaxed);
@@ -415,7 +416,7 @@ impl Shards {
             )?;
             let queue = Arc::new(Queue {
                 accumulator: Mutex::default(),
-                lingering: Lingering::new(config.group.max_votes, census.clone()),
+                lingering: Lingering::new(config.group, census.clone()),
                 stopping: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
             });

@@ -295,6 +295,15 @@ enum BenchCmd {
         #[arg(long, default_value_t = bench::ingest_bench::DEFAULT_SHARDS as u16,
               value_parser = clap::value_parser!(u16).range(1..=64))]
         shards: u16,
+        /// Most votes in one group-commit write, as on `tally ingest`: a batch this big goes at
+        /// once, without waiting out the linger.
+        #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_MAX_VOTES as u32,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        group_max_votes: u32,
+        /// Votes that end a batch's linger, as on `tally ingest`.
+        #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_TARGET_VOTES as u32,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        group_target_votes: u32,
         /// Group-commit writes one shard may have outstanding at once.
         #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT as u16,
               value_parser = clap::value_parser!(u16).range(1..))]
@@ -937,6 +946,8 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     connections,
                     redis_fsync,
                     shards,
+                    group_max_votes,
+                    group_target_votes,
                     group_max_in_flight,
                     group_linger_us,
                     without_voter_limit,
@@ -946,6 +957,8 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     connections,
                     redis_fsync,
                     shards: shards.into(),
+                    group_max_votes: group_max_votes as usize,
+                    group_target_votes: group_target_votes as usize,
                     group_max_in_flight: group_max_in_flight.into(),
                     group_linger: std::time::Duration::from_micros(group_linger_us),
                     voter_limit: !without_voter_limit,

@@ -15,6 +15,7 @@ pub const ENV_POSTGRES_SOURCES: &str = "TALLY_POSTGRES_SOURCES";
 pub const ENV_MAX_CONNECTIONS: &str = "TALLY_MAX_CONNECTIONS";
 pub const ENV_QUEUE_BOUND: &str = "TALLY_QUEUE_BOUND";
 pub const ENV_GROUP_MAX_VOTES: &str = "TALLY_GROUP_MAX_VOTES";
+pub const ENV_GROUP_TARGET_VOTES: &str = "TALLY_GROUP_TARGET_VOTES";
 pub const ENV_GROUP_MAX_IN_FLIGHT: &str = "TALLY_GROUP_MAX_IN_FLIGHT";
 pub const ENV_GROUP_LINGER_US: &str = "TALLY_GROUP_LINGER_US";
 pub const ENV_WAIT_REPLICAS: &str = "TALLY_WAIT_REPLICAS";
@@ -106,6 +107,9 @@ pub struct IngestArgs {
     /// Most votes in one group-commit write.
     #[arg(long, env = ENV_GROUP_MAX_VOTES, default_value_t = ingest::config::DEFAULT_GROUP_MAX_VOTES)]
     pub group_max_votes: usize,
+    /// Votes that end a batch's linger: a batch this big goes as soon as a write slot is free.
+    #[arg(long, env = ENV_GROUP_TARGET_VOTES, default_value_t = ingest::config::DEFAULT_GROUP_TARGET_VOTES)]
+    pub group_target_votes: usize,
     /// Group-commit writes in flight per shard.
     #[arg(long, env = ENV_GROUP_MAX_IN_FLIGHT, default_value_t = ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT)]
     pub group_max_in_flight: usize,
@@ -160,6 +164,7 @@ impl IngestArgs {
         c.queue_bound = self.queue_bound;
         c.group = ingest::GroupCommit {
             max_votes: self.group_max_votes,
+            target_votes: self.group_target_votes,
             max_in_flight: self.group_max_in_flight,
             linger: Duration::from_micros(self.group_linger_us),
         };
