@@ -295,8 +295,7 @@ enum BenchCmd {
         #[arg(long, default_value_t = bench::ingest_bench::DEFAULT_SHARDS as u16,
               value_parser = clap::value_parser!(u16).range(1..=64))]
         shards: u16,
-        /// Most votes in one group-commit write, as on `tally ingest`: a batch this big goes at
-        /// once, without waiting out the linger.
+        /// Most votes in one group-commit write, as on `tally ingest`.
         #[arg(long, default_value_t = ingest::config::DEFAULT_GROUP_MAX_VOTES as u32,
               value_parser = clap::value_parser!(u32).range(1..))]
         group_max_votes: u32,
