@@ -23,14 +23,8 @@ pub struct Options {
     pub voters: u64,
     /// Redis shards behind ingest, each its own `redis-server` on this machine's cores.
     pub shards: usize,
-    /// Most votes in one of ingest's group-commit writes.
-    pub group_max_votes: usize,
-    /// Votes that end a batch's linger in ingest's group commit.
-    pub group_target_votes: usize,
-    /// Ingest's group-commit writes one shard may have outstanding at once.
-    pub group_max_in_flight: usize,
-    /// How long a batch's first vote may wait for others while a write slot is free.
-    pub group_linger: Duration,
+    /// How ingest's shard writers form their writes.
+    pub group: ingest::GroupCommit,
     pub redis_fsync: servers::Fsync,
     /// Ingest's per-voter rate limit, on as it ships. Off only to compare with figures taken
     /// before 2026-12-02, when the benchmark turned it off: it costs ingest about 1 µs a vote
@@ -65,10 +59,7 @@ impl Default for Options {
             connections: DEFAULT_CONNECTIONS,
             voters: 1_000_000,
             shards: DEFAULT_SHARDS,
-            group_max_votes: ingest::config::DEFAULT_GROUP_MAX_VOTES,
-            group_target_votes: ingest::config::DEFAULT_GROUP_TARGET_VOTES,
-            group_max_in_flight: ingest::config::DEFAULT_GROUP_MAX_IN_FLIGHT,
-            group_linger: ingest::config::DEFAULT_GROUP_LINGER,
+            group: ingest::GroupCommit::default(),
             redis_fsync: servers::Fsync::Everysec,
             voter_limit: true,
             baseline: Baseline::BareHyper,
@@ -115,10 +106,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             config.voter_limit = None;
         }
         config.queue_bound = u64::MAX;
-        config.group.max_votes = opts.group_max_votes;
-        config.group.target_votes = opts.group_target_votes;
-        config.group.max_in_flight = opts.group_max_in_flight;
-        config.group.linger = opts.group_linger;
+        config.group = opts.group;
         let (ingest_listener, ingest_addr) = crate::loopback_listener()?;
         let (bare_listener, bare_addr) = crate::loopback_listener()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -212,10 +200,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             serde_json::json!({
                 "connections": opts.connections,
                 "shards": opts.shards,
-                "group_max_votes": opts.group_max_votes,
-                "group_target_votes": opts.group_target_votes,
-                "group_max_in_flight": opts.group_max_in_flight,
-                "group_linger_us": opts.group_linger.as_micros() as u64,
+                "group_max_votes": opts.group.max_votes,
+                "group_target_votes": opts.group.target_votes,
+                "group_max_in_flight": opts.group.max_in_flight,
+                "group_linger_us": opts.group.linger.as_micros() as u64,
                 "redis_fsync": opts.redis_fsync,
                 "voter_limit": opts.voter_limit,
                 "closed_loop_p99_ms": closed_summary.p99_ms,

@@ -92,6 +92,17 @@ pub enum ConfigError {
     },
 }
 
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self {
+            max_votes: DEFAULT_GROUP_MAX_VOTES,
+            target_votes: DEFAULT_GROUP_TARGET_VOTES,
+            max_in_flight: DEFAULT_GROUP_MAX_IN_FLIGHT,
+            linger: DEFAULT_GROUP_LINGER,
+        }
+    }
+}
+
 impl Config {
     /// Defaults for everything but the addresses.
     pub fn new(region: RegionName, redis_urls: Vec<String>, postgres_url: String) -> Self {
@@ -100,12 +111,7 @@ impl Config {
             redis_urls,
             postgres_url,
             catalog_refresh: DEFAULT_CATALOG_REFRESH,
-            group: GroupCommit {
-                max_votes: DEFAULT_GROUP_MAX_VOTES,
-                target_votes: DEFAULT_GROUP_TARGET_VOTES,
-                max_in_flight: DEFAULT_GROUP_MAX_IN_FLIGHT,
-                linger: DEFAULT_GROUP_LINGER,
-            },
+            group: GroupCommit::default(),
             queue_bound: DEFAULT_QUEUE_BOUND,
             store_timeout: DEFAULT_STORE_TIMEOUT,
             wait_replicas: 0,

@@ -956,10 +956,12 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
                     connections,
                     redis_fsync,
                     shards: shards.into(),
-                    group_max_votes: group_max_votes as usize,
-                    group_target_votes: group_target_votes as usize,
-                    group_max_in_flight: group_max_in_flight.into(),
-                    group_linger: std::time::Duration::from_micros(group_linger_us),
+                    group: ingest::GroupCommit {
+                        max_votes: group_max_votes as usize,
+                        target_votes: group_target_votes as usize,
+                        max_in_flight: group_max_in_flight.into(),
+                        linger: std::time::Duration::from_micros(group_linger_us),
+                    },
                     voter_limit: !without_voter_limit,
                     ..Default::default()
                 })?],
