@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::group::{Forming, GroupCommit, Next};
+use crate::group::{Arrivals, Forming, GroupCommit, Next};
 
 /// Requests waiting for one shard beyond this are refused rather than queued in memory.
 const PENDING_PER_SHARD: usize = 65_536;
@@ -498,6 +498,7 @@ async fn write_loop(
     // written from both cores on every vote was a cache line moving between them.
     let accepted = metrics::counter!("tally_ingest_votes_total", "region" => region.to_string(), "outcome" => "accepted");
     let mut writes = FuturesUnordered::new();
+    let mut arrivals = Arrivals::default();
     let linger = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(linger);
     loop {
@@ -515,16 +516,18 @@ async fn write_loop(
                 continue;
             }
         };
+        let now = Instant::now();
         let forming = Forming {
             queued,
             oldest,
             in_flight: writes.len(),
             more_may_come: !queue.stopping.load(Ordering::Relaxed)
                 && lingering.census.more_may_come(),
+            gap: arrivals.gap(now, queued),
         };
         // Waiting, then deciding again on the batch as it is by then; only the writer takes
         // batches, so the first one is still there.
-        match group.next(forming, Instant::now()) {
+        match group.next(forming, now) {
             Next::Cut => {}
             Next::WaitForSlot => {
                 writes.next().await;
@@ -552,6 +555,7 @@ async fn write_loop(
             continue;
         };
         batch_size.record(batch.len() as f64);
+        arrivals.written(Instant::now(), batch.len());
         writes.push(write_batch(
             batch,
             conn.clone(),

@@ -619,6 +619,36 @@ async fn a_full_batch_goes_without_waiting_out_the_linger() -> anyhow::Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_votes_is_not_held_for_votes_not_expected_within_the_linger(
+) -> anyhow::Result<()> {
+    let linger = Duration::from_millis(80);
+    let stack = Stack::start(1, |c| {
+        c.group.linger = linger;
+        c.store_timeout = Duration::from_secs(10);
+    })
+    .await?;
+    // A voter who has voted stays connected and idle, so another vote could always come: only
+    // the shard's rate can tell the writer that none is due before the linger ends.
+    let mut idle_voter = connect(&stack).await?;
+    vote_on(&mut idle_voter, "idle").await?;
+    // A vote every 250 ms (the pause is the voter's, not a wait for ingest): at four votes a
+    // second the next is due long after an 80 ms linger would be over.
+    let mut conn = connect(&stack).await?;
+    let mut took = Vec::new();
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        took.push(vote_on(&mut conn, &format!("trickle-{i}")).await?);
+    }
+    took.sort();
+    assert!(
+        took[2] < linger / 2,
+        "votes took {took:?}: held for a linger ({linger:?}) that no vote was expected in"
+    );
+    assert_eq!(stack.shards[0].calls("RPUSH").await?, 6);
+    stack.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_voter_is_not_held_by_the_linger_for_connections_that_never_voted(
 ) -> anyhow::Result<()> {
     let linger = Duration::from_secs(2);
