@@ -45,7 +45,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    crate::until_interrupted(&rt, async {
         let pg = harness::PgCluster::start().await?;
         let mut client = pg.client().await?;
         for p in POLLS {
@@ -63,7 +63,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         let mut wan = serde_json::Value::Null;
         if let Some(ms) = opts.wan_ms {
             // One statement per call: VACUUM refuses the implicit transaction of a batch.
-            for sql in ["TRUNCATE ballots", "UPDATE tally_parts SET count = 0", "VACUUM ANALYZE"] {
+            for sql in [
+                "TRUNCATE ballots",
+                "UPDATE tally_parts SET count = 0",
+                "VACUUM ANALYZE",
+            ] {
                 client.batch_execute(sql).await?;
             }
             let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;

@@ -91,7 +91,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    client_rt.block_on(async {
+    crate::until_interrupted(&client_rt, async {
         let pg = harness::PgCluster::start().await?;
         let mut shards = Vec::new();
         for _ in 0..opts.shards {

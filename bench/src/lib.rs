@@ -100,6 +100,23 @@ pub fn server_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime
         .build()
 }
 
+/// Runs a bench's `work` on `rt` until it ends or SIGINT/SIGTERM comes. On a signal `work` is
+/// dropped, and with it the PostgreSQL and Redis servers it started, which would otherwise
+/// outlive an interrupted bench on their ports and in their directories.
+pub fn until_interrupted<T>(
+    rt: &tokio::runtime::Runtime,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    rt.block_on(async {
+        tokio::select! {
+            // The signal first: its handlers are in place before any server starts.
+            biased;
+            () = web::shutdown_signal() => anyhow::bail!("interrupted"),
+            done = work => done,
+        }
+    })
+}
+
 /// Connections a bench listener queues for `accept`, as `tally`'s own listeners do (tokio's
 /// `bind`). std's `bind` queues 128: the load generator's 256 connections, opening at once,
 /// overflowed it, and the kernel resends a dropped SYN only after a second, which took up to a

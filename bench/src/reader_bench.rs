@@ -39,7 +39,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    client_rt.block_on(async {
+    crate::until_interrupted(&client_rt, async {
         let pg = harness::PgCluster::start_with_replica().await?;
         let sources = vec![reader::Source {
             name: "replica".into(),

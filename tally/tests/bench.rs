@@ -185,3 +185,76 @@ fn reader_reports_the_median_pair() {
     let details = check_rounds(&result, 2);
     assert_eq!(statuses(&details["statuses"]), ["200"], "{result}");
 }
+
+/// The live processes whose working directory is under `dir`: PostgreSQL and Redis work in their
+/// data directories, which the bench makes under its temporary directory.
+fn working_under(dir: &std::path::Path) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        if cwd.starts_with(dir) && servers::pid_alive(pid) {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push((pid, name.trim().to_string()));
+        }
+    }
+    found
+}
+
+#[test]
+fn an_interrupted_bench_stops_the_servers_it_started_and_removes_their_directories() {
+    let _one = common::one_stack_at_a_time();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bench = common::command(&["bench", "ingest", "--seconds", "60", "--json"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let running = working_under(tmp.path());
+        let redis = running.iter().filter(|(_, n)| n == "redis-server").count();
+        let postgres = running.iter().filter(|(_, n)| n == "postgres").count();
+        if redis == 2 && postgres > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && bench.try_wait().unwrap().is_none(),
+            "the bench's servers did not come up: {running:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    servers::signal(bench.id(), "INT");
+    let out = bench.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    // Stopped on the way out, not left to whoever finds them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let running = working_under(tmp.path());
+        if running.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after the bench was interrupted: {running:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
