@@ -55,31 +55,32 @@ impl PgCluster {
         primary.tls = tls;
         // The cluster holds each server before it starts, so a start that fails half-way is
         // still stopped on drop (stopping goes by data directory, not by port).
-        let mut cluster = PgCluster {
+        let cluster = PgCluster {
             primary,
             replica: None,
             dir,
         };
-        let p = cluster.primary.clone();
-        cluster.primary.port = tokio::task::spawn_blocking(move || -> anyhow::Result<u16> {
-            p.init_primary()?;
-            start_postgres(p)
+        let mut cluster = start_blocking(cluster, |cluster| {
+            cluster.primary.init_primary()?;
+            cluster.primary.port = start_postgres(cluster.primary.clone())?;
+            Ok(())
         })
-        .await??;
+        .await?;
         db::ensure_database(&cluster.primary.admin_url(), db::DATABASE).await?;
         let mut client = db::connect(&cluster.url()).await?;
         db::migrate(&mut client).await?;
         if with_replica {
-            let mut replica = Postgres::new(bin, cluster.dir.path().join("replica"), 0);
-            cluster.replica = Some(replica.clone());
-            let primary = cluster.primary.clone();
-            let r = replica.clone();
-            replica.port = tokio::task::spawn_blocking(move || -> anyhow::Result<u16> {
-                r.init_replica(&primary, primary.port, "test_replica")?;
-                start_postgres(r)
+            cluster.replica = Some(Postgres::new(bin, cluster.dir.path().join("replica"), 0));
+            cluster = start_blocking(cluster, |cluster| {
+                let PgCluster {
+                    primary, replica, ..
+                } = cluster;
+                let replica = replica.as_mut().expect("set above");
+                replica.init_replica(primary, primary.port, "test_replica")?;
+                replica.port = start_postgres(replica.clone())?;
+                Ok(())
             })
-            .await??;
-            cluster.replica = Some(replica);
+            .await?;
         }
         Ok(cluster)
     }
@@ -140,6 +141,22 @@ pub fn test_ca() -> anyhow::Result<(TempDir, TestCa)> {
     Ok((dir, ca))
 }
 
+/// Runs a fixture's blocking `start` in tokio's blocking pool and hands the fixture back. The
+/// fixture goes in before its servers start, so they are stopped on drop whether the start fails
+/// half-way or the caller stops waiting (an interrupted bench, a timeout): tokio drops a finished
+/// task's unclaimed output, where returning only a port left a server running in a removed
+/// directory.
+async fn start_blocking<F: Send + 'static>(
+    mut fixture: F,
+    start: impl FnOnce(&mut F) -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<F> {
+    tokio::task::spawn_blocking(move || {
+        start(&mut fixture)?;
+        Ok(fixture)
+    })
+    .await?
+}
+
 /// Starts an initialised PostgreSQL on a free port (see [`on_free_port`]); returns the port.
 fn start_postgres(mut server: Postgres) -> anyhow::Result<u16> {
     on_free_port(|port| {
@@ -182,21 +199,23 @@ impl RedisServer {
         users: Vec<servers::AclUser>,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
-        let path = dir.path().to_path_buf();
-        let server = tokio::task::spawn_blocking(move || {
+        let fixture = Self {
+            server: Redis {
+                fsync,
+                tls,
+                users,
+                ..Redis::new(dir.path(), 0)
+            },
+            _dir: dir,
+        };
+        start_blocking(fixture, |fixture| {
             on_free_port(|port| {
-                let server = Redis {
-                    fsync,
-                    tls: tls.clone(),
-                    users: users.clone(),
-                    ..Redis::new(&path, port)
-                };
-                server.start().map(|()| server)
+                fixture.server.port = port;
+                fixture.server.start()
             })
+            .context("starting redis")
         })
-        .await?
-        .context("starting redis")?;
-        Ok(Self { server, _dir: dir })
+        .await
     }
 
     pub fn url(&self) -> String {

@@ -19,7 +19,7 @@ pub use postgres::{PgBin, Postgres, StopMode, SUPERUSER};
 pub use moto::Moto;
 pub use process::{
     free_port, http_call, http_status, on_free_port, pid_alive, port_is_free, process_state,
-    read_pid, running_as_root, signal,
+    read_pid, running_as_root, signal, working_under,
 };
 pub use prometheus::Prometheus;
 pub use redis::{AclUser, Fsync, Redis};

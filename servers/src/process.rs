@@ -183,6 +183,30 @@ pub fn pid_alive(pid: u32) -> bool {
     process_state(pid).is_some_and(|state| state != 'Z')
 }
 
+/// The live processes (pid, command name) whose working directory is under `dir`: PostgreSQL and
+/// Redis work in their data directories, so these are the servers started there, also those
+/// whose directory has since been removed.
+pub fn working_under(dir: &std::path::Path) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        if cwd.starts_with(dir) && pid_alive(pid) {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push((pid, name.trim().to_string()));
+        }
+    }
+    found
+}
+
 /// Sends a signal by name (`TERM`, `KILL`).
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")

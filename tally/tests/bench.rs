@@ -186,29 +186,6 @@ fn reader_reports_the_median_pair() {
     assert_eq!(statuses(&details["statuses"]), ["200"], "{result}");
 }
 
-/// The live processes whose working directory is under `dir`: PostgreSQL and Redis work in their
-/// data directories, which the bench makes under its temporary directory.
-fn working_under(dir: &std::path::Path) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
-            continue;
-        };
-        if cwd.starts_with(dir) && servers::pid_alive(pid) {
-            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            found.push((pid, name.trim().to_string()));
-        }
-    }
-    found
-}
-
 #[test]
 fn an_interrupted_bench_stops_the_servers_it_started_and_removes_their_directories() {
     let _one = common::one_stack_at_a_time();
@@ -221,7 +198,7 @@ fn an_interrupted_bench_stops_the_servers_it_started_and_removes_their_directori
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let running = working_under(tmp.path());
+        let running = servers::working_under(tmp.path());
         let redis = running.iter().filter(|(_, n)| n == "redis-server").count();
         let postgres = running.iter().filter(|(_, n)| n == "postgres").count();
         if redis == 2 && postgres > 0 {
@@ -241,7 +218,7 @@ fn an_interrupted_bench_stops_the_servers_it_started_and_removes_their_directori
     // Stopped on the way out, not left to whoever finds them.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let running = working_under(tmp.path());
+        let running = servers::working_under(tmp.path());
         if running.is_empty() {
             break;
         }
