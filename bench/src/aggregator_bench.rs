@@ -41,10 +41,7 @@ const POLLS: &[&str] = &["final", "semi-1", "semi-2", "audience"];
 
 pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let server_rt = crate::server_runtime(2)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = crate::client_runtime(1)?;
     crate::until_interrupted(&rt, async {
         let pg = harness::PgCluster::start().await?;
         let mut client = pg.client().await?;

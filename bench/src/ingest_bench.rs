@@ -87,10 +87,7 @@ fn votes(voters: u64) -> MakeRequest {
 
 pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let server_rt = crate::server_runtime(2)?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let client_rt = crate::client_runtime(2)?;
     crate::until_interrupted(&client_rt, async {
         let pg = harness::PgCluster::start().await?;
         let mut shards = Vec::new();

@@ -100,6 +100,15 @@ pub fn server_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime
         .build()
 }
 
+/// A runtime for the load generator and a bench's set-up. Its threads keep tokio's own name,
+/// which `scripts/profile-ingest` reads as the generator's.
+pub fn client_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+}
+
 /// Runs a bench's `work` on `rt` until it ends or SIGINT/SIGTERM comes. On a signal `work` is
 /// dropped, and with it the PostgreSQL and Redis servers it started, which would otherwise
 /// outlive an interrupted bench on their ports and in their directories.

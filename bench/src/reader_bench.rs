@@ -35,10 +35,7 @@ impl Default for Options {
 
 pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let server_rt = crate::server_runtime(2)?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let client_rt = crate::client_runtime(2)?;
     crate::until_interrupted(&client_rt, async {
         let pg = harness::PgCluster::start_with_replica().await?;
         let sources = vec![reader::Source {
