@@ -157,22 +157,13 @@ fn hostile_requests_get_their_4xx_store_nothing_and_do_not_slow_voters() {
         .spawn()
         .unwrap();
     let aggregators = common::role_pids(stack.path(), "aggregator");
-    let started = std::time::Instant::now();
-    while !aggregators
-        .iter()
-        .all(|&pid| servers::process_state(pid) == Some('T'))
-    {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "bad-input never paused the aggregators"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    servers::signal(suite.id(), "INT");
-    let out = suite.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
+    let paused = |pid| servers::process_state(pid) == Some('T');
+    common::wait_until(
+        std::time::Duration::from_secs(60),
+        || aggregators.iter().all(|&pid| paused(pid)),
+        || "bad-input never paused the aggregators".into(),
+    );
+    common::interrupt(suite);
     for pid in aggregators {
         assert_ne!(
             servers::process_state(pid),

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 /// One benchmark at a time: each starts its own servers on free ports, and two at once would
 /// also share the two cores they measure on.
 fn bench(args: &[&str]) -> serde_json::Value {
@@ -196,38 +198,37 @@ fn an_interrupted_bench_stops_the_servers_it_started_and_removes_their_directori
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
+    let servers_up = || {
         let running = servers::working_under(tmp.path());
         let redis = running.iter().filter(|(_, n)| n == "redis-server").count();
-        let postgres = running.iter().filter(|(_, n)| n == "postgres").count();
-        if redis == 2 && postgres > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline && bench.try_wait().unwrap().is_none(),
-            "the bench's servers did not come up: {running:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    servers::signal(bench.id(), "INT");
-    let out = bench.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
+        redis == 2 && running.iter().any(|(_, n)| n == "postgres")
+    };
+    common::wait_until(
+        Duration::from_secs(120),
+        || {
+            let up = servers_up();
+            assert!(up || bench.try_wait().unwrap().is_none(), "the bench ended");
+            up
+        },
+        || {
+            format!(
+                "the bench's servers did not come up: {:?}",
+                servers::working_under(tmp.path())
+            )
+        },
+    );
+    common::interrupt(bench);
     // Stopped on the way out, not left to whoever finds them.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let running = servers::working_under(tmp.path());
-        if running.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running after the bench was interrupted: {running:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    common::wait_until(
+        Duration::from_secs(30),
+        || servers::working_under(tmp.path()).is_empty(),
+        || {
+            format!(
+                "still running after the bench was interrupted: {:?}",
+                servers::working_under(tmp.path())
+            )
+        },
+    );
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .flatten()

@@ -51,11 +51,11 @@ fn up_status_poll_and_down() {
         .status()
         .unwrap()
         .success());
-    let asked = Instant::now();
-    while state(aggregator) != 'T' {
-        assert!(asked.elapsed() < Duration::from_secs(10), "never stopped");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_until(
+        Duration::from_secs(10),
+        || state(aggregator) == 'T',
+        || "never stopped".into(),
+    );
     // A second `up` restarts nothing, continues what is stopped, and succeeds.
     ok(&["local", "up", "--dir", dir]);
     assert_eq!(
@@ -138,18 +138,18 @@ fn up_status_poll_and_down() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
     ok(&["local", "down", "--dir", dir]);
-    let start = Instant::now();
-    while running.iter().any(|&p| servers::pid_alive(p)) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "processes left running after down: {:?}",
-            running
-                .iter()
-                .filter(|&&p| servers::pid_alive(p))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let alive = || -> Vec<u32> {
+        running
+            .iter()
+            .copied()
+            .filter(|&p| servers::pid_alive(p))
+            .collect()
+    };
+    common::wait_until(
+        Duration::from_secs(10),
+        || alive().is_empty(),
+        || format!("processes left running after down: {:?}", alive()),
+    );
 }
 
 #[test]

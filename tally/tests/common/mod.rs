@@ -118,6 +118,27 @@ pub async fn until(what: &str, limit: Duration, mut check: impl FnMut() -> bool)
     }
 }
 
+/// Polls `check` until it holds; after `limit` fails the test with `why()`, which says what was
+/// seen instead.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{} (waited {limit:?})", why());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGINT to a `tally` run started with its stderr piped and waits for it: it must fail,
+/// saying it was interrupted. Returns its stderr.
+pub fn interrupt(run: Child) -> String {
+    servers::signal(run.id(), "INT");
+    let out = run.wait_with_output().expect("waiting for tally");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    stderr
+}
+
 pub fn status(response: &str) -> u16 {
     response
         .split(' ')
