@@ -141,6 +141,30 @@ pub fn test_ca() -> anyhow::Result<(TempDir, TestCa)> {
     Ok((dir, ca))
 }
 
+/// Waits up to 30 s until no process works under `dir` (`servers::working_under`), then asserts
+/// that `dir` holds nothing: what a stopped fixture, or an interrupted bench whose servers worked
+/// there, must leave. Panics naming `what` and whatever it found.
+pub fn assert_left_nothing_under(dir: &std::path::Path, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let running = servers::working_under(dir);
+        if running.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: still running: {running:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .expect("reading the directory")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{what}: left behind: {left:?}");
+}
+
 /// Runs a fixture's blocking `start` in tokio's blocking pool and hands the fixture back. The
 /// fixture goes in before its servers start, so they are stopped on drop whether the start fails
 /// half-way or the caller stops waiting (an interrupted bench, a timeout): tokio drops a finished

@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{PgCluster, RedisServer};
 
@@ -61,27 +61,6 @@ fn said_ready(dir: &Path) -> bool {
         })
 }
 
-fn assert_nothing_left(tmp: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let running = servers::working_under(tmp);
-        if running.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still running after its start was abandoned: {running:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left: Vec<_> = std::fs::read_dir(tmp)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(left.is_empty(), "{what}: left behind: {left:?}");
-}
-
 #[test]
 fn a_start_abandoned_mid_way_stops_its_server_and_removes_its_directory() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,11 +73,11 @@ fn a_start_abandoned_mid_way_stops_its_server_and_removes_its_directory() {
         abandoned_redis,
         "every redis start finished before it could be abandoned"
     );
-    assert_nothing_left(tmp, "redis");
+    harness::assert_left_nothing_under(tmp, "redis, its start abandoned");
     let abandoned_postgres = (0..3).any(|_| abandon_start(tmp, PgCluster::start));
     assert!(
         abandoned_postgres,
         "every postgres start finished before it could be abandoned"
     );
-    assert_nothing_left(tmp, "postgres");
+    harness::assert_left_nothing_under(tmp, "postgres, its start abandoned");
 }

@@ -219,20 +219,5 @@ fn an_interrupted_bench_stops_the_servers_it_started_and_removes_their_directori
     );
     common::interrupt(bench);
     // Stopped on the way out, not left to whoever finds them.
-    common::wait_until(
-        Duration::from_secs(30),
-        || servers::working_under(tmp.path()).is_empty(),
-        || {
-            format!(
-                "still running after the bench was interrupted: {:?}",
-                servers::working_under(tmp.path())
-            )
-        },
-    );
-    let left: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    harness::assert_left_nothing_under(tmp.path(), "after the bench was interrupted");
 }
