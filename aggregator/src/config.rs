@@ -4,6 +4,16 @@ use std::time::Duration;
 
 use model::RegionName;
 
+/// Environment variables for the aggregator's settings (each also a flag of `tally aggregator`).
+pub const ENV_REDIS_URLS: &str = "TALLY_REDIS_URLS";
+pub const ENV_POSTGRES_URL: &str = "TALLY_POSTGRES_URL";
+pub const ENV_WORKER_ID: &str = "TALLY_WORKER_ID";
+pub const ENV_BATCH_MAX_EVENTS: &str = "TALLY_BATCH_MAX_EVENTS";
+pub const ENV_BATCH_MAX_BYTES: &str = "TALLY_BATCH_MAX_BYTES";
+pub const ENV_BATCH_TIMEOUT_MS: &str = "TALLY_BATCH_TIMEOUT_MS";
+pub const ENV_POP_SIZE: &str = "TALLY_POP_SIZE";
+pub const ENV_WRITERS: &str = "TALLY_WRITERS";
+
 /// A batch is written once it holds this many votes...
 pub const DEFAULT_MAX_EVENTS: usize = 50_000;
 /// ...or this many payload bytes...

@@ -145,8 +145,8 @@ async fn fanout(
         )
         .await?;
     let committed = Instant::now();
-    let lsn = replication::current_lsn(&primary).await?;
-    while !replication::has_replayed(&replica, &lsn).await? {
+    let lsn = db::current_lsn(&primary).await?;
+    while !db::has_replayed(&replica, &lsn).await? {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let replayed = Instant::now();

@@ -3,11 +3,13 @@
 
 mod cache;
 mod catalog;
+pub mod freshness;
 mod migrate;
 
 pub use cache::CatalogCache;
 
 pub use catalog::{create_poll, load_polls, set_poll_open};
+pub use freshness::{current_lsn, freshness, has_replayed, replica_lags, Freshness, ReplicaLag};
 pub use migrate::{migrate, MIGRATIONS};
 
 pub use tokio_postgres::Client;

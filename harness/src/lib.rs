@@ -109,11 +109,11 @@ impl PgCluster {
     /// Waits until the replica has replayed everything the primary had written when called.
     pub async fn wait_replica_caught_up(&self, limit: Duration) -> anyhow::Result<()> {
         let primary = self.client().await?;
-        let lsn = replication::current_lsn(&primary).await?;
+        let lsn = db::current_lsn(&primary).await?;
         let replica = db::connect(&self.replica_url()).await?;
         let start = std::time::Instant::now();
         loop {
-            if replication::has_replayed(&replica, &lsn).await? {
+            if db::has_replayed(&replica, &lsn).await? {
                 return Ok(());
             }
             anyhow::ensure!(

@@ -7,6 +7,26 @@ use web::ServeConfig;
 
 pub use crate::group::GroupCommit;
 
+/// Environment variables for ingest's settings (each also a flag of `tally ingest`).
+pub const ENV_REDIS_URLS: &str = "TALLY_REDIS_URLS";
+pub const ENV_POSTGRES_URL: &str = "TALLY_POSTGRES_URL";
+pub const ENV_QUEUE_BOUND: &str = "TALLY_QUEUE_BOUND";
+pub const ENV_GROUP_MAX_VOTES: &str = "TALLY_GROUP_MAX_VOTES";
+pub const ENV_GROUP_TARGET_VOTES: &str = "TALLY_GROUP_TARGET_VOTES";
+pub const ENV_GROUP_MAX_IN_FLIGHT: &str = "TALLY_GROUP_MAX_IN_FLIGHT";
+pub const ENV_GROUP_LINGER_US: &str = "TALLY_GROUP_LINGER_US";
+pub const ENV_WAIT_REPLICAS: &str = "TALLY_WAIT_REPLICAS";
+pub const ENV_VOTER_RATE: &str = "TALLY_VOTER_RATE";
+pub const ENV_VOTER_BURST: &str = "TALLY_VOTER_BURST";
+pub const ENV_IP_RATE: &str = "TALLY_IP_RATE";
+pub const ENV_IP_BURST: &str = "TALLY_IP_BURST";
+pub const ENV_LIMIT_KEYS: &str = "TALLY_LIMIT_KEYS";
+pub const ENV_BODY_LIMIT: &str = "TALLY_BODY_LIMIT";
+pub const ENV_JWKS_FILE: &str = "TALLY_JWKS_FILE";
+pub const ENV_JWT_ISSUER: &str = "TALLY_JWT_ISSUER";
+pub const ENV_JWT_AUDIENCE: &str = "TALLY_JWT_AUDIENCE";
+pub const ENV_CLOCK_SKEW_MS: &str = "TALLY_CLOCK_SKEW_MS";
+
 /// Most votes one write (one list element) carries.
 pub const DEFAULT_GROUP_MAX_VOTES: usize = 1024;
 /// Votes that end a batch's linger: enough that a write's fixed cost (~50 µs of Redis's CPU on

@@ -4,6 +4,12 @@ use std::time::Duration;
 
 use model::RegionName;
 
+/// Environment variables for the reader's settings (each also a flag of `tally reader`).
+pub const ENV_POSTGRES_SOURCES: &str = "TALLY_POSTGRES_SOURCES";
+pub const ENV_CACHE_TTL_MS: &str = "TALLY_CACHE_TTL_MS";
+pub const ENV_MAX_LAG_MS: &str = "TALLY_MAX_LAG_MS";
+pub const ENV_HEARTBEAT_MS: &str = "TALLY_HEARTBEAT_MS";
+
 /// How long a results snapshot is served before it is refreshed.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_millis(100);
 /// A replica further behind than this is passed over for the next source in the list.

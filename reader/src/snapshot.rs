@@ -112,7 +112,7 @@ pub async fn refresh_loop(
             let Some(client) = conn.client().await else {
                 continue;
             };
-            match tokio::time::timeout(QUERY_TIMEOUT, replication::freshness(client)).await {
+            match tokio::time::timeout(QUERY_TIMEOUT, db::freshness(client)).await {
                 Ok(Ok(f)) => {
                     let lag = f.lag_ms;
                     metrics::gauge!("tally_reader_replica_lag_seconds", "region" => region.clone(), "source" => config.sources[i].name.clone())
@@ -164,7 +164,7 @@ async fn load(
     client: &db::Client,
     config: &Config,
     chosen: usize,
-    f: &replication::Freshness,
+    f: &db::Freshness,
     region: &str,
 ) -> Result<Snapshot, tokio_postgres::Error> {
     let (polls, tallies) = tokio::try_join!(

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod answer;
+pub mod audience;
 pub mod plan;
 pub mod records;
 #[cfg(feature = "route53")]
@@ -11,5 +12,6 @@ pub mod sync;
 pub mod topology;
 
 pub use answer::{answer, route, Location};
+pub use audience::{home_region, VOTER_MIX};
 pub use records::{records, Record};
 pub use topology::{Region, Topology, TopologyError};

@@ -8,7 +8,16 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::failover::{Action, Failover, Observation};
+use crate::fence;
 use crate::ReplicationError;
+
+/// Environment variables for the watcher's settings (each also a flag of `tally replication`).
+pub const ENV_POSTGRES_SERVERS: &str = "TALLY_POSTGRES_SERVERS";
+pub const ENV_DATA_DIRS: &str = "TALLY_DATA_DIRS";
+pub const ENV_PROBE_INTERVAL_MS: &str = "TALLY_PROBE_INTERVAL_MS";
+pub const ENV_FAILOVER_MISSES: &str = "TALLY_FAILOVER_MISSES";
+pub const ENV_FAILOVER: &str = "TALLY_FAILOVER";
+pub const ENV_REPLICA_ROUTES: &str = "TALLY_REPLICA_ROUTES";
 
 /// Time between probe rounds.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
@@ -33,8 +42,6 @@ pub struct Config {
     pub misses_before_failover: u32,
     /// Carry out failovers (else only watch and report).
     pub failover: bool,
-    /// PostgreSQL's binaries, to stop a fenced server that runs on this machine.
-    pub pg_bin: Option<servers::PgBin>,
     /// Where a region's replica reaches another region's server when not at the server's own
     /// address (the local stack's WAN links); re-pointing a replica uses these.
     pub routes: Vec<Route>,
@@ -101,7 +108,7 @@ impl Probe {
         let seen = tokio::time::timeout(PROBE_TIMEOUT, async {
             let client = self.client().await?;
             let row = client.query_one(PROBE, &[]).await?;
-            let lag = crate::freshness(client).await?.lag_ms;
+            let lag = db::freshness(client).await?.lag_ms;
             Ok::<_, ReplicationError>((row, lag))
         })
         .await;
@@ -326,11 +333,9 @@ async fn act(config: &Config, probes: &[Probe], action: &Action) -> Result<(), R
                 .await;
             }
             // On this machine: stop it, and make it come back as a replica.
-            if let (Some(dir), Some(bin)) = (&p.server.data_dir, &config.pg_bin) {
-                let port = port_of(&p.server.url).unwrap_or(5432);
-                let pg = servers::Postgres::new(bin.clone(), dir.clone(), port);
-                let _ = pg.stop(servers::StopMode::Immediate);
-                fence_dir(dir)?;
+            if let Some(dir) = &p.server.data_dir {
+                fence::stop_now(dir);
+                fence::fence_dir(dir)?;
             }
             Ok(())
         }
@@ -415,20 +420,6 @@ async fn each(client: &Client, statements: &[String]) -> Result<(), ReplicationE
     for s in statements {
         client.batch_execute(s).await?;
     }
-    Ok(())
-}
-
-/// The marker, beside a data directory, that says the server was fenced and must be rewound
-/// from the current primary before it starts again.
-pub fn fence_marker(data_dir: &std::path::Path) -> PathBuf {
-    data_dir.with_extension("fenced")
-}
-
-/// Leaves a stopped server set to start as a replica (`standby.signal`), and marked for rewind.
-pub fn fence_dir(data_dir: &std::path::Path) -> Result<(), ReplicationError> {
-    let io = |e: std::io::Error| ReplicationError::Io(format!("{}: {e}", data_dir.display()));
-    std::fs::write(data_dir.join("standby.signal"), b"").map_err(io)?;
-    std::fs::write(fence_marker(data_dir), b"fenced by tally replication\n").map_err(io)?;
     Ok(())
 }
 

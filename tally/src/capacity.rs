@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::edge::{home_region, VOTER_MIX};
+use regions::{home_region, VOTER_MIX};
 
 /// Votes/s one ingest core takes: `tally bench ingest --connections 256` answered 32,255 votes/s
 /// with two server threads on a 2-core machine that also ran Redis and the load generator.
@@ -223,6 +223,44 @@ pub fn print(plan: &Plan) {
         "postgresql: {} vCPUs ({}) for the primary and each replica; redis: {} nodes, one per shard",
         plan.postgres_vcpus, plan.postgres_instance, plan.redis_node
     );
+}
+
+/// `tally capacity`'s inputs.
+#[derive(Debug, clap::Args)]
+pub struct CapacityArgs {
+    /// Peak votes per second, all regions together.
+    #[arg(long, default_value_t = 250_000.0)]
+    rate: f64,
+    /// Peak results requests per second, all regions together.
+    #[arg(long, default_value_t = 50_000.0)]
+    reads: f64,
+    /// Share of capacity busy at peak; the rest is headroom.
+    #[arg(long, default_value_t = 0.6)]
+    utilisation: f64,
+    /// Quiet hours' load as a share of the peak (the autoscalers' lower bound).
+    #[arg(long, default_value_t = 0.1)]
+    quiet: f64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CapacityArgs {
+    pub fn run(&self) -> anyhow::Result<()> {
+        let inputs = Inputs {
+            votes_per_second: self.rate,
+            reads_per_second: self.reads,
+            utilisation: self.utilisation,
+            quiet_fraction: self.quiet,
+        };
+        let plan = plan(&inputs).map_err(crate::usage::bad)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            print(&plan);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ use tokio::net::TcpListener;
 
 pub use link::Links;
 
+/// Environment variables for `tally wan`'s settings (each also a flag).
+pub const ENV_WAN_LINKS: &str = "TALLY_WAN_LINKS";
+pub const ENV_WAN_DELAY_MS: &str = "TALLY_WAN_DELAY_MS";
+
 /// Bytes read from one side per chunk.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Chunks held per direction of a connection before its reader waits: enough for a link to

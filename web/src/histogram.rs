@@ -12,7 +12,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use crate::metrics_endpoint::SECONDS_BUCKETS;
+/// Latency buckets (seconds) for every `_seconds` histogram, this one's and the recorder's: 100 µs to 10 s.
+pub(crate) const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 /// Counters are kept this many times over, each thread adding to one of them, so two cores
 /// recording at once do not pull one cache line back and forth.

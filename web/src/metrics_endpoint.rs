@@ -7,13 +7,9 @@ use std::time::Duration;
 use hyper::{Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::histogram::SECONDS_BUCKETS;
 use crate::{text, Body};
 
-/// Latency buckets (seconds) for every `_seconds` histogram: 100 µs to 10 s.
-pub(crate) const SECONDS_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
 /// Buckets for batch sizes (`_size` histograms).
 const SIZE_BUCKETS: &[f64] = &[
     1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0,

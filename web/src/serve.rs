@@ -19,6 +19,11 @@ use tokio::sync::Semaphore;
 
 use crate::Body;
 
+/// Environment variables for the settings every role's server shares.
+pub const ENV_LISTEN: &str = "TALLY_LISTEN";
+pub const ENV_REGION: &str = "TALLY_REGION";
+pub const ENV_MAX_CONNECTIONS: &str = "TALLY_MAX_CONNECTIONS";
+
 /// The accept loop's list of open connections is swept of closed ones whenever its length doubles
 /// past the last sweep, starting here: amortised, and bounded by twice the open connections.
 const PRUNE_FIRST_AT: usize = 1024;

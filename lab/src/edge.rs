@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use model::RegionName;
-use regions::{Location, Record, Topology};
+use regions::{home_region, Location, Record, Topology, VOTER_MIX};
 
 use crate::local::Stack;
 
@@ -18,28 +18,6 @@ use crate::local::Stack;
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Failed probes in a row before a region is unhealthy (one success makes it healthy again).
 pub const FAILURE_THRESHOLD: u32 = 2;
-
-/// Where voters are, and their share of all votes.
-pub const VOTER_MIX: &[(&str, f64)] = &[
-    ("NA", 0.30),
-    ("SA", 0.08),
-    ("EU", 0.27),
-    ("AF", 0.05),
-    ("AS", 0.25),
-    ("OC", 0.05),
-];
-
-/// The region Route53 sends voters of `continent` to while every region is healthy.
-pub fn home_region(topology: &Topology, records: &[Record], continent: &str) -> String {
-    regions::route(
-        topology,
-        records,
-        &|_| true,
-        &Location::continent(continent),
-    )
-    .map(|r| r.name.to_string())
-    .unwrap_or_else(|| topology.primary().name.to_string())
-}
 
 /// A change of route: at `at` seconds after the edge started, `continent`'s voters went to `region`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -178,21 +156,5 @@ impl Edge {
                 });
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_voter_mix_covers_everyone_and_lands_where_the_topology_says() {
-        let total: f64 = VOTER_MIX.iter().map(|(_, s)| s).sum();
-        assert!((total - 1.0).abs() < 1e-9);
-        let t = Topology::standard();
-        let records = regions::records(&t);
-        assert_eq!(home_region(&t, &records, "EU"), "eu-west-1");
-        assert_eq!(home_region(&t, &records, "SA"), "us-east-1");
-        assert_eq!(home_region(&t, &records, "OC"), "ap-southeast-1");
     }
 }

@@ -12,24 +12,11 @@ use anyhow::Context;
 use bench::load::{open_loop, MakeRequest, Sample};
 use bytes::Bytes;
 use http_body_util::Full;
-use serde::Serialize;
 
-use crate::edge::{Edge, RouteChange, VOTER_MIX};
-use crate::local::{slot_name, Stack};
-use crate::report::{RegionRecorder, Series, Timeline};
-
-/// The polls a load votes in, with how popular each is; options within a poll are skewed too
-/// (the first twice as popular as the second, three times the third, ...). `tally local up`
-/// creates them.
-pub const POLLS: &[(&str, &[&str], f64)] = &[
-    ("default", &["a", "b"], 0.6),
-    (
-        "song-contest",
-        &["norway", "sweden", "italy", "spain", "ukraine"],
-        0.3,
-    ),
-    ("best-host", &["ana", "ben", "chloe"], 0.1),
-];
+use crate::edge::Edge;
+use crate::local::{slot_name, Stack, POLLS};
+use crate::report::{RegionRecorder, RegionReport, Report, Series, Timeline};
+use regions::VOTER_MIX;
 
 /// The `h`-th pick of a poll and an option, by popularity (`h` is a uniform hash).
 fn pick_vote(h: u64) -> (&'static str, &'static str) {
@@ -61,37 +48,6 @@ pub struct Options {
     pub voters: u64,
     pub connections_per_region: usize,
     pub progress: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub acknowledged: u64,
-    pub counted: u64,
-    pub lost: u64,
-    pub doubled: u64,
-    pub rate_target: f64,
-    pub rate_achieved: f64,
-    pub seconds: f64,
-    pub statuses: std::collections::BTreeMap<u16, u64>,
-    pub transport_errors: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub voters: usize,
-    /// Per region: acknowledged votes, and whether its reader shows the primary's counts in every poll.
-    pub regions: Vec<RegionReport>,
-    pub drained_in_seconds: f64,
-    /// When the edge sent a continent's voters to another region (a region's health changed).
-    pub route_changes: Vec<RouteChange>,
-    pub timeline: Timeline,
-}
-
-#[derive(Debug, Serialize)]
-pub struct RegionReport {
-    pub name: String,
-    pub acknowledged: u64,
-    pub results_match_primary: bool,
-    pub reader_total: i64,
 }
 
 /// Latest acknowledged vote id per voter, and how many votes were acknowledged.
@@ -368,7 +324,7 @@ async fn sample_every_second(
             }
         }
         let Some(primary) = &primary else { continue };
-        let Ok(now) = replication::replica_lags(primary).await else {
+        let Ok(now) = db::replica_lags(primary).await else {
             continue;
         };
         for (series, region) in lags
@@ -417,7 +373,7 @@ pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let primary = db::connect(&stack.primary_url()).await?;
-    let lsn = replication::current_lsn(&primary).await?;
+    let lsn = db::current_lsn(&primary).await?;
     // Every server is asked, not the ones the data directories call replicas: while a failed
     // primary is rewound its directory looks like a primary's, and the real primary would then be
     // waited on as a replica, for ever.
@@ -425,7 +381,7 @@ pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> 
         // A replica just rewound or restarted refuses connections until it is consistent.
         loop {
             let caught_up = match db::connect(&stack.server_url(r)).await {
-                Ok(server) => replication::has_replayed(&server, &lsn).await.ok(),
+                Ok(server) => db::has_replayed(&server, &lsn).await.ok(),
                 Err(_) => None,
             };
             if caught_up == Some(true) {

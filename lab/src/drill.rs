@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::load::{self, Live};
 use crate::local::{self, Stack};
+use crate::report;
 
 /// Votes acknowledged before the fault, so it strikes a plane at work.
 const WARM_VOTES: u64 = 2_000;
@@ -90,7 +91,7 @@ pub struct DrillReport {
     pub rejoin_seconds: f64,
     /// The new primary, for a primary failover.
     pub new_primary: Option<String>,
-    pub load: load::Report,
+    pub load: report::Report,
 }
 
 /// What a drill found: the votes, and how long the plane took.
@@ -380,7 +381,7 @@ async fn redis_down(
 /// Is the region's server a replica streaming from the primary?
 async fn streaming(stack: &Stack, r: &local::RegionPorts) -> bool {
     match db::connect(&stack.server_url(r)).await {
-        Ok(c) => replication::freshness(&c)
+        Ok(c) => db::freshness(&c)
             .await
             .is_ok_and(|f| !f.in_recovery || f.streaming),
         Err(_) => false,
@@ -473,7 +474,7 @@ async fn clock_skew(
                 &stack,
                 &r,
                 "ingest",
-                vec![(crate::roles::ENV_CLOCK_SKEW_MS, ms.to_string())],
+                vec![(ingest::config::ENV_CLOCK_SKEW_MS, ms.to_string())],
             )?;
             local::wait_ready(&stack, &r.name, "ingest", r.ingest)
         })

@@ -12,6 +12,18 @@ use regions::Topology;
 use serde::{Deserialize, Serialize};
 use servers::{free_port, pid_alive, Fsync, Moto, PgBin, Postgres, Prometheus, Redis, StopMode};
 
+/// The polls the stack creates and a load votes in, with how popular each is; options within a poll are skewed too
+/// (the first twice as popular as the second, three times the third, ...).
+pub const POLLS: &[(&str, &[&str], f64)] = &[
+    ("default", &["a", "b"], 0.6),
+    (
+        "song-contest",
+        &["norway", "sweden", "italy", "spain", "ukraine"],
+        0.3,
+    ),
+    ("best-host", &["ana", "ben", "chloe"], 0.1),
+];
+
 const STATE_FILE: &str = "stack.json";
 /// How long a role process gets to answer `/readyz` after it starts.
 const ROLE_READY_WITHIN: Duration = Duration::from_secs(30);
@@ -334,7 +346,10 @@ impl Stack {
     }
 
     fn role_env(&self, r: &RegionPorts, role: &str) -> Vec<(&'static str, String)> {
-        use crate::roles::*;
+        use aggregator::config::ENV_WORKER_ID;
+        use ingest::config::{ENV_IP_RATE, ENV_POSTGRES_URL, ENV_REDIS_URLS};
+        use reader::config::ENV_POSTGRES_SOURCES;
+        use web::{ENV_LISTEN, ENV_REGION};
         let redis = r
             .redis
             .iter()
@@ -368,7 +383,8 @@ impl Stack {
     /// `tally replication`'s settings: every region's server, and where its data lives so a
     /// failed primary can be fenced.
     fn replication_env(&self) -> Vec<(&'static str, String)> {
-        use crate::roles::*;
+        use replication::watch::{ENV_DATA_DIRS, ENV_POSTGRES_SERVERS, ENV_REPLICA_ROUTES};
+        use web::ENV_LISTEN;
         let each = |f: &dyn Fn(&RegionPorts) -> String| {
             self.regions
                 .iter()
@@ -396,7 +412,8 @@ impl Stack {
 
     /// `tally wan`'s settings: a link per ordered pair of regions, to the server of the second.
     fn wan_env(&self) -> Vec<(&'static str, String)> {
-        use crate::roles::*;
+        use wan::{ENV_WAN_DELAY_MS, ENV_WAN_LINKS};
+        use web::ENV_LISTEN;
         let links = self
             .links
             .iter()
@@ -528,7 +545,7 @@ pub fn up(dir: &Path, fsync: Fsync, wan_ms: Option<u64>) -> anyhow::Result<Stack
         db::ensure_database(&primary.admin_url(), db::DATABASE).await?;
         let mut client = db::connect(&stack.server_url(&primary_region)).await?;
         db::migrate(&mut client).await?;
-        for (id, options, _) in crate::load::POLLS {
+        for (id, options, _) in POLLS {
             match db::create_poll(&mut client, &model::Poll::new(id, options)?).await {
                 Ok(()) | Err(db::DbError::PollExists(_)) => {}
                 Err(e) => return Err(e.into()),
@@ -791,18 +808,15 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (lags, own): (
-        Vec<replication::ReplicaLag>,
-        Vec<Option<replication::Freshness>>,
-    ) = rt.block_on(async {
+    let (lags, own): (Vec<db::ReplicaLag>, Vec<Option<db::Freshness>>) = rt.block_on(async {
         let lags = match db::connect(&stack.primary_url()).await {
-            Ok(c) => replication::replica_lags(&c).await.unwrap_or_default(),
+            Ok(c) => db::replica_lags(&c).await.unwrap_or_default(),
             Err(_) => Vec::new(),
         };
         let mut own = Vec::new();
         for r in &stack.regions {
             let seen = match db::connect(&stack.server_url(r)).await {
-                Ok(c) => replication::freshness(&c).await.ok(),
+                Ok(c) => db::freshness(&c).await.ok(),
                 Err(_) => None,
             };
             own.push(seen);

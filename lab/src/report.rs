@@ -9,7 +9,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::load::Report;
+use crate::edge::RouteChange;
 
 /// The percentiles plotted and reported for the whole run.
 pub const PERCENTILES: &[(f64, &str)] = &[
@@ -22,6 +22,37 @@ pub const PERCENTILES: &[(f64, &str)] = &[
 ];
 
 /// A named line: `[x, y]` points.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub acknowledged: u64,
+    pub counted: u64,
+    pub lost: u64,
+    pub doubled: u64,
+    pub rate_target: f64,
+    pub rate_achieved: f64,
+    pub seconds: f64,
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub voters: usize,
+    /// Per region: acknowledged votes, and whether its reader shows the primary's counts in every poll.
+    pub regions: Vec<RegionReport>,
+    pub drained_in_seconds: f64,
+    /// When the edge sent a continent's voters to another region (a region's health changed).
+    pub route_changes: Vec<RouteChange>,
+    pub timeline: Timeline,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RegionReport {
+    pub name: String,
+    pub acknowledged: u64,
+    pub results_match_primary: bool,
+    pub reader_total: i64,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Series {
     pub name: String,

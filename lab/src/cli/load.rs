@@ -1,0 +1,186 @@
+//! `tally local`, `tally load` and `tally demo`: the local stack, a load against it, and both
+//! together with the report.
+
+use std::path::PathBuf;
+
+use super::{DirArg, LocalCmd};
+use crate::{load, local, report};
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Votes per second, all regions together (open loop: sent on schedule, answered or not).
+    #[arg(long, default_value_t = 2_000.0)]
+    rate: f64,
+    /// How long to send votes.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Distinct voters; fewer voters than votes means some vote again and may change their vote.
+    #[arg(long, default_value_t = 20_000)]
+    voters: u64,
+    /// Keep-alive connections per region.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Where to write report.json and report.html (default: a new folder under the stack's `reports/`).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+impl LoadArgs {
+    fn options(&self) -> load::Options {
+        load::Options {
+            rate: self.rate,
+            duration: std::time::Duration::from_secs(self.seconds),
+            voters: self.voters,
+            connections_per_region: self.connections,
+            progress: true,
+        }
+    }
+}
+
+/// Saves the JSON and HTML reports, then prints the summary (or the whole report as JSON).
+fn print_report(
+    report: &report::Report,
+    args: &LoadArgs,
+    stack: &local::Stack,
+) -> anyhow::Result<()> {
+    let dir = args.report.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        stack
+            .dir
+            .join("reports")
+            .join(format!("load-{}", now.as_secs()))
+    });
+    let page = report::save(report, &dir)?;
+    if args.json {
+        eprintln!("report: {}", page.display());
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    println!(
+        "acknowledged {}  counted {}  lost {}  doubled {}",
+        report.acknowledged, report.counted, report.lost, report.doubled
+    );
+    println!(
+        "rate {:.0}/s (target {:.0}/s) over {:.1}s; latency p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms; statuses {:?}",
+        report.rate_achieved, report.rate_target, report.seconds, report.p50_ms, report.p99_ms, report.p999_ms, report.statuses
+    );
+    for r in &report.regions {
+        println!(
+            "  {:<15} {:>8} acknowledged; its reader shows {} votes ({})",
+            r.name,
+            r.acknowledged,
+            r.reader_total,
+            if r.results_match_primary {
+                "same as the primary"
+            } else {
+                "DIFFERENT from the primary"
+            }
+        );
+    }
+    println!(
+        "queues drained {:.1}s after the last vote",
+        report.drained_in_seconds
+    );
+    println!("report: {} (and report.json beside it)", page.display());
+    Ok(())
+}
+
+/// A load that lost or doubled a vote fails the command.
+pub fn check(report: &report::Report) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        report.lost == 0 && report.doubled == 0,
+        "{} votes lost, {} doubled",
+        report.lost,
+        report.doubled
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// When Redis fsyncs its append-only file: `everysec` (a Redis crash loses nothing
+    /// acknowledged, an OS crash may lose a second) or `always` (not even that; slower).
+    #[arg(long, env = "TALLY_REDIS_FSYNC", default_value = "everysec")]
+    redis_fsync: servers::Fsync,
+    /// One-way delay, in milliseconds, on every connection between regions (replication
+    /// streams, cross-region writes and reads), as real distance would add. Kept for later
+    /// runs; given to a running stack, it applies at once. Default: the stack's (0 when new).
+    #[arg(long, env = "TALLY_WAN_MS")]
+    wan_ms: Option<u64>,
+}
+
+/// `tally local up|status|down`.
+pub fn local(command: LocalCmd) -> anyhow::Result<()> {
+    match command {
+        LocalCmd::Up(args) => {
+            let stack = local::up(&args.dir.path(), args.redis_fsync, args.wan_ms)?;
+            local::print_status(&local::status(&stack.dir)?);
+        }
+        LocalCmd::Status { dir, json } => {
+            let status = local::status(&dir.path())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                local::print_status(&status);
+            }
+        }
+        LocalCmd::Down(dir) => {
+            local::down(&dir.path())?;
+            println!("local stack in {} stopped", dir.path().display());
+        }
+    }
+    Ok(())
+}
+
+/// `tally load`: against the running local stack.
+pub fn load(dir: &DirArg, args: &LoadArgs) -> anyhow::Result<()> {
+    let stack = local::Stack::require(&dir.path())?;
+    let report = super::runtime()?.block_on(load::run(&stack, &args.options()))?;
+    print_report(&report, args, &stack)?;
+    check(&report)
+}
+
+/// `tally demo`: the stack up, a load, the report; the stack stopped unless `keep`.
+pub fn demo(up: &UpArgs, args: &LoadArgs, keep: bool) -> anyhow::Result<()> {
+    let dir = up.dir.path();
+    eprintln!("starting three regions in {} ...", dir.display());
+    let stack = local::up(&dir, up.redis_fsync, up.wan_ms)?;
+    let report = match super::runtime()?.block_on(load::run(&stack, &args.options())) {
+        Ok(r) => r,
+        Err(e) => {
+            if !keep {
+                local::down(&dir)?;
+            }
+            return Err(e);
+        }
+    };
+    print_report(&report, args, &stack)?;
+    if keep {
+        if !args.json {
+            println!("live results pages:");
+            for r in &stack.regions {
+                println!(
+                    "  {:<15} http://127.0.0.1:{}/?poll=default",
+                    r.name, r.reader
+                );
+            }
+        }
+        eprintln!(
+            "the stack keeps running; stop it with `tally local down --dir {}`",
+            dir.display()
+        );
+    } else {
+        local::down(&dir)?;
+        if !args.json {
+            println!("the stack is stopped; `tally demo --keep` leaves it and its live results pages running");
+        }
+    }
+    check(&report)
+}
