@@ -213,6 +213,41 @@ def dashboards():
         check(f"{os.path.basename(path)}: {len(d['panels'])} panels, each with a query", d["panels"] and all(exprs) and all(p.get("targets") for p in d["panels"]))
 
 
+# Crates the plane's image must never link: the lab, its fixtures and servers, and the AWS SDK.
+LAB_CRATES = {"lab", "harness", "bench", "servers", "wan"}
+
+
+def lab_crates_in(tree):
+    """The lab and AWS SDK crates among `cargo tree --prefix none` output lines."""
+    names = {line.split(" ")[0] for line in tree.splitlines() if line.strip()}
+    return sorted(n for n in names if n in LAB_CRATES or n.startswith("aws-"))
+
+
+def image_build_args(dockerfile="Dockerfile"):
+    """The `cargo build` arguments of the Dockerfile's build step, without the profile flags."""
+    with open(dockerfile) as f:
+        for line in f:
+            if line.startswith("RUN cargo build"):
+                args = line.split("&&")[0].split()[3:]
+                return [a for a in args if a not in ("--release", "--locked")]
+    return None
+
+
+def image_checks():
+    args = image_build_args()
+    check("the Dockerfile builds tally with cargo", args is not None and "tally" in args)
+    if args is None:
+        return
+    out = run(["cargo", "tree", "-e", "normal", "--prefix", "none", *args])
+    check("cargo tree of the image's build", out.returncode == 0, out.stderr.strip()[-2000:])
+    found = lab_crates_in(out.stdout)
+    check(f"the image ({' '.join(args)}) links no lab crate and no AWS SDK", not found, ", ".join(found))
+    # The check must be able to fail: the same build with the lab turned on is caught.
+    with_lab = run(["cargo", "tree", "-e", "normal", "--prefix", "none", *args, "--features", "lab,route53"])
+    caught = lab_crates_in(with_lab.stdout)
+    check("self-test: the same build with the lab and Route53 is caught", {"lab", "harness", "servers"} <= set(caught) and any(c.startswith("aws-") for c in caught), ", ".join(caught))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tally", required=True)
@@ -227,6 +262,7 @@ def main():
                 overlay_assertions(region, rendered[region], plan)
         if all(rendered.values()):
             overlays_differ_only_by_region(rendered)
+        image_checks()
         terraform_checks()
         checkov()
         promtool(tmp)

@@ -115,58 +115,11 @@ impl<T: Weighed> Batcher<T> {
     }
 }
 
-/// The latest vote of each (poll, voter) in a batch, sorted by (poll, voter): what the upsert
-/// needs (one row per voter, or PostgreSQL refuses to touch a row twice in one statement), in the
-/// ballots index's order. Latest is the greatest `(cast_at, vote id)`, as in PostgreSQL.
-pub fn latest_per_voter<'a>(
-    votes: impl IntoIterator<Item = &'a model::Vote>,
-) -> Vec<&'a model::Vote> {
-    let mut all: Vec<&model::Vote> = votes.into_iter().collect();
-    all.sort_unstable_by(|a, b| {
-        (a.poll.as_str(), a.voter.as_str())
-            .cmp(&(b.poll.as_str(), b.voter.as_str()))
-            .then_with(|| b.order_key().cmp(&a.order_key()))
-    });
-    all.dedup_by(|later, first| later.poll == first.poll && later.voter == first.voter);
-    all
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::time::Duration;
-
-    proptest! {
-        #[test]
-        fn latest_per_voter_keeps_exactly_the_newest_vote_of_each_voter(
-            raw in proptest::collection::vec((0u8..4, 0u8..20, 0u64..50, any::<u64>(), 0u8..3), 0..300)
-        ) {
-            let votes: Vec<model::Vote> = raw.iter().map(|&(p, v, at, id, o)| model::Vote {
-                id: model::VoteId(id as u128),
-                poll: model::PollId::new(format!("p{p}")).unwrap(),
-                option: model::OptionId::new(format!("o{o}")).unwrap(),
-                voter: model::VoterId::new(format!("v{v}")).unwrap(),
-                cast_at: model::Stamp(at),
-                region: model::RegionName::new("r").unwrap(),
-            }).collect();
-            let mut want: std::collections::HashMap<(String, String), &model::Vote> = Default::default();
-            for v in &votes {
-                let k = (v.poll.to_string(), v.voter.to_string());
-                if want.get(&k).is_none_or(|cur| cur.order_key() < v.order_key()) {
-                    want.insert(k, v);
-                }
-            }
-            let got = latest_per_voter(&votes);
-            prop_assert_eq!(got.len(), want.len());
-            for w in got.windows(2) {
-                prop_assert!((w[0].poll.as_str(), w[0].voter.as_str()) < (w[1].poll.as_str(), w[1].voter.as_str()));
-            }
-            for v in got {
-                prop_assert_eq!(v.order_key(), want[&(v.poll.to_string(), v.voter.to_string())].order_key());
-            }
-        }
-    }
 
     #[derive(Debug, Clone, PartialEq)]
     struct C(usize, usize, u32);

@@ -2,14 +2,33 @@
 //! statement that upserts ballots (latest vote wins) and applies the resulting deltas to the
 //! tallies, all in one transaction. Re-delivering any batch, in any order, changes nothing.
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::SinkExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
-/// The upsert, over a stage holding one row per (poll, voter) (see `batch::latest_per_voter`).
+use crate::ack::{self, Pending};
+use crate::batch::Batch;
+use crate::encode;
+use crate::lanes::Part;
+
+/// The staging table, per connection, emptied by every commit; its columns are the order
+/// [`encode::encode`] writes them in.
+pub const CREATE_STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS vote_stage (
+    poll_id text NOT NULL, voter_id text NOT NULL, option text NOT NULL,
+    vote_id uuid NOT NULL, cast_at int8 NOT NULL, region text NOT NULL
+) ON COMMIT DELETE ROWS";
+
+pub const COPY_STAGE: &str =
+    "COPY vote_stage (poll_id, voter_id, option, vote_id, cast_at, region) FROM STDIN (FORMAT binary)";
+
+/// The upsert, over a stage holding one row per (poll, voter) (see `encode::latest_per_voter`).
 /// `replaced_option = b.option` reads the locked, current row, so when two
 /// writers race on one voter each sees the other's committed option and the tallies stay exact.
 /// Deltas go to this writer's own tally part (`$1`), so writers never queue on hot count rows.
@@ -114,8 +133,8 @@ impl Writer {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        client.batch_execute(crate::copy::CREATE_STAGE).await?;
-        let copy = client.prepare(crate::copy::COPY_STAGE).await?;
+        client.batch_execute(CREATE_STAGE).await?;
+        let copy = client.prepare(COPY_STAGE).await?;
         let upsert = client.prepare(UPSERT).await?;
         self.conn = Some(Connection {
             client,
@@ -192,4 +211,78 @@ pub enum WriteOutcome {
     /// Shutting down while PostgreSQL is away: the batch stays in Redis for the next run.
     Abandoned,
     Fatal(FatalWrite),
+}
+
+/// A writer lane: each batch the lane's batcher hands on is encoded, written in one
+/// transaction and, for every chunk whose last part this was, acknowledged.
+pub async fn write_loop(
+    mut writer: Writer,
+    mut batches: mpsc::Receiver<Batch<Part>>,
+    acks: Vec<ConnectionManager>,
+    region: String,
+    stop: watch::Receiver<bool>,
+    retry_max: Duration,
+) -> Result<(), FatalWrite> {
+    let committed =
+        metrics::counter!("tally_aggregator_votes_committed_total", "region" => region.clone());
+    let batch_size = metrics::histogram!("tally_aggregator_batch_size", "region" => region.clone());
+    let write_seconds =
+        metrics::histogram!("tally_aggregator_write_seconds", "region" => region.clone());
+    let commit_lag =
+        metrics::histogram!("tally_aggregator_commit_lag_seconds", "region" => region.clone());
+    let mut copy = bytes::BytesMut::new();
+    loop {
+        let Some(batch) = batches.recv().await else {
+            return Ok(());
+        };
+        metrics::counter!("tally_aggregator_flushes_total", "region" => region.clone(), "reason" => batch.reason.as_str()).increment(1);
+        let count = batch.items.iter().map(|c| c.votes.len()).sum::<usize>();
+        if count > 0 {
+            let latest = encode::latest_per_voter(batch.items.iter().flat_map(|c| c.votes.iter()));
+            let oldest = batch
+                .items
+                .iter()
+                .flat_map(|c| c.votes.iter())
+                .map(|v| v.cast_at.0)
+                .min()
+                .unwrap_or(0);
+            copy.clear();
+            encode::encode(latest, &mut copy);
+            let started = Instant::now();
+            match writer.write(copy.split().freeze(), &stop).await {
+                Ok(_) => {}
+                // Leave the chunks' in-flight lists in Redis: the next run writes them.
+                Err(WriteOutcome::Abandoned) => continue,
+                Err(WriteOutcome::Fatal(e)) => {
+                    tracing::error!(error = %e, "stopping: a batch cannot be written; its votes stay in Redis");
+                    return Err(e);
+                }
+            }
+            write_seconds.record(started.elapsed().as_secs_f64());
+            tracing::debug!(
+                votes = count,
+                chunks = batch.items.len(),
+                reason = batch.reason.as_str(),
+                seconds = started.elapsed().as_secs_f64(),
+                "batch committed"
+            );
+            let lag = model::Stamp::now().0.saturating_sub(oldest) as f64 / 1e6;
+            commit_lag.record(lag);
+            committed.increment(count as u64);
+        }
+        batch_size.record(batch.events as f64);
+        // A chunk is acknowledged by the last lane to commit its votes.
+        let complete: Vec<&Arc<Pending>> = batch
+            .items
+            .iter()
+            .filter(|part| part.chunk.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
+            .map(|part| &part.chunk)
+            .collect();
+        let acks_done = complete.into_iter().map(|chunk| {
+            let mut conn = acks[chunk.shard].clone();
+            let region = region.clone();
+            async move { ack::ack(&mut conn, chunk, &region, retry_max).await }
+        });
+        futures_util::future::join_all(acks_done).await;
+    }
 }

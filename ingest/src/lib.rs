@@ -5,6 +5,7 @@
 // pages and a check prefetches its bucket, and those two functions allow it.
 #![deny(unsafe_code)]
 
+mod accumulator;
 pub mod auth;
 pub mod config;
 mod group;
@@ -13,6 +14,7 @@ pub mod limit;
 mod page;
 pub mod request;
 mod shards;
+mod writer;
 
 use std::future::Future;
 use std::sync::Arc;

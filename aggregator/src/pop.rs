@@ -1,4 +1,4 @@
-//! Shard readers: move elements (each one or more votes back to back, see [`model::queue`]) out
+//! The first stage. Shard readers: move elements (each one or more votes back to back, see [`model::queue`]) out
 //! of a shard's queue into this worker's in-flight lists (an atomic Lua move: a vote is always in
 //! exactly one list), decode them into chunks, and hand the chunks to the batcher through a
 //! lock-free queue. A chunk's in-flight list is deleted only after its batch has committed (see
@@ -18,8 +18,6 @@ use model::{queue, Vote};
 use redis::aio::ConnectionManager;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::batch::Weighed;
-
 /// Moves up to ARGV[1] elements from the queue's head to the in-flight list, atomically.
 /// `unpack` is chunked to stay under Lua's stack limit.
 const MOVE: &str = r#"
@@ -29,21 +27,6 @@ for i = 1, #items, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, #items)))
 end
 return items
-"#;
-
-/// Stores ARGV[2..] (dead letters) on KEYS[2], deletes the in-flight list KEYS[1] and lowers
-/// the shard's count of stored votes KEYS[3] by the ARGV[1] votes it held, if that list still
-/// exists: an acknowledgement applied once whose reply was lost is not applied again. Votes
-/// pushed without being counted (by hand, by tools) would take the count below zero: it stops
-/// at zero.
-const ACK: &str = r#"
-if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
-for i = 2, #ARGV, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-redis.call('DEL', KEYS[1])
-if redis.call('DECRBY', KEYS[3], ARGV[1]) < 0 then redis.call('SET', KEYS[3], 0) end
-return 1
 "#;
 
 /// One move's worth of votes, tied to the in-flight list that holds them in Redis.
@@ -56,7 +39,7 @@ pub struct Chunk {
     /// Dead letters (`reason\npayload`) to write when this chunk is acknowledged.
     pub dead: Vec<(&'static str, Vec<u8>)>,
     pub bytes: usize,
-    _claim: Claim,
+    pub(crate) _claim: Claim,
 }
 
 /// The in-flight lists a reader has handed on and not yet seen acknowledged (or given up on).
@@ -71,7 +54,7 @@ impl Claims {
 
 /// A chunk's place: its permit bounds how many chunks a shard may have taken and not yet
 /// acknowledged, and its key stays claimed until the chunk is gone.
-struct Claim {
+pub(crate) struct Claim {
     _permit: OwnedSemaphorePermit,
     key: String,
     claims: Claims,
@@ -360,113 +343,6 @@ impl Reader {
         }
         self.wake.notify_one();
     }
-}
-
-/// What acknowledging a chunk needs once all its votes are committed, wherever they went.
-pub struct Pending {
-    pub shard: usize,
-    pub key: String,
-    pub held: u64,
-    pub dead: Vec<(&'static str, Vec<u8>)>,
-    /// Lanes still writing part of this chunk; the last to commit acknowledges it.
-    pub remaining: std::sync::atomic::AtomicUsize,
-    _claim: Claim,
-}
-
-/// The votes of one chunk that belong to one writer lane.
-pub struct Part {
-    pub chunk: Arc<Pending>,
-    pub votes: Vec<Vote>,
-    pub bytes: usize,
-}
-
-impl Weighed for Part {
-    fn events(&self) -> usize {
-        self.votes.len()
-    }
-    fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-impl Chunk {
-    /// Splits the chunk by voter over `lanes` writers: one voter's votes always go to one lane,
-    /// so concurrent batches never wait on each other's ballot rows. Returns the parts (empty
-    /// lanes left out) and, when no lane got a vote, the chunk to acknowledge at once.
-    pub fn split(self, lanes: usize) -> (Vec<(usize, Part)>, Option<Arc<Pending>>) {
-        let mut by_lane: Vec<Vec<Vote>> = (0..lanes).map(|_| Vec::new()).collect();
-        for v in self.votes {
-            by_lane[model::shard_of(v.poll.as_str(), v.voter.as_str(), lanes as u32) as usize]
-                .push(v);
-        }
-        let used = by_lane.iter().filter(|v| !v.is_empty()).count();
-        let per_vote = self.bytes / (by_lane.iter().map(Vec::len).sum::<usize>().max(1));
-        let pending = Arc::new(Pending {
-            shard: self.shard,
-            key: self.key,
-            held: self.held,
-            dead: self.dead,
-            remaining: std::sync::atomic::AtomicUsize::new(used),
-            _claim: self._claim,
-        });
-        if used == 0 {
-            return (Vec::new(), Some(pending));
-        }
-        let parts = by_lane
-            .into_iter()
-            .enumerate()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(lane, votes)| {
-                (
-                    lane,
-                    Part {
-                        chunk: pending.clone(),
-                        bytes: votes.len() * per_vote,
-                        votes,
-                    },
-                )
-            })
-            .collect();
-        (parts, None)
-    }
-}
-
-/// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted
-/// in one script, only while the list exists, so a retry after a lost reply stores nothing twice.
-/// Retried; if Redis stays away the list remains, unclaimed once this returns, and its reader
-/// takes it back after its next error or within a recovery period (or the next run does), which
-/// changes nothing in PostgreSQL.
-pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
-    let script = redis::Script::new(ACK);
-    let mut invocation = script.prepare_invoke();
-    invocation
-        .key(&chunk.key)
-        .key(queue::DEAD_LETTERS)
-        .key(queue::STORED)
-        .arg(chunk.held);
-    for (reason, payload) in &chunk.dead {
-        invocation.arg(queue::dead_letter(reason, payload));
-    }
-    let mut backoff = Duration::from_millis(20);
-    for attempt in 0..10 {
-        match invocation.invoke_async::<bool>(conn).await {
-            Ok(acknowledged_now) => {
-                if acknowledged_now {
-                    for (reason, _) in &chunk.dead {
-                        metrics::counter!("tally_aggregator_dead_letters_total", "region" => region.to_string(), "reason" => *reason)
-                            .increment(1);
-                    }
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(attempt, error = %e, key = %chunk.key, "ack failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(retry_max);
-            }
-        }
-    }
-    tracing::error!(key = %chunk.key, "ack gave up; the chunk will be re-delivered");
 }
 
 /// Elements to move for about `pop_size` votes when recent elements held `votes_per_element`.

@@ -1,0 +1,74 @@
+//! The last stage: once every lane holding part of a chunk has committed it, its in-flight list
+//! is deleted, its dead letters stored and the shard's count of stored votes lowered, in one
+//! script that does nothing once the list is gone. A vote leaves Redis only here.
+
+use std::time::Duration;
+
+use model::queue;
+use redis::aio::ConnectionManager;
+
+use crate::pop::Claim;
+
+/// Stores ARGV[2..] (dead letters) on KEYS[2], deletes the in-flight list KEYS[1] and lowers
+/// the shard's count of stored votes KEYS[3] by the ARGV[1] votes it held, if that list still
+/// exists: an acknowledgement applied once whose reply was lost is not applied again. Votes
+/// pushed without being counted (by hand, by tools) would take the count below zero: it stops
+/// at zero.
+const ACK: &str = r#"
+if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
+for i = 2, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('DEL', KEYS[1])
+if redis.call('DECRBY', KEYS[3], ARGV[1]) < 0 then redis.call('SET', KEYS[3], 0) end
+return 1
+"#;
+
+/// What acknowledging a chunk needs once all its votes are committed, wherever they went.
+pub struct Pending {
+    pub shard: usize,
+    pub key: String,
+    pub held: u64,
+    pub dead: Vec<(&'static str, Vec<u8>)>,
+    /// Lanes still writing part of this chunk; the last to commit acknowledges it.
+    pub remaining: std::sync::atomic::AtomicUsize,
+    pub(crate) _claim: Claim,
+}
+
+/// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted
+/// in one script, only while the list exists, so a retry after a lost reply stores nothing twice.
+/// Retried; if Redis stays away the list remains, unclaimed once this returns, and its reader
+/// takes it back after its next error or within a recovery period (or the next run does), which
+/// changes nothing in PostgreSQL.
+pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
+    let script = redis::Script::new(ACK);
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(&chunk.key)
+        .key(queue::DEAD_LETTERS)
+        .key(queue::STORED)
+        .arg(chunk.held);
+    for (reason, payload) in &chunk.dead {
+        invocation.arg(queue::dead_letter(reason, payload));
+    }
+    let mut backoff = Duration::from_millis(20);
+    for attempt in 0..10 {
+        match invocation.invoke_async::<bool>(conn).await {
+            Ok(acknowledged_now) => {
+                if acknowledged_now {
+                    for (reason, _) in &chunk.dead {
+                        metrics::counter!("tally_aggregator_dead_letters_total", "region" => region.to_string(), "reason" => *reason)
+                            .increment(1);
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, key = %chunk.key, "ack failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(retry_max);
+            }
+        }
+    }
+    tracing::error!(key = %chunk.key, "ack gave up; the chunk will be re-delivered");
+}
