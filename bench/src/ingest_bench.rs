@@ -30,6 +30,9 @@ pub struct Options {
     /// before 2026-12-02, when the benchmark turned it off: it costs ingest about 1 µs a vote
     /// (a cold lookup among a million voters' buckets).
     pub voter_limit: bool,
+    /// Voters hold tokens of an identity provider (RS256, as Auth0 issues them), which ingest
+    /// verifies: `Some(k)` sends each voter's token `k` times (`1`: every vote a new voter).
+    pub auth_votes_per_voter: Option<u64>,
     pub baseline: Baseline,
 }
 
@@ -62,9 +65,63 @@ impl Default for Options {
             group: ingest::GroupCommit::default(),
             redis_fsync: servers::Fsync::Everysec,
             voter_limit: true,
+            auth_votes_per_voter: None,
             baseline: Baseline::BareHyper,
         }
     }
+}
+
+/// Distinct tokens minted for `--auth` (RS256 signing is slow: minted before the rounds).
+const AUTH_TOKENS: usize = 8192;
+/// Voters a block of `--auth` votes spreads over: more than the connections, so one voter's
+/// votes are never in flight together and each after the first finds its token remembered.
+const AUTH_BLOCK_VOTERS: u64 = 1024;
+
+/// Votes of voters holding tokens: blocks of [`AUTH_BLOCK_VOTERS`] voters, each voting
+/// `per_voter` times, a block's votes taking turns among its voters. Ingest remembers twice a
+/// block's tokens, least recently used first out, so a voter's first vote in a block is verified
+/// and the rest are not: one verification each `per_voter` votes, as if every block's voters were
+/// new. (Truly new voters would need a token minted a vote; the pool wraps after
+/// [`AUTH_TOKENS`], long after ingest forgot them.)
+fn authenticated_votes(tokens: Arc<Vec<String>>, per_voter: u64) -> MakeRequest {
+    Arc::new(move |n| {
+        let block = n / (AUTH_BLOCK_VOTERS * per_voter);
+        let voter = block * AUTH_BLOCK_VOTERS + n % AUTH_BLOCK_VOTERS;
+        let option = if n % 3 == 0 {
+            &b"{\"option\":\"b\"}"[..]
+        } else {
+            &b"{\"option\":\"a\"}"[..]
+        };
+        Request::post("/v1/polls/default/votes")
+            .header("content-type", "application/json")
+            .header(
+                "authorization",
+                &tokens[(voter % tokens.len() as u64) as usize],
+            )
+            .body(Full::new(Bytes::from_static(option)))
+            .expect("static request")
+    })
+}
+
+/// [`AUTH_TOKENS`] tokens of distinct voters, signed on every core.
+fn mint(issuer: &harness::idp::Issuer) -> Vec<String> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let each = AUTH_TOKENS.div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    (t * each..((t + 1) * each).min(AUTH_TOKENS))
+                        .map(|i| format!("Bearer {}", issuer.token(&format!("voter-{i}"), 3600)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("minting"))
+            .collect()
+    })
 }
 
 fn votes(voters: u64) -> MakeRequest {
@@ -102,6 +159,33 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         if !opts.voter_limit {
             config.voter_limit = None;
         }
+        // The generator stands where a gateway would: its `X-Voter-Id` says who votes.
+        config.trusted_proxies =
+            ingest::identity::TrustedProxies::parse("127.0.0.1/32").expect("a loopback CIDR");
+        let mut provider = None;
+        let make = match opts.auth_votes_per_voter {
+            None => votes(opts.voters),
+            Some(per_voter) => {
+                let issuer = harness::idp::Issuer::generate_rsa(
+                    "bench-rsa",
+                    harness::idp::LOCAL_ISSUER,
+                    harness::idp::LOCAL_AUDIENCE,
+                )?;
+                eprintln!("bench ingest: minting {AUTH_TOKENS} RS256 tokens");
+                let tokens = Arc::new(tokio::task::block_in_place(|| mint(&issuer)));
+                let server =
+                    harness::idp::JwksServer::start(harness::idp::jwks(&[&issuer])).await?;
+                let mut jwt = ingest::identity::JwtConfig::new(
+                    ingest::identity::KeySource::Url(server.url()),
+                    harness::idp::LOCAL_ISSUER.into(),
+                    harness::idp::LOCAL_AUDIENCE.into(),
+                );
+                jwt.cache_entries = 2 * AUTH_BLOCK_VOTERS as usize;
+                config.identity = ingest::identity::Identity::Jwt(jwt);
+                provider = Some(server);
+                authenticated_votes(tokens, per_voter.max(1))
+            }
+        };
         config.queue_bound = u64::MAX;
         config.group = opts.group;
         let (ingest_listener, ingest_addr) = crate::loopback_listener()?;
@@ -132,7 +216,6 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             .wait_ready(Duration::from_secs(15))
             .await?;
 
-        let make = votes(opts.voters);
         let meter = CpuMeter::new(shards.iter().filter_map(|s| s.server.pid()).collect());
         let rounds = alternate(
             bare_addr,
@@ -183,6 +266,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             .sum::<u64>();
         let _ = stop.send(());
         server.await??;
+        drop(provider);
         let mut stored = 0;
         let mut writes = 0;
         for s in &shards {
@@ -203,6 +287,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "group_linger_us": opts.group.linger.as_micros() as u64,
                 "redis_fsync": opts.redis_fsync,
                 "voter_limit": opts.voter_limit,
+                "auth_votes_per_voter": opts.auth_votes_per_voter,
                 "closed_loop_p99_ms": closed_summary.p99_ms,
                 "closed_loop_statuses": closed_summary.statuses,
                 "open_loop_rate": target,

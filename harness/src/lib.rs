@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod idp;
 pub mod votes;
 
 use std::time::Duration;

@@ -6,6 +6,7 @@ use model::RegionName;
 use web::ServeConfig;
 
 pub use crate::group::GroupCommit;
+use crate::identity::{AnonymousVoters, Identity, TrustedProxies, MIN_COOKIE_SECRET_BYTES};
 
 /// Environment variables for ingest's settings (each also a flag of `tally ingest`).
 pub const ENV_REDIS_URLS: &str = "TALLY_REDIS_URLS";
@@ -23,6 +24,16 @@ pub const ENV_IP_BURST: &str = "TALLY_IP_BURST";
 pub const ENV_LIMIT_KEYS: &str = "TALLY_LIMIT_KEYS";
 pub const ENV_BODY_LIMIT: &str = "TALLY_BODY_LIMIT";
 pub const ENV_JWKS_FILE: &str = "TALLY_JWKS_FILE";
+pub const ENV_JWKS_URL: &str = "TALLY_JWKS_URL";
+pub const ENV_JWT_LEEWAY_S: &str = "TALLY_JWT_LEEWAY_S";
+pub const ENV_JWKS_REFRESH_S: &str = "TALLY_JWKS_REFRESH_S";
+pub const ENV_JWKS_UNKNOWN_KEY_REFETCH_S: &str = "TALLY_JWKS_UNKNOWN_KEY_REFETCH_S";
+pub const ENV_TOKEN_CACHE_ENTRIES: &str = "TALLY_TOKEN_CACHE_ENTRIES";
+pub const ENV_ANONYMOUS_VOTERS: &str = "TALLY_ANONYMOUS_VOTERS";
+pub const ENV_COOKIE_SECRET: &str = "TALLY_COOKIE_SECRET";
+pub const ENV_TRUSTED_PROXIES: &str = "TALLY_TRUSTED_PROXIES";
+pub const ENV_ALLOWED_ORIGINS: &str = "TALLY_ALLOWED_ORIGINS";
+pub const ENV_SECURE_COOKIES: &str = "TALLY_SECURE_COOKIES";
 pub const ENV_JWT_ISSUER: &str = "TALLY_JWT_ISSUER";
 pub const ENV_JWT_AUDIENCE: &str = "TALLY_JWT_AUDIENCE";
 pub const ENV_CLOCK_SKEW_MS: &str = "TALLY_CLOCK_SKEW_MS";
@@ -82,7 +93,15 @@ pub struct Config {
     pub ip_limit: Option<Rate>,
     /// Keys each rate limit holds; past it, a new key displaces the bucket nearest to full.
     pub limit_keys: usize,
-    pub auth: Option<crate::auth::AuthConfig>,
+    /// Where voters' identities come from.
+    pub identity: Identity,
+    /// Gateways and load balancers: only connections from them may send `X-Voter-Id` or
+    /// `X-Forwarded-For`.
+    pub trusted_proxies: TrustedProxies,
+    /// Origins besides the site itself whose pages may post votes.
+    pub allowed_origins: Vec<String>,
+    /// Cookies only over HTTPS (`Secure`).
+    pub secure_cookies: bool,
     pub serve: ServeConfig,
     /// Milliseconds added to this host's clock when stamping votes: only for drills that show
     /// what a skewed clock does (a voter's latest vote is judged by these stamps).
@@ -105,6 +124,10 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("{what} must be at most {max}")]
     TooLarge { what: &'static str, max: usize },
+    #[error("the cookie secret must be at least {MIN_COOKIE_SECRET_BYTES} bytes")]
+    ShortCookieSecret,
+    #[error("the JWT issuer and audience must not be empty")]
+    EmptyIssuerOrAudience,
     #[error("the group-commit linger ({linger:?}) must be shorter than the store timeout ({store_timeout:?})")]
     LingerTooLong {
         linger: Duration,
@@ -143,7 +166,10 @@ impl Config {
             }),
             ip_limit: None,
             limit_keys: DEFAULT_LIMIT_KEYS,
-            auth: None,
+            identity: Identity::Anonymous(AnonymousVoters::with_random_secret()),
+            trusted_proxies: TrustedProxies::default(),
+            allowed_origins: Vec::new(),
+            secure_cookies: false,
             serve: ServeConfig::default(),
             clock_skew_ms: 0,
         }
@@ -183,6 +209,20 @@ impl Config {
                 linger: self.group.linger,
                 store_timeout: self.store_timeout,
             });
+        }
+        match &self.identity {
+            Identity::Anonymous(voters) if voters.secret_len() < MIN_COOKIE_SECRET_BYTES => {
+                return Err(ConfigError::ShortCookieSecret)
+            }
+            Identity::Jwt(jwt) => {
+                if jwt.issuer.is_empty() || jwt.audience.is_empty() {
+                    return Err(ConfigError::EmptyIssuerOrAudience);
+                }
+                if jwt.cache_entries == 0 || jwt.refresh.is_zero() {
+                    return Err(ConfigError::Zero("JWT key refresh and token cache"));
+                }
+            }
+            Identity::Anonymous(_) => {}
         }
         for rate in [self.voter_limit, self.ip_limit].into_iter().flatten() {
             if rate.per_second <= 0.0 || rate.burst < 1.0 {

@@ -2,7 +2,7 @@
 //! and every refusal as `{"error":{"code","message"}}`.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use model::{Clock, RegionName, Rejection, VoteId, VoterId};
 use web::{error, json, Body};
 
-use crate::auth::AuthConfig;
+use crate::auth::{AuthError, Verifier};
+use crate::identity::{self, AnonymousVoters, Client, TrustedProxies};
 use crate::limit::{Bucket, Limiter};
 use crate::request;
 use crate::shards::{Shards, StoreError};
@@ -35,10 +36,19 @@ pub struct Ingest {
     pub(crate) clock: Clock,
     pub(crate) voter_limit: Option<Limiter>,
     pub(crate) ip_limit: Option<Limiter>,
-    pub(crate) auth: Option<AuthConfig>,
+    pub(crate) voters: Voters,
+    pub(crate) trusted_proxies: TrustedProxies,
+    pub(crate) allowed_origins: Vec<String>,
+    pub(crate) secure_cookies: bool,
     pub(crate) body_limit: usize,
     pub(crate) body_timeout: Duration,
     pub(crate) metrics: IngestMetrics,
+}
+
+/// How this ingest knows its voters.
+pub(crate) enum Voters {
+    Jwt(Arc<Verifier>),
+    Anonymous(AnonymousVoters),
 }
 
 /// Handles registered once, so the hot path does not build label sets per request. Accepted
@@ -191,14 +201,18 @@ impl Ingest {
             .map(|s| s.index())
             .collect();
         let catalog = self.catalog.is_loaded();
-        let status = if down.is_empty() && catalog {
+        let keys = match &self.voters {
+            Voters::Jwt(verifier) => verifier.is_loaded(),
+            Voters::Anonymous(_) => true,
+        };
+        let status = if down.is_empty() && catalog && keys {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
         json(
             status,
-            &serde_json::json!({"ready": status == StatusCode::OK, "catalog_loaded": catalog, "shards_down": down}),
+            &serde_json::json!({"ready": status == StatusCode::OK, "catalog_loaded": catalog, "keys_loaded": keys, "shards_down": down}),
         )
     }
 
@@ -269,8 +283,9 @@ impl Ingest {
                 if let Some(c) = new_cookie {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
+                let secure = if self.secure_cookies { "; Secure" } else { "" };
                 let choice = format!(
-                    "{CHOICE_COOKIE}={option}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; SameSite=Lax"
+                    "{CHOICE_COOKIE}={option}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; SameSite=Lax{secure}"
                 );
                 resp.headers_mut().append(
                     header::SET_COOKIE,
@@ -304,8 +319,16 @@ impl Ingest {
         keep: impl FnOnce(&str) -> T,
         started: Instant,
     ) -> Result<(VoteId, T, Option<HeaderValue>), Refusal> {
-        self.check_ip(conn.peer(), started)?;
-        let (voter, new_cookie) = self.voter(&parts.headers)?;
+        if identity::cross_site(&parts.headers, &self.allowed_origins) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                "votes are taken only from this site's own pages",
+            ));
+        }
+        let client = identity::client(conn.peer(), &parts.headers, &self.trusted_proxies);
+        self.check_ip(client.ip, started)?;
+        let (voter, new_cookie) = self.voter(&parts.headers, client).await?;
         // Located now, the voter's bucket loads from memory while the body is read and decoded.
         let bucket = self
             .voter_limit
@@ -349,10 +372,10 @@ impl Ingest {
         )
     }
 
-    fn check_ip(&self, peer: SocketAddr, now: Instant) -> Result<(), Refusal> {
+    fn check_ip(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
         if let Some(limit) = &self.ip_limit {
             // An IPv4 address as its IPv6-mapped form: one key whichever way it arrived.
-            let key = match peer.ip() {
+            let key = match ip {
                 std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
                 std::net::IpAddr::V6(ip) => ip.octets(),
             };
@@ -368,30 +391,52 @@ impl Ingest {
         Ok(())
     }
 
-    /// Who is voting, validated: the token's `sub` when auth is on, else `X-Voter-Id`, else the
-    /// cookie, else a new id (returned with the `Set-Cookie` to send). Borrowed from the headers
-    /// where possible: this is on every vote's path.
-    fn voter<'h>(
+    /// Who is voting, validated: the token's `sub` with JWT voters; with anonymous ones a trusted
+    /// gateway's `X-Voter-Id`, else the id in a cookie this deployment signed, else a new id
+    /// (returned with the `Set-Cookie` to send). `X-Voter-Id` from anyone but a trusted proxy is
+    /// refused: a client does not get to say who it is. Borrowed from the headers where possible:
+    /// this is on every vote's path.
+    async fn voter<'h>(
         &self,
         headers: &'h HeaderMap,
+        client: Client,
     ) -> Result<(Cow<'h, str>, Option<HeaderValue>), Refusal> {
-        if let Some(auth) = &self.auth {
-            let value = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            return auth
-                .voter(value)
-                .map(|v| (Cow::Owned(String::from(v)), None))
-                .map_err(|e| {
-                    Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
-                });
+        let header = headers.get(VOTER_HEADER);
+        if header.is_some() && !client.via_trusted_proxy {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "untrusted_voter_header",
+                "X-Voter-Id is taken only from trusted proxies",
+            ));
         }
+        let voters = match &self.voters {
+            Voters::Jwt(verifier) => {
+                let value = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                return match verifier.voter(value).await {
+                    Ok(v) => Ok((Cow::Owned(String::from(v)), None)),
+                    Err(AuthError::NoKeys) => Err(Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "the identity provider's keys are not loaded yet; the vote was not recorded, retry",
+                    )
+                    .retry(Duration::from_secs(1))),
+                    Err(e) => Err(Refusal::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        e.to_string(),
+                    )),
+                };
+            }
+            Voters::Anonymous(voters) => voters,
+        };
         let checked = |s: &'h str| {
             VoterId::validate(s)
                 .map(|()| (Cow::Borrowed(s), None))
                 .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_voter", e.to_string()))
         };
-        if let Some(h) = headers.get(VOTER_HEADER) {
+        if let Some(h) = header {
             return checked(h.to_str().map_err(|_| {
                 Refusal::new(
                     StatusCode::BAD_REQUEST,
@@ -400,17 +445,19 @@ impl Ingest {
                 )
             })?);
         }
-        if let Some(c) = cookie(headers, VOTER_COOKIE) {
-            return checked(c);
+        // A cookie this deployment did not sign (forged, altered, another's) is not trusted:
+        // its holder is a new voter.
+        if let Some(id) = cookie(headers, VOTER_COOKIE).and_then(|c| voters.verify(c)) {
+            return checked(id);
         }
         let id = format!("{:032x}", rand::random::<u128>());
-        let set = format!(
-            "{VOTER_COOKIE}={id}; Path=/; Max-Age={COOKIE_MAX_AGE_SECS}; HttpOnly; SameSite=Lax"
+        let set = identity::voter_cookie(
+            VOTER_COOKIE,
+            &voters.sign(&id),
+            COOKIE_MAX_AGE_SECS,
+            self.secure_cookies,
         );
-        Ok((
-            Cow::Owned(id),
-            Some(HeaderValue::from_str(&set).expect("ascii")),
-        ))
+        Ok((Cow::Owned(id), Some(set)))
     }
 
     async fn read_body(&self, body: Incoming) -> Result<Bytes, Refusal> {

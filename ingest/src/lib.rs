@@ -10,6 +10,8 @@ pub mod auth;
 pub mod config;
 mod group;
 mod http;
+pub mod identity;
+mod jwks;
 pub mod limit;
 mod page;
 pub mod request;
@@ -49,6 +51,17 @@ pub async fn run(
         config.postgres_url.clone(),
         config.catalog_refresh,
     ));
+    let voters = match &config.identity {
+        identity::Identity::Jwt(jwt) => http::Voters::Jwt(auth::Verifier::new(jwt.clone())),
+        identity::Identity::Anonymous(a) => http::Voters::Anonymous(a.clone()),
+    };
+    let keys = match &voters {
+        http::Voters::Jwt(verifier) => Some(tokio::spawn(jwks::refresh_loop(
+            verifier.clone(),
+            config.region.to_string(),
+        ))),
+        http::Voters::Anonymous(_) => None,
+    };
     let shards = shards::Shards::start(&config)?;
     // Give the first probes a moment so /readyz is truthful as soon as we listen.
     shards.wait_probed(Duration::from_secs(1)).await;
@@ -63,7 +76,10 @@ pub async fn run(
         ip_limit: config
             .ip_limit
             .map(|rate| limiter(&config, rate, "address")),
-        auth: config.auth.clone(),
+        voters,
+        trusted_proxies: config.trusted_proxies.clone(),
+        allowed_origins: config.allowed_origins.clone(),
+        secure_cookies: config.secure_cookies,
         body_limit: config.body_limit,
         body_timeout: config.body_timeout,
         metrics: http::IngestMetrics::new(&config.region),
@@ -78,6 +94,9 @@ pub async fn run(
         }
     };
     web::serve(listener, app, config.serve.clone(), shutdown).await;
+    if let Some(keys) = keys {
+        keys.abort();
+    }
     tracing::info!("ingest stopped");
     Ok(())
 }

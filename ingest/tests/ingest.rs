@@ -1,100 +1,15 @@
 //! Ingest against real Redis shards and a real PostgreSQL catalog.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod common;
+
+use common::{vote, Stack};
 use harness::http::Client;
-use harness::{PgCluster, RedisServer};
-use ingest::Config;
+use harness::RedisServer;
+use ingest::identity::{Identity, JwtConfig, KeySource};
 use model::RegionName;
-use redis::AsyncCommands;
-use tokio::sync::oneshot;
-
-struct Stack {
-    pg: PgCluster,
-    shards: Vec<RedisServer>,
-    client: Client,
-    base: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), ingest::IngestError>>,
-}
-
-impl Stack {
-    async fn start(shards: usize, tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
-        let pg = PgCluster::start().await?;
-        let shards = harness::redis_shards(shards).await?;
-        let mut config = Config::new(
-            RegionName::new("us-east-1")?,
-            shards.iter().map(|s| s.url()).collect(),
-            pg.primary.url(db::INGEST_ROLE, db::DATABASE),
-        );
-        config.catalog_refresh = Duration::from_millis(100);
-        config.voter_limit = None;
-        tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr: SocketAddr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(ingest::run(listener, config, async move {
-            let _ = stopped.await;
-        }));
-        let base = format!("http://{addr}");
-        let stack = Stack {
-            pg,
-            shards,
-            client: Client::new(base.clone()),
-            base,
-            stop: Some(stop),
-            task,
-        };
-        stack.client.wait_ready(Duration::from_secs(10)).await?;
-        Ok(stack)
-    }
-
-    /// Every vote in every shard's queue, decoded, with its shard. Checks on the way that each
-    /// shard's count of stored votes says as many as its list holds.
-    async fn queued(&self) -> anyhow::Result<Vec<(usize, model::Vote)>> {
-        let mut out = Vec::new();
-        for (i, s) in self.shards.iter().enumerate() {
-            let mut con = s.connection().await?;
-            let elements: Vec<Vec<u8>> = con.lrange(model::queue::VOTES, 0, -1).await?;
-            let before = out.len();
-            for element in &elements {
-                for bytes in model::wire::split(element) {
-                    out.push((i, model::wire::decode(bytes?)?));
-                }
-            }
-            let stored: Option<u64> = con.get(model::queue::STORED).await?;
-            anyhow::ensure!(
-                stored.unwrap_or(0) == (out.len() - before) as u64,
-                "shard {i} counts {stored:?} stored votes but holds {}",
-                out.len() - before
-            );
-        }
-        Ok(out)
-    }
-
-    async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.stop.take().unwrap().send(()).ok();
-        self.task.await??;
-        Ok(())
-    }
-}
-
-async fn vote(
-    client: &Client,
-    poll: &str,
-    option: &str,
-    voter: &str,
-) -> anyhow::Result<harness::http::Reply> {
-    client
-        .post_json(
-            &format!("/v1/polls/{poll}/votes"),
-            &[("x-voter-id", voter)],
-            &format!(r#"{{"option":"{option}"}}"#),
-        )
-        .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_votes_land_exactly_once_on_the_right_shard() -> anyhow::Result<()> {
@@ -794,14 +709,11 @@ fn token(
 async fn jwt_voters_are_their_subject_and_bad_tokens_get_401() -> anyhow::Result<()> {
     let jwks = format!("{}/tests/fixtures/jwks.json", env!("CARGO_MANIFEST_DIR"));
     let stack = Stack::start(1, |c| {
-        c.auth = Some(
-            ingest::auth::AuthConfig::from_file(
-                jwks.as_ref(),
-                "https://auth.tally.test/".into(),
-                "tally".into(),
-            )
-            .unwrap(),
-        );
+        c.identity = Identity::Jwt(JwtConfig::new(
+            KeySource::File(jwks.into()),
+            "https://auth.tally.test/".into(),
+            "tally".into(),
+        ));
     })
     .await?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -923,15 +835,18 @@ async fn the_original_apps_form_and_page_and_voter_cookie() -> anyhow::Result<()
             && set.contains("Max-Age="),
         "{set}"
     );
-    let issued = set
+    let signed = set
         .trim_start_matches("voter_id=")
         .split(';')
         .next()
         .unwrap()
         .to_string();
+    // The cookie holds the voter's id and this deployment's signature of it.
+    let (issued, _) = signed.rsplit_once('.').expect("a signed id");
+    let issued = issued.to_string();
 
     // The form post, as the original vote page sends it, with the cookie.
-    let cookie = format!("voter_id={issued}");
+    let cookie = format!("voter_id={signed}");
     let r = stack
         .client
         .request(

@@ -111,6 +111,8 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
         sampling_stopped,
     ));
 
+    // Every simulated voter votes as a real one does: with a token of the identity provider.
+    let tokens = Arc::new(stack.tokens()?);
     let mut tasks = Vec::new();
     let mut recorders = Vec::new();
     for (home_index, r) in stack.regions.iter().enumerate() {
@@ -151,12 +153,12 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
             )
         });
         let make: MakeRequest = {
-            let vote_n = vote_n.clone();
+            let (vote_n, tokens) = (vote_n.clone(), tokens.clone());
             Arc::new(move |n| {
                 let (voter, poll, option) = vote_n(n);
                 hyper::Request::post(format!("/v1/polls/{poll}/votes"))
                     .header("content-type", "application/json")
-                    .header("x-voter-id", voter)
+                    .header("authorization", &*tokens.bearer(&voter))
                     .body(Full::new(Bytes::from(format!(
                         r#"{{"option":"{option}"}}"#
                     ))))

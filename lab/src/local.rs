@@ -78,6 +78,9 @@ pub struct Stack {
     /// `tally wan`'s control port.
     #[serde(default = "free_port")]
     pub wan: u16,
+    /// `tally idp`'s port: the identity provider whose key set ingest verifies voters' tokens with.
+    #[serde(default = "free_port")]
+    pub idp: u16,
     /// One-way delay on every link between regions, in milliseconds.
     #[serde(default)]
     pub wan_ms: u64,
@@ -181,6 +184,7 @@ impl Stack {
             replication: port(),
             moto: port(),
             wan: port(),
+            idp: port(),
             wan_ms: 0,
             links,
         }
@@ -347,7 +351,10 @@ impl Stack {
 
     fn role_env(&self, r: &RegionPorts, role: &str) -> Vec<(&'static str, String)> {
         use aggregator::config::ENV_WORKER_ID;
-        use ingest::config::{ENV_IP_RATE, ENV_POSTGRES_URL, ENV_REDIS_URLS};
+        use ingest::config::{
+            ENV_IP_RATE, ENV_JWKS_UNKNOWN_KEY_REFETCH_S, ENV_JWKS_URL, ENV_JWT_AUDIENCE,
+            ENV_JWT_ISSUER, ENV_POSTGRES_URL, ENV_REDIS_URLS,
+        };
         use reader::config::ENV_POSTGRES_SOURCES;
         use web::{ENV_LISTEN, ENV_REGION};
         let redis = r
@@ -366,6 +373,12 @@ impl Stack {
                 env.push((ENV_POSTGRES_URL, Self::pg_url(r.postgres, db::INGEST_ROLE)));
                 // Simulated voters on one machine share one address; the per-voter limit still applies.
                 env.push((ENV_IP_RATE, "0".into()));
+                // Voters are who the local identity provider's tokens say, as in production.
+                env.push((ENV_JWKS_URL, self.jwks_url()));
+                env.push((ENV_JWT_ISSUER, harness::idp::LOCAL_ISSUER.into()));
+                env.push((ENV_JWT_AUDIENCE, harness::idp::LOCAL_AUDIENCE.into()));
+                // A key added to the local provider is taken at once.
+                env.push((ENV_JWKS_UNKNOWN_KEY_REFETCH_S, "1".into()));
             }
             "aggregator" => {
                 env.push((ENV_REDIS_URLS, redis));
@@ -430,6 +443,33 @@ impl Stack {
             (ENV_LISTEN, format!("127.0.0.1:{}", self.wan)),
             (ENV_WAN_LINKS, links),
             (ENV_WAN_DELAY_MS, self.wan_ms.to_string()),
+        ]
+    }
+
+    /// The local identity provider's key directory: one file a signing key.
+    pub fn idp_dir(&self) -> PathBuf {
+        self.dir.join("idp")
+    }
+
+    /// Where ingest fetches the identity provider's key set.
+    pub fn jwks_url(&self) -> String {
+        format!("http://127.0.0.1:{}/.well-known/jwks.json", self.idp)
+    }
+
+    /// Tokens for simulated voters, signed by the provider's current key.
+    pub fn tokens(&self) -> anyhow::Result<crate::idp::Tokens> {
+        Ok(crate::idp::Tokens::new(crate::idp::signing_key(
+            &self.idp_dir(),
+        )?))
+    }
+
+    fn idp_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (web::ENV_LISTEN, format!("127.0.0.1:{}", self.idp)),
+            (
+                crate::idp::ENV_IDP_KEYS,
+                self.idp_dir().display().to_string(),
+            ),
         ]
     }
 
@@ -506,6 +546,11 @@ pub fn up(dir: &Path, fsync: Fsync, wan_ms: Option<u64>) -> anyhow::Result<Stack
             wait_ready(&stack, GLOBAL, WAN, stack.wan)?;
         }
     }
+
+    // The identity provider before ingest, which will not take a vote until it has its keys.
+    crate::idp::ensure_key(&stack.idp_dir())?;
+    start_process(&stack, GLOBAL, IDP, stack.idp_env(), stack.idp)?;
+    wait_ready(&stack, GLOBAL, IDP, stack.idp)?;
 
     // The primary first: whichever server is the primary now (after a failover, not the one
     // the stack started with). Replicas that exist start before anything writes, because every
@@ -609,6 +654,7 @@ pub use replication::slot_name;
 pub const GLOBAL: &str = "global";
 pub const REPLICATION: &str = "replication";
 pub const WAN: &str = "wan";
+pub const IDP: &str = "idp";
 
 /// Every commit on the primary waits until one other server has flushed it, so a failover to
 /// the replica with the most WAL loses no acknowledged vote.
@@ -747,6 +793,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
     }
     stack.postgres(&bin, stack.primary()).stop(StopMode::Fast)?;
     stop_role(&stack, GLOBAL, WAN);
+    stop_role(&stack, GLOBAL, IDP);
     Ok(())
 }
 
@@ -784,6 +831,10 @@ pub struct Status {
     pub wan_running: bool,
     /// One-way delay between regions.
     pub wan_ms: u64,
+    /// The local identity provider's key set, which ingest verifies voters' tokens with
+    /// (`tally local token --voter ID` prints a token it signed).
+    pub jwks_url: String,
+    pub idp_running: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -872,6 +923,8 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         wan_url: (!stack.links.is_empty()).then(|| format!("http://127.0.0.1:{}", stack.wan)),
         wan_running: stack.role_running(GLOBAL, WAN),
         wan_ms: stack.wan_ms,
+        jwks_url: stack.jwks_url(),
+        idp_running: stack.role_running(GLOBAL, IDP),
     })
 }
 
@@ -916,6 +969,11 @@ pub fn print_status(s: &Status) {
         ),
         None => println!("wan none (this stack predates links: regions connect directly)"),
     }
+    println!(
+        "idp {} (voters' tokens: `tally local token --voter ID`){}",
+        s.jwks_url,
+        if s.idp_running { "" } else { "  NOT RUNNING" }
+    );
     match &s.route53_url {
         Some(url) => println!("route53 {url} (moto; `tally regions sync` writes the zone here)"),
         None => println!("route53 not running (install moto with scripts/setup --moto)"),

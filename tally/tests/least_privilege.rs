@@ -64,19 +64,20 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
 
     let ingest_at = listen();
     let ingest_redis = format!("redis://tally-ingest:{INGEST_PASSWORD}@127.0.0.1:{port}/");
-    let ingest = Role::start(
-        &[
-            "ingest",
-            "--listen",
-            &ingest_at,
-            "--redis-urls",
-            &ingest_redis,
-            "--postgres-url",
-            &role_url(db::INGEST_ROLE),
-        ],
-        &info,
-        logs.path().join("ingest.log"),
-    );
+    let ingest_pg = role_url(db::INGEST_ROLE);
+    let ingest_args: Vec<&str> = [
+        "ingest",
+        "--listen",
+        &ingest_at,
+        "--redis-urls",
+        &ingest_redis,
+        "--postgres-url",
+        &ingest_pg,
+    ]
+    .into_iter()
+    .chain(common::ANONYMOUS_VOTERS)
+    .collect();
+    let ingest = Role::start(&ingest_args, &info, logs.path().join("ingest.log"));
     until(
         "ingest ready as its own users",
         Duration::from_secs(30),
@@ -227,14 +228,18 @@ async fn each_role_has_only_its_redis_rights_and_logs_no_secret() -> anyhow::Res
     );
 
     // A URL the role refuses is reported without its password.
-    let out = command(&[
+    let refused_url = format!("http://tally-ingest:{INGEST_PASSWORD}@x/");
+    let args: Vec<&str> = [
         "ingest",
         "--redis-urls",
-        &format!("http://tally-ingest:{INGEST_PASSWORD}@x/"),
+        &refused_url,
         "--postgres-url",
         "postgres://x",
-    ])
-    .output()?;
+    ]
+    .into_iter()
+    .chain(common::ANONYMOUS_VOTERS)
+    .collect();
+    let out = command(&args).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("tally-ingest:***@x"), "{err}");

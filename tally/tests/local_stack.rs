@@ -133,6 +133,44 @@ fn up_status_poll_and_down() {
         });
         assert!(seen < Duration::from_secs(2));
     }
+    // Voting by hand, as the README shows: a token of the stack's identity provider.
+    let jwks = status["jwks_url"].as_str().unwrap();
+    assert!(
+        common::http_get(
+            jwks.trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap(),
+            "/.well-known/jwks.json",
+            ""
+        )
+        .contains(r#""kty":"EC""#),
+        "the identity provider serves its keys at {jwks}"
+    );
+    let token = ok(&["local", "token", "--voter", "alice", "--dir", dir]);
+    let ingest = regions[1]["ingest_url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://");
+    let bearer = format!("Authorization: Bearer {}", token.trim());
+    // Ingest reads its catalog from its replica once a second: the new poll may be a moment away.
+    let mut answer = String::new();
+    common::wait_until(
+        Duration::from_secs(10),
+        || {
+            answer = common::post_vote(ingest, "finale", &bearer, "red");
+            common::status(&answer) != 404
+        },
+        || "ingest never learnt of the new poll".into(),
+    );
+    assert_eq!(common::status(&answer), 202, "{answer}");
+    // The voter cannot name itself, and no token is no voter.
+    let answer = common::post_vote(ingest, "finale", "X-Voter-Id: mallory", "red");
+    assert_eq!(common::status(&answer), 400, "{answer}");
+    assert!(answer.contains("untrusted_voter_header"), "{answer}");
+    let answer = common::post_vote(ingest, "finale", "X-Nothing: 1", "red");
+    assert_eq!(common::status(&answer), 401, "{answer}");
+
     let again = tally(&["poll", "create", "finale", "--options", "x,y", "--dir", dir]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
@@ -189,14 +227,61 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
     );
 
     // Bad settings: exit 64 with one line, before anything is bound.
+    let anonymous = common::ANONYMOUS_VOTERS;
+    let with_voters = |args: &[&'static str]| -> Vec<&'static str> {
+        args.iter().copied().chain(anonymous).collect()
+    };
+    let no_voters = [
+        "ingest",
+        "--redis-urls",
+        "redis://127.0.0.1:1/",
+        "--postgres-url",
+        "postgres://x",
+    ];
     for args in [
-        &[
+        &with_voters(&[
             "ingest",
             "--redis-urls",
             "http://x",
             "--postgres-url",
             "postgres://x",
-        ][..],
+        ])[..],
+        // No voter identity, or anonymity without what it needs.
+        &no_voters[..],
+        &[&no_voters[..], &["--anonymous-voters"]].concat()[..],
+        &[
+            &no_voters[..],
+            &["--anonymous-voters", "--cookie-secret", "short"],
+        ]
+        .concat()[..],
+        &[
+            &no_voters[..],
+            &[
+                "--jwks-file",
+                "/nonexistent/jwks.json",
+                "--jwt-issuer",
+                "i",
+                "--jwt-audience",
+                "a",
+            ],
+        ]
+        .concat()[..],
+        &[
+            &no_voters[..],
+            &["--jwks-url", "http://127.0.0.1:1/jwks.json"],
+        ]
+        .concat()[..],
+        &[
+            &no_voters[..],
+            &[
+                "--anonymous-voters",
+                "--cookie-secret",
+                anonymous[2],
+                "--trusted-proxies",
+                "10.0.0.0/33",
+            ],
+        ]
+        .concat()[..],
         &[
             "aggregator",
             "--redis-urls",
@@ -208,24 +293,8 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
         ][..],
         &["reader", "--sources", ""][..],
         &["ingest", "--postgres-url", "x"][..],
-        &[
-            "ingest",
-            "--redis-urls",
-            "redis://127.0.0.1:1/",
-            "--postgres-url",
-            "postgres://x",
-            "--group-linger-us",
-            "2000000",
-        ][..],
-        &[
-            "ingest",
-            "--redis-urls",
-            "redis://127.0.0.1:1/",
-            "--postgres-url",
-            "postgres://x",
-            "--limit-keys",
-            "1000000000",
-        ][..],
+        &with_voters(&[&no_voters[..], &["--group-linger-us", "2000000"]].concat())[..],
+        &with_voters(&[&no_voters[..], &["--limit-keys", "1000000000"]].concat())[..],
         &[
             "poll",
             "create",

@@ -24,7 +24,7 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
 
     // With the CA: a vote goes ingest -> Redis -> aggregator -> PostgreSQL -> reader, all over TLS.
     let ingest_at = listen();
-    let ingest_args = |listen: &str, redis: &str| -> [String; 7] {
+    let ingest_args = |listen: &str, redis: &str| -> Vec<String> {
         [
             "ingest",
             "--listen",
@@ -34,11 +34,14 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
             "--postgres-url",
             &pg_url,
         ]
+        .into_iter()
+        .chain(common::ANONYMOUS_VOTERS)
         .map(String::from)
+        .collect()
     };
     let args = ingest_args(&ingest_at, &redis_url);
     let ingest = Role::start(
-        &args.each_ref().map(String::as_str),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &with_ca,
         logs.join("ingest.log"),
     );
@@ -121,7 +124,7 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     let plain_at = listen();
     let args = ingest_args(&plain_at, &redis_url.replace("rediss://", "redis://"));
     let plain_ingest = Role::start(
-        &args.each_ref().map(String::as_str),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &with_ca,
         logs.join("plain-ingest.log"),
     );
@@ -149,7 +152,7 @@ async fn roles_work_through_tls_with_the_test_ca_and_fail_clearly_without_it() -
     let not_a_ca = logs.join("not-a-ca.pem");
     std::fs::write(&not_a_ca, "hello\n")?;
     let args = ingest_args(&listen(), &redis_url);
-    let out = command(&args.each_ref().map(String::as_str))
+    let out = command(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .env(tls::ENV_CA_FILE, &not_a_ca)
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);

@@ -136,6 +136,26 @@ pub fn postgres() -> MakeRustlsConnect {
     }
 }
 
+/// A TLS client connection to `host` over `stream`, under the process's trust: for the few
+/// HTTPS requests a role makes itself (an identity provider's key set).
+pub async fn connect<S>(
+    stream: S,
+    host: &str,
+) -> Result<tokio_rustls::client::TlsStream<S>, TlsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.into()))?;
+    tokio_rustls::TlsConnector::from(current().config.clone())
+        .connect(name, stream)
+        .await
+        .map_err(|source| TlsError::Handshake {
+            server: host.into(),
+            source,
+        })
+}
+
 /// A Redis client for `url` under the process's trust (used when the URL is `rediss://`).
 pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
     if !url.starts_with("rediss://") {

@@ -42,6 +42,14 @@ pub enum BenchCmd {
         /// Run ingest without its per-voter rate limit, as the benchmark did before 2026-12-02.
         #[arg(long)]
         without_voter_limit: bool,
+        /// Voters hold RS256 tokens of an identity provider, as from Auth0, and ingest verifies
+        /// them (a JWKS fetched over HTTP, verified tokens remembered).
+        #[arg(long)]
+        auth: bool,
+        /// With `--auth`: votes each voter casts with one token (1: every vote a new voter).
+        #[arg(long, default_value_t = 1, requires = "auth",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        votes_per_voter: u64,
     },
     /// Drain a pre-filled backlog into PostgreSQL vs the original one-row-per-vote worker.
     Aggregator {
@@ -139,6 +147,8 @@ pub fn run(role: BenchCmd, json: bool) -> anyhow::Result<()> {
             group_max_in_flight,
             group_linger_us,
             without_voter_limit,
+            auth,
+            votes_per_voter,
         } => vec![bench::ingest_bench::run(&bench::ingest_bench::Options {
             round: rounds.round(),
             pairs: rounds.pairs()?,
@@ -152,6 +162,7 @@ pub fn run(role: BenchCmd, json: bool) -> anyhow::Result<()> {
                 linger: std::time::Duration::from_micros(group_linger_us),
             },
             voter_limit: !without_voter_limit,
+            auth_votes_per_voter: auth.then_some(votes_per_voter),
             ..Default::default()
         })?],
         BenchCmd::Aggregator {

@@ -135,6 +135,13 @@ pub fn local(command: LocalCmd) -> anyhow::Result<()> {
             local::down(&dir.path())?;
             println!("local stack in {} stopped", dir.path().display());
         }
+        LocalCmd::Token { dir, voter, ttl } => {
+            model::VoterId::validate(&voter)
+                .map_err(|e| super::BadArgs(format!("--voter: {e}")))?;
+            let stack = local::Stack::require(&dir.path())?;
+            let key = crate::idp::signing_key(&stack.idp_dir())?;
+            println!("{}", key.token(&voter, ttl));
+        }
     }
     Ok(())
 }

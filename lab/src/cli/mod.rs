@@ -41,6 +41,9 @@ pub enum Command {
     /// Distance between regions on one machine: a TCP proxy per cross-region link that holds
     /// each chunk for a one-way delay, and can cut a region off. `tally local up` runs it.
     Wan(WanArgs),
+    /// The local stack's identity provider: serves the public keys of the key files in a
+    /// directory as a JWKS document, as Auth0 serves a tenant's. `tally local up` runs it.
+    Idp(IdpArgs),
     /// Run the three regions on this machine.
     Local {
         #[command(subcommand)]
@@ -144,6 +147,17 @@ pub enum LocalCmd {
     },
     /// Stop everything; queued votes stay in Redis for the next `up`.
     Down(DirArg),
+    /// Print a token the local stack's ingest accepts for voter ID (its identity provider
+    /// signs it), for trying votes by hand: `curl -H "Authorization: Bearer $(tally local token --voter alice)"`.
+    Token {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        voter: String,
+        /// Seconds the token is good for.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,6 +246,16 @@ pub struct WanArgs {
     pub delay_ms: u64,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct IdpArgs {
+    /// Address to serve the key set (`/.well-known/jwks.json`) and the probes on.
+    #[arg(long, env = web::ENV_LISTEN, default_value = "127.0.0.1:8085")]
+    pub listen: String,
+    /// The directory of signing keys, one file each.
+    #[arg(long, env = crate::idp::ENV_IDP_KEYS)]
+    pub keys: PathBuf,
+}
+
 /// A usage error of a lab command: `tally` reports it on one line and exits 64.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -265,6 +289,19 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
                 wan::run(listener, config, web::shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+        Command::Idp(args) => {
+            crate::idp::jwks(&args.keys).map_err(|e| BadArgs(format!("--keys: {e:#}")))?;
+            runtime()?.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&args.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+                tokio::select! {
+                    () = crate::idp::serve(listener, args.keys) => {}
+                    () = web::shutdown_signal() => {}
+                }
                 Ok(())
             })
         }

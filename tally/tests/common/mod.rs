@@ -147,13 +147,30 @@ pub fn status(response: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Ingest's flags for anonymous voters behind a trusted gateway: the test is the gateway, and
+/// its `X-Voter-Id` says who votes.
+pub const ANONYMOUS_VOTERS: [&str; 5] = [
+    "--anonymous-voters",
+    "--cookie-secret",
+    "a-cookie-secret-for-tests-only-32b",
+    "--trusted-proxies",
+    "127.0.0.1/32",
+];
+
+/// A vote from a gateway that says who the voter is (see [`ANONYMOUS_VOTERS`]).
 pub fn vote(addr: &str, voter: &str, option: &str) -> String {
+    post_vote(addr, "default", &format!("X-Voter-Id: {voter}"), option)
+}
+
+/// A vote for `poll` with one extra header line (`Authorization: Bearer ...`, say); the raw
+/// answer.
+pub fn post_vote(addr: &str, poll: &str, header: &str, option: &str) -> String {
     use std::io::{Read, Write};
     let body = format!(r#"{{"option":"{option}"}}"#);
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "POST /v1/polls/default/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nX-Voter-Id: {voter}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST /v1/polls/{poll}/votes HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{header}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
