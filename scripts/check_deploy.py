@@ -95,6 +95,51 @@ def overlay_assertions(region, docs, plan):
     check(f"{region}: no placeholder left", "set-by-overlay" not in text, "a base value the overlay should set")
 
 
+def identity_problems(data):
+    """What would let an ingest ConfigMap's voters vote as anyone: [] when none."""
+    problems = []
+    if str(data.get("TALLY_ANONYMOUS_VOTERS", "")).lower() in ("1", "true", "yes", "on"):
+        problems.append("runs anonymous")
+    for key in ("TALLY_JWT_ISSUER", "TALLY_JWT_AUDIENCE"):
+        if not data.get(key):
+            problems.append(f"no {key}")
+    if not str(data.get("TALLY_JWKS_URL", "")).startswith("https://"):
+        problems.append("no https TALLY_JWKS_URL")
+    proxies = data.get("TALLY_TRUSTED_PROXIES", "")
+    if not proxies or "0.0.0.0/0" in proxies or "::/0" in proxies:
+        problems.append(f"trusted proxies {proxies!r}")
+    try:
+        if float(data.get("TALLY_IP_RATE", "0")) <= 0:
+            problems.append("no per-address limit")
+    except ValueError:
+        problems.append("a bad TALLY_IP_RATE")
+    if str(data.get("TALLY_SECURE_COOKIES", "")).lower() != "true":
+        problems.append("cookies not Secure")
+    return problems
+
+
+def identity_assertions(region, docs):
+    cm = find(docs, "ConfigMap", "tally-ingest")
+    data = (cm or {}).get("data", {})
+    problems = identity_problems(data)
+    check(f"{region}: ingest authenticates voters (JWKS URL, issuer, audience; trusted proxies; address limit; Secure cookies)", not problems, ", ".join(problems))
+    cidr = f"10.{REGIONS.index(region) + 1}."
+    check(f"{region}: ingest trusts only its load balancer's subnets ({data.get('TALLY_TRUSTED_PROXIES')})", str(data.get("TALLY_TRUSTED_PROXIES", "")).startswith(cidr))
+    # The check must be able to fail: each way of voting as anyone is caught.
+    caught = all(identity_problems({**data, **bad}) for bad in (
+        {"TALLY_ANONYMOUS_VOTERS": "true"},
+        {"TALLY_JWKS_URL": ""},
+        {"TALLY_JWT_ISSUER": ""},
+        {"TALLY_JWT_AUDIENCE": ""},
+        {"TALLY_TRUSTED_PROXIES": "0.0.0.0/0"},
+        {"TALLY_IP_RATE": "0"},
+    ))
+    check(f"{region}: self-test: an anonymous or unauthenticated ingest is caught", caught)
+    ingress = find(docs, "Ingress", "tally")
+    waf = (ingress or {}).get("metadata", {}).get("annotations", {}).get("alb.ingress.kubernetes.io/wafv2-acl-arn", "")
+    check(f"{region}: its load balancer sits behind the region's WAF", waf.startswith(f"arn:aws:wafv2:{region}:") and f"/webacl/tally-{region}/" in waf, waf)
+
+
 def overlays_differ_only_by_region(rendered):
     """Replacing one region's name and its bounds with another's gives the same objects."""
     def normalise(region, docs):
@@ -103,6 +148,8 @@ def overlays_differ_only_by_region(rendered):
         for d in out:
             if d["kind"] == "HorizontalPodAutoscaler":
                 d["spec"]["minReplicas"] = d["spec"]["maxReplicas"] = "N"
+            if d["kind"] == "ConfigMap" and "TALLY_TRUSTED_PROXIES" in d.get("data", {}):
+                d["data"]["TALLY_TRUSTED_PROXIES"] = "REGION-SUBNETS"
         return out
     base = normalise(REGIONS[0], rendered[REGIONS[0]])
     for r in REGIONS[1:]:
@@ -159,6 +206,15 @@ def terraform_checks():
     check("terraform postgres: the parameter group requires SSL", any(p["name"] == "rds.force_ssl" and str(p["value"]) == "1" for p in params))
     redis = resources("terraform/modules/redis/main.tf")["aws_elasticache_replication_group"]["shard"]
     check("terraform redis: TLS, AUTH, encryption at rest, automatic failover", redis["transit_encryption_enabled"] is True and "auth_token" in redis and redis["at_rest_encryption_enabled"] is True and redis["automatic_failover_enabled"] is True)
+    waf = resources("terraform/modules/waf/main.tf").get("aws_wafv2_web_acl", {}).get("this", {})
+    rules = waf.get("rule", [])
+    rules = rules if isinstance(rules, list) else [rules]
+    rate = [r for r in rules if "rate_based_statement" in json.dumps(r.get("statement", {}))]
+    check("terraform waf: a rate rule per client address", any('"aggregate_key_type": "IP"' in json.dumps(r) and "block" in json.dumps(r.get("action", {})) for r in rate))
+    with open("terraform/modules/waf/main.tf") as f:
+        waf_text = f.read()
+    check("terraform waf: AWS's common and known-bad-inputs rule groups", all(g in waf_text for g in ("AWSManagedRulesCommonRuleSet", "AWSManagedRulesKnownBadInputsRuleSet")))
+    check("terraform waf: every region has one", "waf" in modules("terraform/modules/region/main.tf"))
     dns = resources("terraform/modules/dns/main.tf")
     records = dns["aws_route53_record"]
     check("terraform dns: every record has a health check", all("health_check_id" in body for body in records.values()), [n for n, b in records.items() if "health_check_id" not in b])
@@ -260,6 +316,7 @@ def main():
             if rendered[region]:
                 validate(region, rendered[region], tmp)
                 overlay_assertions(region, rendered[region], plan)
+                identity_assertions(region, rendered[region])
         if all(rendered.values()):
             overlays_differ_only_by_region(rendered)
         image_checks()

@@ -120,6 +120,12 @@ module "eks" {
   }
 }
 
+module "waf" {
+  source      = "../waf"
+  region      = var.region
+  kms_key_arn = aws_kms_key.this.arn
+}
+
 module "redis" {
   source             = "../redis"
   region             = var.region
@@ -180,6 +186,10 @@ output "redis_urls" {
 
 output "cluster_name" {
   value = module.eks.cluster_name
+}
+
+output "waf_acl_arn" {
+  value = module.waf.arn
 }
 
 output "kms_key_arn" {

@@ -64,3 +64,8 @@ output "postgres_arn" {
 output "redis_urls" {
   value = module.region.redis_urls
 }
+
+output "waf_acl_arn" {
+  description = "Set it as the Ingress's alb.ingress.kubernetes.io/wafv2-acl-arn in k8s/overlays/ap-southeast-1."
+  value       = module.region.waf_acl_arn
+}

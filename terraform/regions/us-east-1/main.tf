@@ -57,3 +57,8 @@ output "redis_urls" {
 output "kms_key_arn" {
   value = module.region.kms_key_arn
 }
+
+output "waf_acl_arn" {
+  description = "Set it as the Ingress's alb.ingress.kubernetes.io/wafv2-acl-arn in k8s/overlays/us-east-1."
+  value       = module.region.waf_acl_arn
+}
