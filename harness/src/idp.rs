@@ -33,7 +33,7 @@ pub struct Issuer {
     /// (cheap to verify, and what Auth0 issues by default).
     #[serde(default = "es256")]
     pub alg: String,
-    /// The private key, PKCS#8 DER in base64.
+    /// The private key in base64: PKCS#8 DER for ES256, PKCS#1 DER for RS256.
     pkcs8: String,
 }
 
@@ -94,13 +94,7 @@ impl Issuer {
 
     fn encoding_key(&self) -> jsonwebtoken::EncodingKey {
         match self.algorithm() {
-            jsonwebtoken::Algorithm::RS256 => {
-                let pem = format!(
-                    "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-                    self.pkcs8
-                );
-                jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).expect("a key we made")
-            }
+            jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_der(&self.der()),
             _ => jsonwebtoken::EncodingKey::from_ec_der(&self.der()),
         }
     }
@@ -132,7 +126,7 @@ impl Issuer {
     /// The public key as a JWK.
     pub fn jwk(&self) -> serde_json::Value {
         if self.algorithm() == jsonwebtoken::Algorithm::RS256 {
-            let pair = ring::rsa::KeyPair::from_pkcs8(&self.der()).expect("a key we made");
+            let pair = ring::rsa::KeyPair::from_der(&self.der()).expect("a key we made");
             let public: ring::rsa::PublicKeyComponents<Vec<u8>> = pair.public().into();
             return serde_json::json!({
                 "kty": "RSA", "use": "sig", "alg": "RS256", "kid": self.kid,
@@ -266,5 +260,29 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_of_both_kinds_of_key_verify_against_their_jwks() {
+        for issuer in [
+            Issuer::generate("ec", "https://i/", "a"),
+            Issuer::generate_rsa("rsa", "https://i/", "a").expect("openssl makes an RSA key"),
+        ] {
+            let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&jwks(&[&issuer])).unwrap();
+            let key = jsonwebtoken::DecodingKey::from_jwk(&set.keys[0]).unwrap();
+            let token = issuer.token("alice", 60);
+            let header = jsonwebtoken::decode_header(&token).unwrap();
+            assert_eq!(header.kid.as_deref(), Some(issuer.kid.as_str()));
+            let mut v = jsonwebtoken::Validation::new(header.alg);
+            v.set_audience(&["a"]);
+            v.set_issuer(&["https://i/"]);
+            let claims = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).unwrap();
+            assert_eq!(claims.claims["sub"], "alice");
+        }
     }
 }
