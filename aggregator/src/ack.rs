@@ -9,12 +9,13 @@ use redis::aio::ConnectionManager;
 
 use crate::pop::Claim;
 
-/// Stores ARGV[2..] (dead letters) on KEYS[2], deletes the in-flight list KEYS[1] and lowers
-/// the shard's count of stored votes KEYS[3] by the ARGV[1] votes it held, if that list still
-/// exists: an acknowledgement applied once whose reply was lost is not applied again. Votes
+/// Takes the in-flight list KEYS[1] out of the set of lists in flight KEYS[4]; then, if that
+/// list still exists, stores ARGV[2..] (dead letters) on KEYS[2], deletes the list and lowers the
+/// shard's count of stored votes KEYS[3] by the ARGV[1] votes it held: an acknowledgement applied once whose reply was lost is not applied again. Votes
 /// pushed without being counted (by hand, by tools) would take the count below zero: it stops
 /// at zero.
 const ACK: &str = r#"
+redis.call('ZREM', KEYS[4], KEYS[1])
 if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
 for i = 2, #ARGV, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
@@ -47,6 +48,7 @@ pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, re
         .key(&chunk.key)
         .key(queue::DEAD_LETTERS)
         .key(queue::STORED)
+        .key(queue::IN_FLIGHT)
         .arg(chunk.held);
     for (reason, payload) in &chunk.dead {
         invocation.arg(queue::dead_letter(reason, payload));

@@ -13,6 +13,7 @@ pub const ENV_BATCH_MAX_BYTES: &str = "TALLY_BATCH_MAX_BYTES";
 pub const ENV_BATCH_TIMEOUT_MS: &str = "TALLY_BATCH_TIMEOUT_MS";
 pub const ENV_POP_SIZE: &str = "TALLY_POP_SIZE";
 pub const ENV_WRITERS: &str = "TALLY_WRITERS";
+pub const ENV_FINAL_GRACE_MS: &str = "TALLY_FINAL_GRACE_MS";
 
 /// A batch is written once it holds this many votes...
 pub const DEFAULT_MAX_EVENTS: usize = 50_000;
@@ -44,6 +45,10 @@ pub const DEFAULT_RECOVER_EVERY: Duration = Duration::from_secs(30);
 pub const DEFAULT_RETRY_MIN: Duration = Duration::from_millis(50);
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// Ingest's store timeout (2 s) and bound on clock offset (0.5 s), and half a second to spare.
+pub const DEFAULT_FINAL_GRACE: Duration = Duration::from_millis(3000);
+pub const DEFAULT_CERTIFY_EVERY: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub region: RegionName,
@@ -63,6 +68,12 @@ pub struct Config {
     pub recover_every: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How long after a poll's close its shards are looked at to certify it final: at least
+    /// ingest's store timeout (a vote acknowledged is stored by its stamp plus that) and its
+    /// bound on clock offset (the stamp is ingest's clock; the close, the primary's).
+    pub final_grace: Duration,
+    /// How often due polls are looked for.
+    pub certify_every: Duration,
     pub serve: web::ServeConfig,
 }
 
@@ -119,6 +130,8 @@ impl Config {
             recover_every: DEFAULT_RECOVER_EVERY,
             retry_min: DEFAULT_RETRY_MIN,
             retry_max: DEFAULT_RETRY_MAX,
+            final_grace: DEFAULT_FINAL_GRACE,
+            certify_every: DEFAULT_CERTIFY_EVERY,
             serve: web::ServeConfig::default(),
         }
     }

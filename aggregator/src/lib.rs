@@ -11,6 +11,7 @@
 
 mod ack;
 pub mod batch;
+mod certify;
 pub mod config;
 pub mod encode;
 mod health;
@@ -164,6 +165,20 @@ async fn pipeline(
             stop.clone(),
         ));
     }
+    tokio::spawn(certify::run(
+        region.clone(),
+        config.postgres_url.clone(),
+        config.final_grace,
+        config.certify_every,
+        acks.iter()
+            .enumerate()
+            .map(|(i, conn)| certify::Shard {
+                index: i as u16,
+                conn: conn.clone(),
+            })
+            .collect(),
+        stop.clone(),
+    ));
     tokio::spawn(health::primary_probe(
         config.postgres_url.clone(),
         health.clone(),
@@ -188,6 +203,7 @@ async fn pipeline(
         let fatal_tx = fatal_tx.clone();
         let task = write::write_loop(
             w,
+            catalog.clone(),
             rx,
             acks.clone(),
             region.clone(),

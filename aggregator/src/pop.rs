@@ -18,14 +18,20 @@ use model::{queue, Vote};
 use redis::aio::ConnectionManager;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-/// Moves up to ARGV[1] elements from the queue's head to the in-flight list, atomically.
-/// `unpack` is chunked to stay under Lua's stack limit.
+/// Moves up to ARGV[1] elements from the queue's head to the in-flight list KEYS[2], atomically,
+/// and accounts for them: the shard's count of elements ever moved (KEYS[3]) rises by as many,
+/// and the list joins the set of in-flight lists (KEYS[4]) scored by the position of its first
+/// element. This is the only way an element leaves the queue, so those two always say how far the
+/// queue has been taken and what of it is not yet acknowledged (see `certify`). `unpack` is
+/// chunked to stay under Lua's stack limit.
 const MOVE: &str = r#"
 local items = redis.call('LPOP', KEYS[1], ARGV[1])
 if not items then return {} end
 for i = 1, #items, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(items, i, math.min(i + 999, #items)))
 end
+local last = redis.call('INCRBY', KEYS[3], #items)
+redis.call('ZADD', KEYS[4], 'NX', last - #items + 1, KEYS[2])
 return items
 "#;
 
@@ -201,35 +207,36 @@ impl Reader {
 
     /// Up to `wanted` elements, moved into `key`; blocks up to `block` when the queue is empty.
     async fn take(&mut self, key: &str, wanted: usize) -> redis::RedisResult<Vec<Vec<u8>>> {
-        let script = redis::Script::new(MOVE);
-        let items: Vec<Vec<u8>> = script
-            .key(queue::VOTES)
-            .key(key)
-            .arg(wanted)
-            .invoke_async(&mut self.conn)
-            .await?;
+        let items = self.move_into(key, wanted).await?;
         if !items.is_empty() {
             return Ok(items);
         }
-        let first: Option<Vec<u8>> = redis::cmd("BLMOVE")
+        // Wait for an element without taking it: the queue's head moved onto itself, a no-op
+        // that blocks until there is a head. Only the move script takes elements, so every one
+        // that leaves the queue is accounted for.
+        let waited: Option<Vec<u8>> = redis::cmd("BLMOVE")
             .arg(queue::VOTES)
-            .arg(key)
+            .arg(queue::VOTES)
             .arg("LEFT")
-            .arg("RIGHT")
+            .arg("LEFT")
             .arg(self.block.as_secs_f64())
             .query_async(&mut self.blocking)
             .await?;
-        let Some(first) = first else {
+        if waited.is_none() {
             return Ok(Vec::new());
-        };
-        let mut rest: Vec<Vec<u8>> = script
+        }
+        self.move_into(key, wanted).await
+    }
+
+    async fn move_into(&mut self, key: &str, wanted: usize) -> redis::RedisResult<Vec<Vec<u8>>> {
+        redis::Script::new(MOVE)
             .key(queue::VOTES)
             .key(key)
-            .arg(wanted - 1)
+            .key(queue::MOVED)
+            .key(queue::IN_FLIGHT)
+            .arg(wanted)
             .invoke_async(&mut self.conn)
-            .await?;
-        rest.insert(0, first);
-        Ok(rest)
+            .await
     }
 
     /// Finishes what this worker had taken and nobody holds (a previous run's lists, a move
@@ -267,6 +274,15 @@ impl Reader {
             if items.is_empty() {
                 continue;
             }
+            // A list moved before lists were accounted for: the earliest position, so no poll is
+            // certified final before it is counted.
+            redis::cmd("ZADD")
+                .arg(queue::IN_FLIGHT)
+                .arg("NX")
+                .arg(0)
+                .arg(&key)
+                .query_async::<()>(&mut self.conn)
+                .await?;
             let permit = self
                 .permits
                 .clone()

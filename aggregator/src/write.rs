@@ -22,20 +22,48 @@ use crate::lanes::Part;
 /// [`encode::encode`] writes them in.
 pub const CREATE_STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS vote_stage (
     poll_id text NOT NULL, voter_id text NOT NULL, option text NOT NULL,
-    vote_id uuid NOT NULL, cast_at int8 NOT NULL, region text NOT NULL
+    vote_id uuid NOT NULL, cast_at int8 NOT NULL, region text NOT NULL, sure bool NOT NULL
 ) ON COMMIT DELETE ROWS";
 
 pub const COPY_STAGE: &str =
-    "COPY vote_stage (poll_id, voter_id, option, vote_id, cast_at, region) FROM STDIN (FORMAT binary)";
+    "COPY vote_stage (poll_id, voter_id, option, vote_id, cast_at, region, sure) FROM STDIN (FORMAT binary)";
 
-/// The upsert, over a stage holding one row per (poll, voter) (see `encode::latest_per_voter`).
-/// `replaced_option = b.option` reads the locked, current row, so when two
-/// writers race on one voter each sees the other's committed option and the tallies stay exact.
-/// Deltas go to this writer's own tally part (`$1`), so writers never queue on hot count rows.
+/// The upsert. Each staged vote is judged against its poll's window, read from the `polls` row
+/// held `FOR SHARE` for the transaction, so a poll's close or its certification waits for this
+/// batch, and this batch sees them once they committed: a vote stamped before the opening, at or
+/// after the close, or of a poll already final, is kept in `late_votes` with its reason and not
+/// counted. The rest upsert ballots: the `sure` rows are already one a voter (see
+/// `encode::stage_rows`), the others are reduced to each voter's latest here.
+/// `replaced_option = b.option` reads the locked, current row, so when two writers race on one
+/// voter each sees the other's committed option and the tallies stay exact. Deltas go to this
+/// writer's own tally part (`$1`), so writers never queue on hot count rows.
 pub const UPSERT: &str = "
-WITH changed AS (
+WITH windows AS MATERIALIZED (
+    SELECT id,
+           COALESCE((EXTRACT(EPOCH FROM opens_at) * 1000000)::int8, -9223372036854775808) AS opens,
+           COALESCE((EXTRACT(EPOCH FROM closes_at) * 1000000)::int8, 9223372036854775807) AS closes,
+           final_at IS NOT NULL AS final
+      FROM polls WHERE id IN (SELECT poll_id FROM vote_stage)
+       FOR SHARE
+), judged AS (
+    SELECT s.poll_id, s.voter_id, s.option, s.vote_id, s.cast_at, s.region, s.sure,
+           CASE WHEN w.final THEN 'after_final'
+                WHEN s.cast_at < w.opens THEN 'before_open'
+                WHEN s.cast_at >= w.closes THEN 'after_close' END AS late
+      FROM vote_stage s JOIN windows w ON w.id = s.poll_id
+), refused AS (
+    INSERT INTO late_votes (vote_id, poll_id, voter_id, option, cast_at, region, reason)
+    SELECT vote_id, poll_id, voter_id, option, cast_at, region, late FROM judged WHERE late IS NOT NULL
+    ON CONFLICT (vote_id) DO NOTHING
+), counted AS (
+    SELECT poll_id, voter_id, option, vote_id, cast_at, region FROM judged WHERE late IS NULL AND sure
+    UNION ALL
+    (SELECT DISTINCT ON (poll_id, voter_id) poll_id, voter_id, option, vote_id, cast_at, region
+       FROM judged WHERE late IS NULL AND NOT sure
+      ORDER BY poll_id, voter_id, cast_at DESC, vote_id DESC)
+), changed AS (
     INSERT INTO ballots AS b (poll_id, voter_id, option, vote_id, cast_at, region, replaced_option)
-    SELECT poll_id, voter_id, option, vote_id, cast_at, region, NULL FROM vote_stage
+    SELECT poll_id, voter_id, option, vote_id, cast_at, region, NULL FROM counted
     ON CONFLICT (poll_id, voter_id) DO UPDATE
        SET option = EXCLUDED.option, vote_id = EXCLUDED.vote_id, cast_at = EXCLUDED.cast_at,
            region = EXCLUDED.region, replaced_option = b.option
@@ -213,10 +241,36 @@ pub enum WriteOutcome {
     Fatal(FatalWrite),
 }
 
+/// A close set after the catalog was read is at or after the instant it was set, so a vote
+/// stamped before the catalog's last read, less this margin for clocks, is before any close the
+/// catalog does not know.
+const CLOSE_MARGIN: Duration = Duration::from_millis(1500);
+
+/// The batch's rows, judged by what the catalog knows of each poll's close (see
+/// `encode::stage_rows`).
+fn stage<'a>(
+    catalog: &db::CatalogCache,
+    votes: impl IntoIterator<Item = &'a model::Vote>,
+) -> Vec<encode::Row<'a>> {
+    let polls = catalog.load();
+    let horizon = catalog
+        .age_at(Instant::now())
+        .map_or(model::Stamp(0), |age| {
+            let back = (age + CLOSE_MARGIN).as_micros() as u64;
+            model::Stamp(model::Stamp::now().0.saturating_sub(back))
+        });
+    encode::stage_rows(
+        votes,
+        |poll| polls.get(poll).and_then(|p| p.window.closes_at),
+        horizon,
+    )
+}
+
 /// A writer lane: each batch the lane's batcher hands on is encoded, written in one
 /// transaction and, for every chunk whose last part this was, acknowledged.
 pub async fn write_loop(
     mut writer: Writer,
+    catalog: Arc<db::CatalogCache>,
     mut batches: mpsc::Receiver<Batch<Part>>,
     acks: Vec<ConnectionManager>,
     region: String,
@@ -238,7 +292,7 @@ pub async fn write_loop(
         metrics::counter!("tally_aggregator_flushes_total", "region" => region.clone(), "reason" => batch.reason.as_str()).increment(1);
         let count = batch.items.iter().map(|c| c.votes.len()).sum::<usize>();
         if count > 0 {
-            let latest = encode::latest_per_voter(batch.items.iter().flat_map(|c| c.votes.iter()));
+            let rows = stage(&catalog, batch.items.iter().flat_map(|c| c.votes.iter()));
             let oldest = batch
                 .items
                 .iter()
@@ -247,7 +301,7 @@ pub async fn write_loop(
                 .min()
                 .unwrap_or(0);
             copy.clear();
-            encode::encode(latest, &mut copy);
+            encode::encode(rows, &mut copy);
             let started = Instant::now();
             match writer.write(copy.split().freeze(), &stop).await {
                 Ok(_) => {}

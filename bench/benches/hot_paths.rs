@@ -150,7 +150,7 @@ fn batching(c: &mut Criterion) {
         b.iter(|| {
             work(|| {
                 out.clear();
-                aggregator::encode::encode(black_box(&votes), &mut out);
+                aggregator::encode::encode(black_box(&votes).iter().map(|v| (v, true)), &mut out);
                 black_box(out.len())
             })
         })

@@ -1,21 +1,47 @@
 //! The poll catalog, cached in memory and refreshed from PostgreSQL in the background, so no
 //! vote ever waits on a database query.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, Guard};
 use model::Catalog;
 
 use crate::DbError;
 
-#[derive(Default)]
 pub struct CatalogCache {
     /// Read on every vote by every worker: `ArcSwap` reads without writing to a shared cache
     /// line, where a lock and a reference count bounced one between the cores on each read.
     current: ArcSwap<Catalog>,
     loaded: AtomicBool,
+    /// When the catalog was last read, in milliseconds since `epoch`.
+    refreshed_ms: AtomicU64,
+    epoch: Instant,
+    /// The database's clock less this host's, in microseconds, from the last read that came back
+    /// quickly enough to tell; `i64::MIN` until one has.
+    clock_offset_us: AtomicI64,
+}
+
+impl Default for CatalogCache {
+    fn default() -> Self {
+        Self {
+            current: ArcSwap::default(),
+            loaded: AtomicBool::new(false),
+            refreshed_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            clock_offset_us: AtomicI64::new(i64::MIN),
+        }
+    }
+}
+
+/// A clock reading whose round trip took longer than this says too little about the offset.
+const CLOCK_READING_MAX_ROUND_TRIP: Duration = Duration::from_millis(200);
+
+fn system_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 impl CatalogCache {
@@ -43,6 +69,42 @@ impl CatalogCache {
     pub fn replace(&self, catalog: Catalog) {
         self.current.store(Arc::new(catalog));
         self.loaded.store(true, Ordering::Relaxed);
+        self.refreshed_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long before `now` the catalog was last read (`None`: never). Takes the caller's
+    /// clock reading: one is dear on a vote's path.
+    pub fn age_at(&self, now: Instant) -> Option<Duration> {
+        self.is_loaded().then(|| {
+            let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
+            Duration::from_millis(now.saturating_sub(self.refreshed_ms.load(Ordering::Relaxed)))
+        })
+    }
+
+    /// The database's clock less this host's, in microseconds (`None`: not measured yet).
+    pub fn clock_offset_us(&self) -> Option<i64> {
+        Some(self.clock_offset_us.load(Ordering::Relaxed)).filter(|&o| o != i64::MIN)
+    }
+
+    /// Reads the database's clock between two readings of ours and keeps the offset, when the
+    /// round trip was short enough to tell.
+    async fn measure_clock(&self, client: &crate::Client) -> Result<(), DbError> {
+        let (sent, before) = (Instant::now(), system_micros());
+        let row = client
+            .query_one(
+                "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await?;
+        let round_trip = sent.elapsed();
+        let after = system_micros();
+        if round_trip <= CLOCK_READING_MAX_ROUND_TRIP {
+            let theirs: i64 = row.get(0);
+            self.clock_offset_us
+                .store(theirs - (before + after) / 2, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Re-reads the catalog every `every`, reconnecting as needed; keeps the last good catalog
@@ -62,7 +124,12 @@ impl CatalogCache {
             if let Some(c) = &client {
                 match crate::load_polls(c).await {
                     Ok(polls) => match cache.upgrade() {
-                        Some(cache) => cache.replace(Catalog::new(polls)),
+                        Some(cache) => {
+                            cache.replace(Catalog::new(polls));
+                            if let Err(e) = cache.measure_clock(c).await {
+                                tracing::warn!(error = %e, "catalog: reading the clock failed");
+                            }
+                        }
                         None => return,
                     },
                     Err(e) => tracing::warn!(error = %e, "catalog: refresh failed"),

@@ -1,14 +1,19 @@
 //! PostgreSQL for Tally: the schema as versioned migrations, the poll catalog, and connecting.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 mod cache;
 mod catalog;
+pub mod certify;
 pub mod freshness;
 mod migrate;
 
 pub use cache::CatalogCache;
 
-pub use catalog::{create_poll, load_polls, set_poll_open};
+pub use catalog::{
+    close_poll, create_poll, load_polls, poll_row, reopen_poll, rescheduled, reveal_poll,
+    schedule_poll, PollRow,
+};
 pub use freshness::{current_lsn, freshness, has_replayed, replica_lags, Freshness, ReplicaLag};
 pub use migrate::{migrate, MIGRATIONS};
 
@@ -29,6 +34,16 @@ pub enum DbError {
     NoSuchPoll(String),
     #[error("poll {id:?} in the database is invalid: {reason}")]
     BadPoll { id: String, reason: String },
+    #[error("{0}")]
+    BadWindow(String),
+    #[error("poll {poll:?}: its ballots count {ballots} but its tallies say {tallies}; nothing was certified")]
+    Unbalanced {
+        poll: String,
+        ballots: String,
+        tallies: String,
+    },
+    #[error("writing the export: {0}")]
+    Export(String),
 }
 
 /// Connects and drives the connection on the current runtime. `url` may list several hosts

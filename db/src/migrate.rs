@@ -8,6 +8,7 @@ use crate::DbError;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("../migrations/0001_core.sql")),
     (2, "roles", include_str!("../migrations/0002_roles.sql")),
+    (3, "windows", include_str!("../migrations/0003_windows.sql")),
 ];
 
 /// Any stable number: serializes concurrent migrators across every process and region.

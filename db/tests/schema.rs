@@ -14,7 +14,7 @@ async fn schema_fingerprint(client: &db::Client) -> anyhow::Result<String> {
         UNION ALL SELECT format('role %s %s', rolname, rolcanlogin) FROM pg_roles WHERE rolname LIKE 'tally_%'
         UNION ALL SELECT format('grant %s %s %s', grantee, table_name, privilege_type)
           FROM information_schema.role_table_grants WHERE grantee LIKE 'tally_%'
-        UNION ALL SELECT format('poll %s %s %s', id, options, open) FROM polls
+        UNION ALL SELECT format('poll %s %s %s %s %s', id, options, opens_at, closes_at, hidden) FROM polls
         UNION ALL SELECT format('tally %s %s %s', poll_id, option, count) FROM tallies
         UNION ALL SELECT format('migration %s %s', version, name) FROM schema_migrations
       ) t";
@@ -30,8 +30,8 @@ async fn migrations_are_idempotent() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?; // applies them once
     let mut client = pg.client().await?;
     let before = schema_fingerprint(&client).await?;
-    assert!(before.contains("poll default {a,b} t"), "{before}");
-    assert!(before.contains("migration 2 roles"), "{before}");
+    assert!(before.contains("poll default {a,b}   f"), "{before}");
+    assert!(before.contains("migration 3 windows"), "{before}");
     let applied = db::migrate(&mut client).await?;
     assert!(applied.is_empty(), "second run applied {applied:?}");
     assert_eq!(schema_fingerprint(&client).await?, before);
@@ -44,7 +44,8 @@ async fn concurrent_migrators_apply_each_migration_once() -> anyhow::Result<()> 
     pg.client()
         .await?
         .batch_execute(
-            "DROP VIEW tallies; DROP TABLE schema_migrations, ballots, tally_parts, polls",
+            "DROP VIEW tallies; DROP TABLE schema_migrations, ballots, tally_parts, polls,
+                    late_votes, queue_shards, poll_drained",
         )
         .await?;
     let runs = (0..4).map(|_| {
@@ -59,7 +60,7 @@ async fn concurrent_migrators_apply_each_migration_once() -> anyhow::Result<()> 
         total.extend(r.await??);
     }
     total.sort();
-    assert_eq!(total, vec![1, 2]);
+    assert_eq!(total, vec![1, 2, 3]);
     Ok(())
 }
 
@@ -161,14 +162,79 @@ async fn refused(client: &db::Client, statements: &[&str]) {
 }
 
 #[tokio::test]
-async fn closing_a_poll_and_unknown_polls() -> anyhow::Result<()> {
+async fn closing_a_poll_sets_its_close_by_the_primarys_clock_once() -> anyhow::Result<()> {
     let pg = PgCluster::start().await?;
-    let client = pg.client().await?;
-    db::set_poll_open(&client, "default", false).await?;
-    assert!(!db::load_polls(&client).await?[0].open);
+    let mut client = pg.client().await?;
+    let before = db::poll_row(&client, "default").await?.now;
+    let closed = db::close_poll(&client, "default").await?;
+    assert!(closed >= before, "closed at the primary's now");
+    let poll = &db::load_polls(&client).await?[0];
+    assert_eq!(poll.window.closes_at, Some(closed));
+    assert_eq!(
+        db::close_poll(&client, "default").await?,
+        closed,
+        "closing again keeps the first close"
+    );
+    assert!(
+        db::schedule_poll(
+            &mut client,
+            "default",
+            None,
+            Some(model::Stamp(closed.0 + 60_000_000))
+        )
+        .await
+        .is_err(),
+        "an ended window does not move"
+    );
+    db::reopen_poll(&client, "default").await?;
+    assert_eq!(db::load_polls(&client).await?[0].window.closes_at, None);
     assert!(matches!(
-        db::set_poll_open(&client, "nope", false).await,
+        db::close_poll(&client, "nope").await,
         Err(db::DbError::NoSuchPoll(_))
     ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_database_of_before_windows_moves_forward() -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    // A database as the first two migrations left it, with a poll closed by the old flag.
+    let admin = pg.primary.admin_url();
+    db::ensure_database(&admin, "before_windows").await?;
+    let url = pg.primary.url(servers::SUPERUSER, "before_windows");
+    let mut client = db::connect(&url).await?;
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                                             applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    for &(version, name, sql) in &db::MIGRATIONS[..2] {
+        client.batch_execute(sql).await?;
+        client
+            .execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                &[&version, &name],
+            )
+            .await?;
+    }
+    client
+        .batch_execute(
+            "INSERT INTO polls (id, options, open) VALUES ('old-closed', ARRAY['x','y'], false)",
+        )
+        .await?;
+    assert_eq!(db::migrate(&mut client).await?, vec![3]);
+    let polls = db::load_polls(&client).await?;
+    let by_id = |id: &str| polls.iter().find(|p| p.id.as_str() == id).unwrap().clone();
+    assert_eq!(
+        by_id("default").window,
+        model::Window::default(),
+        "an open poll stays open"
+    );
+    assert!(
+        by_id("old-closed").window.closes_at.is_some(),
+        "a closed poll is closed"
+    );
+    assert!(!by_id("default").hidden);
     Ok(())
 }

@@ -36,7 +36,9 @@ pub const ENV_ALLOWED_ORIGINS: &str = "TALLY_ALLOWED_ORIGINS";
 pub const ENV_SECURE_COOKIES: &str = "TALLY_SECURE_COOKIES";
 pub const ENV_JWT_ISSUER: &str = "TALLY_JWT_ISSUER";
 pub const ENV_JWT_AUDIENCE: &str = "TALLY_JWT_AUDIENCE";
-pub const ENV_CLOCK_SKEW_MS: &str = "TALLY_CLOCK_SKEW_MS";
+pub const ENV_DRILL_CLOCK_SKEW_MS: &str = "TALLY_DRILL_CLOCK_SKEW_MS";
+pub const ENV_CATALOG_MAX_AGE_MS: &str = "TALLY_CATALOG_MAX_AGE_MS";
+pub const ENV_MAX_CLOCK_OFFSET_MS: &str = "TALLY_MAX_CLOCK_OFFSET_MS";
 
 /// Most votes one write (one list element) carries.
 pub const DEFAULT_GROUP_MAX_VOTES: usize = 1024;
@@ -60,6 +62,12 @@ pub const DEFAULT_BODY_LIMIT: usize = 4096;
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the poll catalog is re-read from PostgreSQL.
 pub const DEFAULT_CATALOG_REFRESH: Duration = Duration::from_secs(1);
+/// A catalog not read for longer than this is stale: ingest refuses votes (503) and is not ready,
+/// rather than take one by rules that may have changed (a poll closed since, say).
+pub const DEFAULT_CATALOG_MAX_AGE: Duration = Duration::from_secs(5);
+/// Ingest refuses votes while its clock is further than this from the database's: a vote's
+/// stamp decides whether it was cast before the close.
+pub const DEFAULT_MAX_CLOCK_OFFSET: Duration = Duration::from_millis(500);
 /// How long a vote may wait for its shard's acknowledgement before it is answered 503.
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Per-voter limit: votes per second, and the burst allowed on top.
@@ -82,6 +90,8 @@ pub struct Config {
     /// Where the poll catalog is read from (the local replica is fine).
     pub postgres_url: String,
     pub catalog_refresh: Duration,
+    pub catalog_max_age: Duration,
+    pub max_clock_offset: Duration,
     pub group: GroupCommit,
     pub queue_bound: u64,
     pub store_timeout: Duration,
@@ -104,8 +114,9 @@ pub struct Config {
     pub secure_cookies: bool,
     pub serve: ServeConfig,
     /// Milliseconds added to this host's clock when stamping votes: only for drills that show
-    /// what a skewed clock does (a voter's latest vote is judged by these stamps).
-    pub clock_skew_ms: i64,
+    /// what a skewed clock does. Never a production setting: ingest measures its clock against
+    /// the database's and refuses votes past `max_clock_offset`.
+    pub drill_clock_skew_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -124,6 +135,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("{what} must be at most {max}")]
     TooLarge { what: &'static str, max: usize },
+    #[error("the catalog's staleness bound must be longer than its refresh period")]
+    StaleBound,
     #[error("the cookie secret must be at least {MIN_COOKIE_SECRET_BYTES} bytes")]
     ShortCookieSecret,
     #[error("the JWT issuer and audience must not be empty")]
@@ -154,6 +167,8 @@ impl Config {
             redis_urls,
             postgres_url,
             catalog_refresh: DEFAULT_CATALOG_REFRESH,
+            catalog_max_age: DEFAULT_CATALOG_MAX_AGE,
+            max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET,
             group: GroupCommit::default(),
             queue_bound: DEFAULT_QUEUE_BOUND,
             store_timeout: DEFAULT_STORE_TIMEOUT,
@@ -171,7 +186,7 @@ impl Config {
             allowed_origins: Vec::new(),
             secure_cookies: false,
             serve: ServeConfig::default(),
-            clock_skew_ms: 0,
+            drill_clock_skew_ms: 0,
         }
     }
 
@@ -202,6 +217,9 @@ impl Config {
         }
         if self.queue_bound == 0 {
             return Err(ConfigError::Zero("queue bound"));
+        }
+        if self.catalog_max_age <= self.catalog_refresh {
+            return Err(ConfigError::StaleBound);
         }
         // A vote that lingers its whole store timeout could never be acknowledged.
         if self.group.linger >= self.store_timeout {

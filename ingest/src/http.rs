@@ -34,6 +34,10 @@ pub struct Ingest {
     pub(crate) catalog: Arc<CatalogCache>,
     pub(crate) shards: Shards,
     pub(crate) clock: Clock,
+    /// The drills' skew of `clock` (see `Config::drill_clock_skew_ms`), in microseconds.
+    pub(crate) skew_us: i64,
+    pub(crate) catalog_max_age: Duration,
+    pub(crate) max_clock_offset_us: i64,
     pub(crate) voter_limit: Option<Limiter>,
     pub(crate) ip_limit: Option<Limiter>,
     pub(crate) voters: Voters,
@@ -115,6 +119,9 @@ impl From<Rejection> for Refusal {
             }
             Rejection::PollClosed => {
                 Refusal::new(StatusCode::CONFLICT, "poll_closed", r.to_string())
+            }
+            Rejection::PollNotOpen => {
+                Refusal::new(StatusCode::CONFLICT, "poll_not_open", r.to_string())
             }
             Rejection::UnknownOption => Refusal::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -205,14 +212,21 @@ impl Ingest {
             Voters::Jwt(verifier) => verifier.is_loaded(),
             Voters::Anonymous(_) => true,
         };
-        let status = if down.is_empty() && catalog && keys {
+        let rules = self.rules_hold(Instant::now());
+        let status = if down.is_empty() && catalog && keys && rules.is_ok() {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
         json(
             status,
-            &serde_json::json!({"ready": status == StatusCode::OK, "catalog_loaded": catalog, "keys_loaded": keys, "shards_down": down}),
+            &serde_json::json!({
+                "ready": status == StatusCode::OK,
+                "catalog_loaded": catalog,
+                "keys_loaded": keys,
+                "shards_down": down,
+                "refusing_votes": rules.err().map(|r| r.message),
+            }),
         )
     }
 
@@ -490,8 +504,13 @@ impl Ingest {
         conn: &web::Connection,
         read: Instant,
     ) -> Result<VoteId, Refusal> {
+        self.rules_hold(read)?;
         // Checked against the catalog, `poll` and `option` are valid ids too.
-        self.catalog.load().check(poll, option)?;
+        let window = self.catalog.load().check(poll, option)?.window;
+        let cast_at = self.clock.stamp();
+        // Judged by the vote's own stamp, so a close scheduled ahead is exact in every region,
+        // whenever each last read its catalog. Before the limit: a refused vote costs no token.
+        window.admits(cast_at)?;
         if let Some(bucket) = bucket {
             bucket.take(read).map_err(|wait| {
                 Refusal::new(
@@ -502,7 +521,6 @@ impl Ingest {
                 .retry(wait)
             })?;
         }
-        let cast_at = self.clock.stamp();
         let id = VoteId::generate(cast_at.0);
         let fields = model::wire::Fields {
             id,
@@ -516,6 +534,82 @@ impl Ingest {
         conn.enlist();
         self.shards.get(shard).store(&fields, read.into()).await?;
         Ok(id)
+    }
+}
+
+impl Ingest {
+    /// Whether the rules a vote is judged by can be trusted now: a catalog read recently enough
+    /// (a close may have been scheduled since) and a clock close enough to the database's (a
+    /// vote's stamp says whether it came before the close).
+    fn rules_hold(&self, now: Instant) -> Result<(), Refusal> {
+        let refuse = |why: String| {
+            Err(
+                Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why)
+                    .retry(Duration::from_secs(1)),
+            )
+        };
+        match self.catalog.age_at(now) {
+            Some(age) if age > self.catalog_max_age => {
+                return refuse(format!(
+                    "the poll catalog was last read {:.1} s ago; the vote was not recorded, retry",
+                    age.as_secs_f64()
+                ))
+            }
+            _ => {}
+        }
+        if let Some(off) = self.clock_offset_us() {
+            if off.abs() > self.max_clock_offset_us {
+                return refuse(format!(
+                    "this ingest's clock is {:.0} ms off the database's; the vote was not recorded, retry",
+                    off as f64 / 1000.0
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How far the clock that stamps votes is from the database's, in microseconds.
+    fn clock_offset_us(&self) -> Option<i64> {
+        self.catalog
+            .clock_offset_us()
+            .map(|db_less_host| self.skew_us - db_less_host)
+    }
+}
+
+/// Exports the catalog's age and the clock's offset, and says in the log when ingest starts or
+/// stops refusing votes because of them, until the server is gone.
+pub(crate) async fn watch_rules(ingest: std::sync::Weak<Ingest>) {
+    let mut refusing = false;
+    loop {
+        let Some(i) = ingest.upgrade() else { return };
+        let region = i.region.to_string();
+        let now = Instant::now();
+        if let Some(age) = i.catalog.age_at(now) {
+            metrics::gauge!("tally_ingest_catalog_age_seconds", "region" => region.clone())
+                .set(age.as_secs_f64());
+        }
+        if let Some(off) = i.clock_offset_us() {
+            metrics::gauge!("tally_ingest_clock_offset_seconds", "region" => region.clone())
+                .set(off as f64 / 1e6);
+        }
+        match i.rules_hold(now) {
+            Err(r) if !refusing => {
+                tracing::warn!(reason = %r.message, "refusing votes");
+                refusing = true;
+            }
+            Ok(()) if refusing => {
+                tracing::info!("taking votes again");
+                refusing = false;
+            }
+            _ => {}
+        }
+        metrics::gauge!("tally_ingest_refusing_votes", "region" => region).set(if refusing {
+            1.0
+        } else {
+            0.0
+        });
+        drop(i);
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -69,7 +69,10 @@ pub async fn run(
         region: config.region.clone(),
         catalog,
         shards,
-        clock: model::Clock::skewed(config.clock_skew_ms.saturating_mul(1000)),
+        clock: model::Clock::skewed(config.drill_clock_skew_ms.saturating_mul(1000)),
+        skew_us: config.drill_clock_skew_ms.saturating_mul(1000),
+        catalog_max_age: config.catalog_max_age,
+        max_clock_offset_us: config.max_clock_offset.as_micros() as i64,
         voter_limit: config
             .voter_limit
             .map(|rate| limiter(&config, rate, "voter")),
@@ -84,6 +87,7 @@ pub async fn run(
         body_timeout: config.body_timeout,
         metrics: http::IngestMetrics::new(&config.region),
     });
+    let watch = tokio::spawn(http::watch_rules(Arc::downgrade(&app)));
     tracing::info!(addr = ?listener.local_addr().ok(), region = %config.region, shards = config.redis_urls.len(), "ingest serving");
     // Stopping, the requests in flight are answered once stored, not after a linger.
     let shutdown = {
@@ -97,6 +101,7 @@ pub async fn run(
     if let Some(keys) = keys {
         keys.abort();
     }
+    watch.abort();
     tracing::info!("ingest stopped");
     Ok(())
 }

@@ -99,7 +99,8 @@ async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> an
         .client()
         .await?
         .batch_execute(
-            "INSERT INTO polls (id, options, open) VALUES ('closed', ARRAY['a','b'], false)",
+            "INSERT INTO polls (id, options, closes_at) VALUES ('closed', ARRAY['a','b'], now() - interval '1 hour');
+             INSERT INTO polls (id, options, opens_at) VALUES ('later', ARRAY['a','b'], now() + interval '1 hour')",
         )
         .await?;
     // Let the catalog refresh pick up the closed poll.
@@ -156,6 +157,7 @@ async fn every_refusal_has_its_status_and_json_body_and_enqueues_nothing() -> an
         (404, "unknown_poll", vote(c, "nope", "a", "v1").await?),
         (404, "unknown_poll", vote(c, "..%2Fetc", "a", "v1").await?),
         (409, "poll_closed", vote(c, "closed", "a", "v1").await?),
+        (409, "poll_not_open", vote(c, "later", "a", "v1").await?),
         (422, "unknown_option", vote(c, "default", "c", "v1").await?),
         (
             422,

@@ -474,7 +474,7 @@ async fn clock_skew(
                 &stack,
                 &r,
                 "ingest",
-                vec![(ingest::config::ENV_CLOCK_SKEW_MS, ms.to_string())],
+                vec![(ingest::config::ENV_DRILL_CLOCK_SKEW_MS, ms.to_string())],
             )?;
             local::wait_ready(&stack, &r.name, "ingest", r.ingest)
         })

@@ -13,7 +13,7 @@ pub mod wire;
 
 pub use clock::{Clock, Stamp};
 pub use id::{IdError, OptionId, PollId, RegionName, VoteId, VoterId};
-pub use poll::{Catalog, Poll, Rejection};
+pub use poll::{Catalog, Poll, PollState, Rejection, Window};
 pub use shard::shard_of;
 pub use vote::Vote;
 pub use wire::WireError;

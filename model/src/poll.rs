@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{IdError, OptionId, PollId};
+use crate::{IdError, OptionId, PollId, Stamp};
 
 /// Most options one poll may have.
 pub const MAX_OPTIONS: usize = 64;
@@ -13,7 +13,62 @@ pub const MAX_OPTIONS: usize = 64;
 pub struct Poll {
     pub id: PollId,
     pub options: Vec<OptionId>,
-    pub open: bool,
+    /// When votes count: stamped at or after the opening and before the close.
+    pub window: Window,
+    /// Results are kept from the public until revealed.
+    pub hidden: bool,
+}
+
+/// When a poll takes votes, in the votes' own stamps (microseconds since the epoch): one instant
+/// for every region, judged by each vote's stamp rather than by when anyone looked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub opens_at: Option<Stamp>,
+    pub closes_at: Option<Stamp>,
+}
+
+impl Window {
+    /// Does a vote stamped `at` count?
+    pub fn admits(&self, at: Stamp) -> Result<(), Rejection> {
+        if self.opens_at.is_some_and(|o| at < o) {
+            return Err(Rejection::PollNotOpen);
+        }
+        if self.closes_at.is_some_and(|c| at >= c) {
+            return Err(Rejection::PollClosed);
+        }
+        Ok(())
+    }
+
+    /// Where the poll stands at `now`, unless it is final.
+    pub fn state(&self, now: Stamp) -> PollState {
+        match self.admits(now) {
+            Ok(()) => PollState::Open,
+            Err(Rejection::PollNotOpen) => PollState::Scheduled,
+            Err(_) => PollState::Closed,
+        }
+    }
+}
+
+/// A poll's life: `scheduled` until it opens, `open`, `closed` once its close has passed, and
+/// `final` once every vote acknowledged before the close is counted and the result certified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PollState {
+    Scheduled,
+    Open,
+    Closed,
+    Final,
+}
+
+impl PollState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PollState::Scheduled => "scheduled",
+            PollState::Open => "open",
+            PollState::Closed => "closed",
+            PollState::Final => "final",
+        }
+    }
 }
 
 /// Why a poll definition is refused.
@@ -30,7 +85,7 @@ pub enum PollError {
 }
 
 impl Poll {
-    /// A new open poll, checked: valid ids, 2..=64 distinct options.
+    /// A new poll that is always open, checked: valid ids, 2..=64 distinct options.
     pub fn new(id: &str, options: &[&str]) -> Result<Self, PollError> {
         let id = PollId::new(id)?;
         let options = options
@@ -51,7 +106,8 @@ impl Poll {
         Ok(Poll {
             id,
             options,
-            open: true,
+            window: Window::default(),
+            hidden: false,
         })
     }
 
@@ -65,6 +121,8 @@ impl Poll {
 pub enum Rejection {
     #[error("no such poll")]
     UnknownPoll,
+    #[error("the poll is not open yet")]
+    PollNotOpen,
     #[error("the poll is closed")]
     PollClosed,
     #[error("the poll has no such option")]
@@ -88,12 +146,10 @@ impl Catalog {
         self.polls.get(poll)
     }
 
-    /// May this option of this poll be voted for now?
+    /// Is there such a poll with such an option? (Whether a vote counts also depends on its
+    /// stamp: see [`Window::admits`].)
     pub fn check(&self, poll: &str, option: &str) -> Result<&Poll, Rejection> {
         let p = self.polls.get(poll).ok_or(Rejection::UnknownPoll)?;
-        if !p.open {
-            return Err(Rejection::PollClosed);
-        }
         if !p.has_option(option) {
             return Err(Rejection::UnknownOption);
         }
@@ -129,13 +185,30 @@ mod tests {
     }
 
     #[test]
-    fn catalog_rejects_in_order_unknown_closed_option() {
-        let mut closed = Poll::new("closed", &["a", "b"]).unwrap();
-        closed.open = false;
-        let cat = Catalog::new([Poll::new("p", &["a", "b"]).unwrap(), closed]);
+    fn catalog_rejects_unknown_polls_and_options() {
+        let cat = Catalog::new([Poll::new("p", &["a", "b"]).unwrap()]);
         assert!(cat.check("p", "a").is_ok());
         assert_eq!(cat.check("nope", "a").unwrap_err(), Rejection::UnknownPoll);
-        assert_eq!(cat.check("closed", "a").unwrap_err(), Rejection::PollClosed);
         assert_eq!(cat.check("p", "c").unwrap_err(), Rejection::UnknownOption);
+    }
+
+    #[test]
+    fn a_window_admits_from_its_opening_up_to_but_not_at_its_close() {
+        let w = Window {
+            opens_at: Some(Stamp(100)),
+            closes_at: Some(Stamp(200)),
+        };
+        assert_eq!(w.admits(Stamp(99)), Err(Rejection::PollNotOpen));
+        assert_eq!(w.admits(Stamp(100)), Ok(()));
+        assert_eq!(w.admits(Stamp(199)), Ok(()));
+        assert_eq!(w.admits(Stamp(200)), Err(Rejection::PollClosed));
+        assert_eq!(w.state(Stamp(50)), PollState::Scheduled);
+        assert_eq!(w.state(Stamp(150)), PollState::Open);
+        assert_eq!(w.state(Stamp(250)), PollState::Closed);
+        assert_eq!(
+            Window::default().admits(Stamp(0)),
+            Ok(()),
+            "no window: always open"
+        );
     }
 }

@@ -16,6 +16,16 @@ pub const STORED: &str = "tally:votes:stored";
 pub const DEAD_LETTERS: &str = "tally:dead";
 /// Prefix of every in-flight list.
 pub const IN_FLIGHT_PREFIX: &str = "tally:inflight:";
+/// How many elements have ever left [`VOTES`]: the position of the last one moved. Raised by the
+/// move that takes them, in the same script, so element `n` (counting from 1 since the shard
+/// began) left the queue once this reads `n` or more.
+pub const MOVED: &str = "tally:moved";
+/// Every in-flight list, scored by the position of its first element: what certifying a poll
+/// final waits on (every list at or before a position gone means every element up to it is
+/// counted). Kept by the move and the acknowledgement, in their scripts.
+pub const IN_FLIGHT: &str = "tally:inflight";
+/// Prefix of the position a poll's close was snapshot at, per shard.
+pub const CLOSE_PREFIX: &str = "tally:close:";
 
 /// Redis ACL rules for ingest's user: push onto [`VOTES`] and, in the same transaction, raise
 /// [`STORED`] (which it also reads); nothing else and no other key (`WAIT` for replicas).
@@ -31,9 +41,11 @@ pub const INGEST_ACL: &str =
 /// acknowledgement uses. [`STORED`] is among the root's keys too, because a script's keys must
 /// all pass one rule set for `EVALSHA` itself to be allowed.
 pub const AGGREGATOR_ACL: &str =
-    "resetkeys ~tally:votes ~tally:votes:stored ~tally:inflight:* ~tally:dead resetchannels -@all \
+    "resetkeys ~tally:votes ~tally:votes:stored ~tally:inflight:* ~tally:dead ~tally:moved \
+~tally:inflight ~tally:close:* resetchannels -@all \
 +lpop +blmove +lrange +del +scan +llen +evalsha +eval +script|load +ping \
-(~tally:inflight:* ~tally:dead +rpush) (~tally:votes:stored +decrby +set +get)";
+(~tally:inflight:* ~tally:dead +rpush) (~tally:votes:stored +decrby +set +get) \
+(~tally:moved +incrby +get) (~tally:inflight +zadd +zrem +zrangebyscore) (~tally:close:* +set +get)";
 
 /// [`STORED`] as Redis answers it: absent until the shard's first push, and never below zero
 /// (the acknowledgement stops it there; only a hand-set value could be).
@@ -44,6 +56,11 @@ pub fn stored_votes(count: Option<i64>) -> u64 {
 /// The in-flight list holding move `seq` of aggregator `worker`'s run `epoch`.
 pub fn in_flight_key(worker: &str, epoch: u64, seq: u64) -> String {
     format!("{IN_FLIGHT_PREFIX}{worker}:{epoch}-{seq}")
+}
+
+/// Where shard's snapshot for a poll's close (microseconds since the epoch) is kept.
+pub fn close_key(poll: &str, closes_at_micros: u64) -> String {
+    format!("{CLOSE_PREFIX}{poll}:{closes_at_micros}")
 }
 
 /// The `SCAN` pattern matching every in-flight list of `worker`.

@@ -33,6 +33,10 @@ pub struct AggregatorArgs {
     /// Batches written to PostgreSQL at once.
     #[arg(long, env = ENV_WRITERS, default_value_t = aggregator::config::DEFAULT_WRITERS)]
     pub writers: usize,
+    /// How long after a poll's close its shards are looked at to certify it final: at least
+    /// ingest's store timeout plus its bound on clock offset.
+    #[arg(long, env = ENV_FINAL_GRACE_MS, default_value_t = aggregator::config::DEFAULT_FINAL_GRACE.as_millis() as u64)]
+    pub final_grace_ms: u64,
 }
 
 impl AggregatorArgs {
@@ -55,6 +59,7 @@ impl AggregatorArgs {
         };
         c.pop_size = self.pop_size;
         c.writers = self.writers;
+        c.final_grace = Duration::from_millis(self.final_grace_ms);
         c.serve = self.common.serve_config();
         c.validate().map_err(bad)?;
         Ok(c)

@@ -102,10 +102,16 @@ pub struct IngestArgs {
     /// Set cookies only over HTTPS (`Secure`), as behind a TLS-terminating load balancer.
     #[arg(long, env = ENV_SECURE_COOKIES)]
     pub secure_cookies: bool,
-    /// For fault drills: stamp votes as if this host's clock were this many milliseconds ahead
-    /// (negative: behind).
-    #[arg(long, env = ENV_CLOCK_SKEW_MS, default_value_t = 0, allow_negative_numbers = true)]
-    pub clock_skew_ms: i64,
+    /// A catalog not read for this long is stale: votes get 503 and ingest is not ready.
+    #[arg(long, env = ENV_CATALOG_MAX_AGE_MS, default_value_t = ingest::config::DEFAULT_CATALOG_MAX_AGE.as_millis() as u64)]
+    pub catalog_max_age_ms: u64,
+    /// Votes get 503 while this host's clock is further than this from the database's.
+    #[arg(long, env = ENV_MAX_CLOCK_OFFSET_MS, default_value_t = ingest::config::DEFAULT_MAX_CLOCK_OFFSET.as_millis() as u64)]
+    pub max_clock_offset_ms: u64,
+    /// Drills only, never production: stamp votes as if this host's clock were this many
+    /// milliseconds ahead (negative: behind).
+    #[arg(long, env = ENV_DRILL_CLOCK_SKEW_MS, default_value_t = 0, allow_negative_numbers = true, hide = true)]
+    pub drill_clock_skew_ms: i64,
 }
 
 impl IngestArgs {
@@ -171,7 +177,9 @@ impl IngestArgs {
         c.limit_keys = self.limit_keys;
         c.body_limit = self.body_limit;
         c.serve = self.common.serve_config();
-        c.clock_skew_ms = self.clock_skew_ms;
+        c.drill_clock_skew_ms = self.drill_clock_skew_ms;
+        c.catalog_max_age = Duration::from_millis(self.catalog_max_age_ms);
+        c.max_clock_offset = Duration::from_millis(self.max_clock_offset_ms);
         c.identity = self.identity()?;
         c.trusted_proxies = TrustedProxies::parse(&self.trusted_proxies)
             .map_err(|e| bad(format!("--trusted-proxies: {e}")))?;
