@@ -526,3 +526,132 @@ async fn an_ack_whose_reply_was_lost_stores_its_dead_letters_once() -> anyhow::R
     );
     assert_exact(&pg, &Reference::of(&good)).await
 }
+
+fn vote_at(poll: &str, voter: &str, option: &str, cast_at: u64, id: u128) -> Vote {
+    Vote {
+        id: model::VoteId(id),
+        poll: model::PollId::new(poll).unwrap(),
+        option: model::OptionId::new(option).unwrap(),
+        voter: model::VoterId::new(voter).unwrap(),
+        cast_at: model::Stamp(cast_at),
+        region: RegionName::new("us-east-1").unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_votes_are_kept_with_their_reason_and_a_closed_poll_is_certified_final(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    let mut client = pg.client().await?;
+    let now = db::poll_row(&client, "default").await?.now.0;
+    let (opens, closes) = (now - 60_000_000, now - 1_000_000);
+    let mut poll = Poll::new("night", &["a", "b"])?;
+    poll.window = model::Window {
+        opens_at: Some(model::Stamp(opens)),
+        closes_at: Some(model::Stamp(closes)),
+    };
+    db::create_poll(&mut client, &poll).await?;
+    let shards = harness::redis_shards(2).await?;
+    let votes = vec![
+        vote_at("night", "early", "a", opens - 1, 1),
+        vote_at("night", "on-time", "a", opens, 2),
+        vote_at("night", "on-time-2", "b", closes - 1, 3),
+        vote_at("night", "late", "b", closes, 4),
+        // A voter whose in-window vote would be hidden by their late one, deduplicated alone.
+        vote_at("night", "twice", "a", closes - 10, 5),
+        vote_at("night", "twice", "b", closes + 10, 6),
+    ];
+    enqueue(&shards, &votes).await?;
+    let mut c = config(&pg, &shards, "w-night");
+    c.final_grace = Duration::from_millis(200);
+    c.certify_every = Duration::from_millis(50);
+    let agg = start(c).await?;
+    harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while db::poll_row(&client, "night").await?.final_at.is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "never certified final"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ballots: Vec<(String, String)> = client
+        .query(
+            "SELECT voter_id, option FROM ballots WHERE poll_id = 'night' ORDER BY voter_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let pair = |v: &str, o: &str| (v.to_string(), o.to_string());
+    assert_eq!(
+        ballots,
+        [
+            pair("on-time", "a"),
+            pair("on-time-2", "b"),
+            pair("twice", "a")
+        ]
+    );
+    let late: Vec<(String, String)> = client
+        .query(
+            "SELECT voter_id, reason FROM late_votes WHERE poll_id = 'night' ORDER BY voter_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        late,
+        [
+            pair("early", "before_open"),
+            pair("late", "after_close"),
+            pair("twice", "after_close")
+        ]
+    );
+    // The certified result: the counts, and the digest of the canonical listing of the ballots.
+    let row = client
+        .query_one(
+            "SELECT final_counts::text, digest FROM polls WHERE id = 'night'",
+            &[],
+        )
+        .await?;
+    let counts: serde_json::Value = serde_json::from_str(&row.get::<_, String>(0))?;
+    assert_eq!(counts, serde_json::json!({"a": 2, "b": 1}));
+    let listing = "on-time\ta\non-time-2\tb\ntwice\ta\n";
+    let digest = sha256_hex(listing.as_bytes());
+    assert_eq!(row.get::<_, String>(1), digest);
+
+    // A vote stamped in the window but stored after the result was certified changes nothing.
+    enqueue(
+        &shards,
+        &[vote_at("night", "straggler", "b", closes - 5, 7)],
+    )
+    .await?;
+    harness::wait_drained(&shards, DRAIN_LIMIT).await?;
+    agg.stop().await?;
+    let after: i64 = client
+        .query_one(
+            "SELECT count(*) FROM late_votes WHERE poll_id = 'night' AND reason = 'after_final'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(after, 1);
+    let audit = db::audit::audit(&client, "night", |_| Ok(())).await?;
+    assert!(audit.matches, "{audit:?}");
+    assert_eq!(
+        audit.digest, digest,
+        "nothing moved after the certification"
+    );
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -61,3 +61,6 @@ CREATE TABLE IF NOT EXISTS poll_drained (
 GRANT SELECT ON late_votes, queue_shards, poll_drained TO tally_reader;
 GRANT SELECT, INSERT ON late_votes, queue_shards, poll_drained TO tally_aggregator;
 GRANT UPDATE (final_at, final_counts, digest) ON polls TO tally_aggregator;
+-- Ingest judges its catalog's age by its replica's own word on how far behind it is, which
+-- needs the WAL receiver's state (a read-only statistics role, as readers have).
+GRANT pg_read_all_stats TO tally_ingest;

@@ -67,10 +67,16 @@ impl CatalogCache {
     }
 
     pub fn replace(&self, catalog: Catalog) {
+        self.replace_as_of(catalog, Duration::ZERO);
+    }
+
+    /// Replaces the catalog with one that was already `stale` when read (a replica's lag).
+    fn replace_as_of(&self, catalog: Catalog, stale: Duration) {
         self.current.store(Arc::new(catalog));
         self.loaded.store(true, Ordering::Relaxed);
+        let as_of = self.epoch.elapsed().saturating_sub(stale);
         self.refreshed_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .fetch_max(as_of.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// How long before `now` the catalog was last read (`None`: never). Takes the caller's
@@ -122,10 +128,24 @@ impl CatalogCache {
                     .ok();
             }
             if let Some(c) = &client {
-                match crate::load_polls(c).await {
-                    Ok(polls) => match cache.upgrade() {
+                // A replica answers with what it has replayed: its lag is the catalog's age
+                // when read, and a replica that cannot tell (cut off) makes the catalog no fresher.
+                let read = tokio::try_join!(crate::load_polls(c), async {
+                    crate::freshness(c).await.map(|f| f.lag_ms)
+                });
+                match read {
+                    Ok((polls, lag_ms)) => match cache.upgrade() {
                         Some(cache) => {
-                            cache.replace(Catalog::new(polls));
+                            match lag_ms {
+                                Some(ms) => cache.replace_as_of(
+                                    Catalog::new(polls),
+                                    Duration::from_secs_f64(ms.max(0.0) / 1000.0),
+                                ),
+                                None => {
+                                    cache.current.store(Arc::new(Catalog::new(polls)));
+                                    cache.loaded.store(true, Ordering::Relaxed);
+                                }
+                            }
                             if let Err(e) = cache.measure_clock(c).await {
                                 tracing::warn!(error = %e, "catalog: reading the clock failed");
                             }

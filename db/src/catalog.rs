@@ -124,12 +124,16 @@ pub async fn poll_row(client: &Client, poll: &str) -> Result<PollRow, DbError> {
     })
 }
 
-/// Closes the poll now, by the primary's clock; a poll already closed keeps its close. Returns
-/// the close.
+/// Closes the poll now, by the primary's clock; a poll already closed keeps its close, and one
+/// that has not opened yet ends before it begins (its opening moves to just before the close).
+/// Returns the close.
 pub async fn close_poll(client: &Client, poll: &str) -> Result<Stamp, DbError> {
     let sql = format!(
-        "UPDATE polls SET closes_at = clock_timestamp()
-          WHERE id = $1 AND final_at IS NULL AND (closes_at IS NULL OR closes_at > clock_timestamp())
+        "WITH now AS (SELECT clock_timestamp() AS t)
+         UPDATE polls SET closes_at = now.t,
+                          opens_at = LEAST(opens_at, now.t - interval '1 microsecond')
+           FROM now
+          WHERE id = $1 AND final_at IS NULL AND (closes_at IS NULL OR closes_at > now.t)
           RETURNING {}",
         micros("closes_at")
     );

@@ -882,3 +882,62 @@ async fn the_original_apps_form_and_page_and_voter_cookie() -> anyhow::Result<()
     assert_eq!(bad.status, 422);
     stack.shutdown().await
 }
+
+#[tokio::test]
+async fn a_stale_catalog_or_a_clock_off_the_databases_refuses_votes() -> anyhow::Result<()> {
+    // A clock within the bound stamps votes; one past it refuses them.
+    let skewed = Stack::start(1, |c| {
+        c.drill_clock_skew_ms = 2_000;
+        c.max_clock_offset = Duration::from_millis(500);
+    })
+    .await;
+    // Not ready: the readiness wait in `start` fails, which is the point.
+    assert!(
+        skewed.is_err(),
+        "an ingest 2 s off the database's clock became ready"
+    );
+    let stack = Stack::start(1, |c| {
+        c.drill_clock_skew_ms = 200;
+        c.max_clock_offset = Duration::from_millis(500);
+        c.catalog_max_age = Duration::from_millis(600);
+    })
+    .await?;
+    assert_eq!(vote(&stack.client, "default", "a", "v1").await?.status, 202);
+    let metrics = stack.client.get("/metrics").await?.text();
+    assert!(
+        metrics.contains("tally_ingest_clock_offset_seconds"),
+        "{metrics}"
+    );
+
+    // The catalog's source goes away: within its bound, votes are refused and ingest is not ready.
+    stack.pg.primary.stop(servers::StopMode::Immediate)?;
+    let start = std::time::Instant::now();
+    loop {
+        let r = vote(&stack.client, "default", "a", "v2").await?;
+        if r.status == 503 {
+            assert!(r.text().contains("catalog was last read"), "{}", r.text());
+            break;
+        }
+        assert_eq!(r.status, 202);
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = stack.client.get("/readyz").await?;
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.json()["refusing_votes"].is_string(),
+        "{}",
+        ready.text()
+    );
+    stack.pg.primary.start()?;
+    let start = std::time::Instant::now();
+    while stack.client.get("/readyz").await?.status != 200 {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(vote(&stack.client, "default", "a", "v3").await?.status, 202);
+    stack.shutdown().await
+}

@@ -45,9 +45,22 @@ pub enum Fault {
     /// Every link to and from a region cut, then healed: it keeps taking votes into its Redis,
     /// and drains them once it can reach the primary again.
     RegionCut(String),
-    /// A region's ingest stamping votes with its clock `ms` ahead (behind, when negative).
+    /// A region's ingest stamping votes with its clock `ms` ahead (behind, when negative). Past
+    /// ingest's bound on clock offset, it refuses votes and its voters go elsewhere.
     ClockSkew { region: String, ms: i64 },
+    /// Through a poll's close: every link of a region cut a second before it and healed three
+    /// after (its ingest's catalog source, its aggregator's writes). The poll is certified final,
+    /// exactly.
+    CloseCut(String),
+    /// Through a poll's close: a region's ingest `ms` ahead, within its bound.
+    CloseSkew { region: String, ms: i64 },
+    /// Through a poll's close: a region's aggregator killed `times` times at random instants
+    /// from two seconds before it to six after.
+    CloseKillAggregator { region: String, times: u32 },
 }
+
+/// When a close drill's poll closes, counted from the load's start.
+const CLOSE_AFTER: Duration = Duration::from_secs(8);
 
 impl Fault {
     pub fn name(&self) -> String {
@@ -60,7 +73,18 @@ impl Fault {
             Fault::ReplicaStop(_) => "replica-stop".into(),
             Fault::RegionCut(_) => "region-cut".into(),
             Fault::ClockSkew { .. } => "clock-skew".into(),
+            Fault::CloseCut(_) => "close-cut".into(),
+            Fault::CloseSkew { .. } => "close-skew".into(),
+            Fault::CloseKillAggregator { .. } => "close-kill-aggregator".into(),
         }
+    }
+
+    /// A fault that strikes around a poll's close, which the load then waits to see certified.
+    fn closes_a_poll(&self) -> bool {
+        matches!(
+            self,
+            Fault::CloseCut(_) | Fault::CloseSkew { .. } | Fault::CloseKillAggregator { .. }
+        )
     }
 
     /// The region it strikes, if it names one.
@@ -74,7 +98,10 @@ impl Fault {
             | Fault::RedisRestart(r)
             | Fault::ReplicaStop(r)
             | Fault::RegionCut(r)
-            | Fault::ClockSkew { region: r, .. } => Some(r),
+            | Fault::ClockSkew { region: r, .. }
+            | Fault::CloseCut(r)
+            | Fault::CloseSkew { region: r, .. }
+            | Fault::CloseKillAggregator { region: r, .. } => Some(r),
         }
     }
 }
@@ -110,10 +137,23 @@ pub struct Outcome {
     /// Answers that were not 202 (503s and refused connections while a region was down are
     /// expected; a 202 later lost would show in `lost`).
     pub errors_seen: u64,
+    /// For the faults around a close: the poll was certified final with exactly the votes
+    /// acknowledged before its close, and its audit agrees.
+    pub certified_exact: Option<bool>,
 }
 
-pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Result<DrillReport> {
+pub async fn run(
+    dir: PathBuf,
+    fault: Fault,
+    mut opts: load::Options,
+) -> anyhow::Result<DrillReport> {
     let stack = Stack::require(&dir)?;
+    if fault.closes_a_poll() {
+        let mut show = load::Show::for_load(opts.duration);
+        show.closes_after = CLOSE_AFTER;
+        opts.show = Some(show);
+        opts.duration = opts.duration.max(CLOSE_AFTER + Duration::from_secs(6));
+    }
     if let Some(region) = fault.region() {
         stack.region(region)?;
     }
@@ -151,7 +191,12 @@ pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Res
         Fault::RedisRestart(region) => redis_down(&stack, &dir, region, false).await,
         Fault::ReplicaStop(region) => replica_stop(&stack, &dir, region).await,
         Fault::RegionCut(region) => region_cut(&stack, region).await,
-        Fault::ClockSkew { region, ms } => clock_skew(&stack, &dir, region, *ms).await,
+        Fault::ClockSkew { region, ms } => clock_skew(&stack, &dir, region, *ms, &live).await,
+        Fault::CloseCut(region) => close_cut(&stack, region, &live).await,
+        Fault::CloseSkew { region, ms } => close_skew(&stack, &dir, region, *ms, &live).await,
+        Fault::CloseKillAggregator { region, times } => {
+            close_kill_aggregator(&stack, &dir, region, *times, &live).await
+        }
     };
     let timings = match struck {
         Ok(t) => t,
@@ -181,6 +226,9 @@ pub async fn run(dir: PathBuf, fault: Fault, opts: load::Options) -> anyhow::Res
             detect_seconds: timings.detect.as_secs_f64(),
             recovery_seconds: timings.recover.as_secs_f64(),
             errors_seen,
+            certified_exact: report.show.as_ref().map(|s| {
+                s.counts_match_acknowledged && s.audit_matches && s.acknowledged_after_close == 0
+            }),
         },
         rejoin_seconds: timings.rejoin.as_secs_f64(),
         new_primary: timings.new_primary,
@@ -429,22 +477,11 @@ async fn region_cut(stack: &Stack, region: &str) -> anyhow::Result<Timings> {
     if stack.links.is_empty() {
         bail!("this stack has no links between regions to cut (it predates them)");
     }
-    let wan = format!("127.0.0.1:{}", stack.wan);
-    let control = |action: &str| match servers::http_call(
-        &wan,
-        "POST",
-        &format!("/{action}?region={region}"),
-    ) {
-        Some(200) => Ok(()),
-        other => Err(anyhow::anyhow!(
-            "tally wan did not {action} {region} (answer {other:?})"
-        )),
-    };
     let cut = Instant::now();
-    control("cut")?;
+    wan_control(stack, "cut", region)?;
     tokio::time::sleep(HOLD_BROKEN).await;
     let healed = Instant::now();
-    control("heal")?;
+    wan_control(stack, "heal", region)?;
     for r in &stack.regions {
         wait_streaming(stack, r).await?;
     }
@@ -456,35 +493,122 @@ async fn region_cut(stack: &Stack, region: &str) -> anyhow::Result<Timings> {
     })
 }
 
-/// The region's ingest restarted with a skewed clock, left to take votes, then restarted
-/// with the right time.
+/// The region's ingest restarted with a skewed clock, left to run, then restarted with the right
+/// time. Within ingest's bound on clock offset it takes votes; past it, it refuses them and is not
+/// ready, and its voters are served elsewhere.
 async fn clock_skew(
     stack: &Stack,
     dir: &std::path::Path,
     region: &str,
     ms: i64,
+    live: &Arc<Live>,
 ) -> anyhow::Result<Timings> {
-    let r = stack.region(region)?.clone();
     let cut = Instant::now();
-    {
-        let (stack, r) = (stack.clone(), r.clone());
-        tokio::task::spawn_blocking(move || {
-            local::stop_role(&stack, &r.name, "ingest");
-            local::start_role_with(
-                &stack,
-                &r,
-                "ingest",
-                vec![(ingest::config::ENV_DRILL_CLOCK_SKEW_MS, ms.to_string())],
-            )?;
-            local::wait_ready(&stack, &r.name, "ingest", r.ingest)
-        })
-        .await??;
+    let within = skewed_ingest(stack, region, ms).await?;
+    let detect = cut.elapsed();
+    if !within {
+        let before = live.acked_from(region);
+        wait_for(
+            "the skewed region's voters to be acknowledged elsewhere",
+            RECOVER_WITHIN,
+            || live.acked_from(region) > before,
+        )
+        .await?;
     }
     let recover = cut.elapsed();
     tokio::time::sleep(HOLD_BROKEN).await;
     let restarted = Instant::now();
     {
-        let (stack, name) = (stack.clone(), r.name.clone());
+        let (stack, name) = (stack.clone(), region.to_string());
+        tokio::task::spawn_blocking(move || local::stop_role(&stack, &name, "ingest")).await?;
+    }
+    heal(dir).await?;
+    Ok(Timings {
+        detect,
+        recover,
+        rejoin: restarted.elapsed(),
+        new_primary: None,
+    })
+}
+
+/// Restarts the region's ingest with its clock `ms` off; returns whether that is within its
+/// bound (it became ready) or past it (it refuses votes and never becomes ready).
+async fn skewed_ingest(stack: &Stack, region: &str, ms: i64) -> anyhow::Result<bool> {
+    let r = stack.region(region)?.clone();
+    let within = ms.unsigned_abs() < ingest::config::DEFAULT_MAX_CLOCK_OFFSET.as_millis() as u64;
+    let (stack, r) = (stack.clone(), r.clone());
+    tokio::task::spawn_blocking(move || {
+        local::stop_role(&stack, &r.name, "ingest");
+        local::start_role_with(
+            &stack,
+            &r,
+            "ingest",
+            vec![(ingest::config::ENV_DRILL_CLOCK_SKEW_MS, ms.to_string())],
+        )?;
+        if within {
+            local::wait_ready(&stack, &r.name, "ingest", r.ingest)
+        } else {
+            local::wait_running(&stack, &r.name, "ingest", r.ingest)
+        }
+    })
+    .await??;
+    Ok(within)
+}
+
+/// Until the load's poll of the night is `before` away from its close (by this host's clock).
+async fn until_close(live: &Arc<Live>, before: Duration) -> anyhow::Result<()> {
+    wait_for("the load's poll to be created", RECOVER_WITHIN, || {
+        live.show_closes_at.get().is_some()
+    })
+    .await?;
+    let closes = live.show_closes_at.get().expect("set").0;
+    let at = closes.saturating_sub(before.as_micros() as u64);
+    let now = model::Stamp::now().0;
+    if at > now {
+        tokio::time::sleep(Duration::from_micros(at - now)).await;
+    }
+    Ok(())
+}
+
+/// The region cut off a second before the close, healed three seconds after it.
+async fn close_cut(stack: &Stack, region: &str, live: &Arc<Live>) -> anyhow::Result<Timings> {
+    if stack.links.is_empty() {
+        bail!("this stack has no links between regions to cut (it predates them)");
+    }
+    until_close(live, Duration::from_secs(1)).await?;
+    let cut = Instant::now();
+    wan_control(stack, "cut", region)?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let healed = Instant::now();
+    wan_control(stack, "heal", region)?;
+    for r in &stack.regions {
+        wait_streaming(stack, r).await?;
+    }
+    Ok(Timings {
+        detect: Duration::ZERO,
+        recover: cut.elapsed(),
+        rejoin: healed.elapsed(),
+        new_primary: None,
+    })
+}
+
+/// The region's ingest `ms` off two seconds before the close, put right three after it.
+async fn close_skew(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+    ms: i64,
+    live: &Arc<Live>,
+) -> anyhow::Result<Timings> {
+    until_close(live, Duration::from_secs(2)).await?;
+    let cut = Instant::now();
+    skewed_ingest(stack, region, ms).await?;
+    let recover = cut.elapsed();
+    until_close(live, Duration::ZERO).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarted = Instant::now();
+    {
+        let (stack, name) = (stack.clone(), region.to_string());
         tokio::task::spawn_blocking(move || local::stop_role(&stack, &name, "ingest")).await?;
     }
     heal(dir).await?;
@@ -494,6 +618,53 @@ async fn clock_skew(
         rejoin: restarted.elapsed(),
         new_primary: None,
     })
+}
+
+/// The region's aggregator killed at random instants from two seconds before the close to six
+/// after, restarted each time.
+async fn close_kill_aggregator(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+    times: u32,
+    live: &Arc<Live>,
+) -> anyhow::Result<Timings> {
+    until_close(live, Duration::from_secs(2)).await?;
+    let started = Instant::now();
+    let spread = Duration::from_secs(8) / times.max(1);
+    let mut worst = Duration::ZERO;
+    for _ in 0..times {
+        let pause = rand::random_range(0..spread.as_millis().max(1) as u64);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let pid = stack
+            .role_pid(region, "aggregator")
+            .filter(|&p| servers::pid_alive(p))
+            .with_context(|| format!("{region} aggregator is not running"))?;
+        let cut = Instant::now();
+        servers::signal(pid, "KILL");
+        wait_for("the aggregator to die", RECOVER_WITHIN, || {
+            !servers::pid_alive(pid)
+        })
+        .await?;
+        heal(dir).await?;
+        worst = worst.max(cut.elapsed());
+    }
+    Ok(Timings {
+        detect: Duration::ZERO,
+        recover: worst,
+        rejoin: started.elapsed(),
+        new_primary: None,
+    })
+}
+
+fn wan_control(stack: &Stack, action: &str, region: &str) -> anyhow::Result<()> {
+    let wan = format!("127.0.0.1:{}", stack.wan);
+    match servers::http_call(&wan, "POST", &format!("/{action}?region={region}")) {
+        Some(200) => Ok(()),
+        other => Err(anyhow::anyhow!(
+            "tally wan did not {action} {region} (answer {other:?})"
+        )),
+    }
 }
 
 /// `tally local up` again: restarts what is down, and rewinds a fenced former primary into a

@@ -15,19 +15,22 @@ use http_body_util::Full;
 
 use crate::edge::Edge;
 use crate::local::{slot_name, Stack, POLLS};
-use crate::report::{RegionRecorder, RegionReport, Report, Series, Timeline};
+use crate::report::{RegionRecorder, RegionReport, Report, Series, ShowReport, Timeline};
 use regions::VOTER_MIX;
 
+/// The polls a load votes in: (id, options, share of the votes).
+type Polls = [(&'static str, Vec<&'static str>, f64)];
+
 /// The `h`-th pick of a poll and an option, by popularity (`h` is a uniform hash).
-fn pick_vote(h: u64) -> (&'static str, &'static str) {
+fn pick_vote(polls: &'static Polls, h: u64) -> (&'static str, &'static str) {
     let mut x = (h % 1_000_000) as f64 / 1_000_000.0;
-    let (poll, options, _) = POLLS
+    let (poll, options, _) = polls
         .iter()
         .find(|(_, _, share)| {
             x -= share;
             x < 0.0
         })
-        .unwrap_or(&POLLS[0]);
+        .unwrap_or(&polls[0]);
     let weights: Vec<f64> = (1..=options.len()).map(|i| 1.0 / i as f64).collect();
     let mut y = ((h >> 20) % 1_000_000) as f64 / 1_000_000.0 * weights.iter().sum::<f64>();
     let i = weights
@@ -48,13 +51,65 @@ pub struct Options {
     pub voters: u64,
     pub connections_per_region: usize,
     pub progress: bool,
+    /// A poll of the night voted in alongside the stack's: created with its close, closed while
+    /// votes still come, then waited for until it is certified final.
+    pub show: Option<Show>,
 }
 
-/// Latest acknowledged vote id per voter, and how many votes were acknowledged.
+/// A poll with a window the load creates and votes in.
+#[derive(Debug, Clone)]
+pub struct Show {
+    pub poll: String,
+    pub options: Vec<String>,
+    /// Its share of the votes.
+    pub share: f64,
+    /// How long after the load starts it closes.
+    pub closes_after: Duration,
+    /// How long to wait for it to be certified final once the load has drained.
+    pub final_within: Duration,
+}
+
+impl Show {
+    /// A poll of its own for one run: `show-<tag>`, red, green and blue, half the votes, closing
+    /// at four fifths of the load (the votes after it get 409).
+    pub fn for_load(duration: Duration) -> Self {
+        Self {
+            poll: format!("show-{:06x}", rand::random::<u32>() & 0xff_ffff),
+            options: vec!["red".into(), "green".into(), "blue".into()],
+            share: 0.5,
+            closes_after: duration.mul_f64(0.8),
+            final_within: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Latest acknowledged vote per voter (its id and option), and how many votes were acknowledged.
 #[derive(Default)]
 struct Acks {
-    latest: HashMap<String, u128>,
+    latest: HashMap<String, (u128, &'static str)>,
     count: u64,
+}
+
+/// The polls voted in: the stack's, and the show's, sharing the votes.
+fn polls(show: Option<&Show>) -> &'static Polls {
+    let mut all: Vec<(&'static str, Vec<&'static str>, f64)> = POLLS
+        .iter()
+        .map(|(id, options, share)| (*id, options.to_vec(), *share))
+        .collect();
+    if let Some(s) = show {
+        for p in &mut all {
+            p.2 *= 1.0 - s.share;
+        }
+        // One poll a run: leaked, as the rest are static.
+        let id: &'static str = Box::leak(s.poll.clone().into_boxed_str());
+        let options = s
+            .options
+            .iter()
+            .map(|o| &*Box::leak(o.clone().into_boxed_str()))
+            .collect();
+        all.insert(0, (id, options, s.share));
+    }
+    Box::leak(all.into_boxed_slice())
 }
 
 /// What a load has done so far, for whoever watches it run (progress, drills).
@@ -64,6 +119,8 @@ pub struct Live {
     pub failed: AtomicU64,
     /// Acknowledged votes per home region (the region voters go to while all are healthy).
     pub by_home: Vec<(String, AtomicU64)>,
+    /// When the load's poll of the night closes, once it is created.
+    pub show_closes_at: std::sync::OnceLock<model::Stamp>,
 }
 
 impl Live {
@@ -77,6 +134,7 @@ impl Live {
                 .iter()
                 .map(|r| (r.name.clone(), AtomicU64::new(0)))
                 .collect(),
+            show_closes_at: std::sync::OnceLock::new(),
         }))
     }
 
@@ -113,6 +171,19 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
 
     // Every simulated voter votes as a real one does: with a token of the identity provider.
     let tokens = Arc::new(stack.tokens()?);
+    let polls = polls(opts.show.as_ref());
+    let show = match &opts.show {
+        Some(s) => {
+            let closes_at = open_show(stack, s, &tokens).await?;
+            let _ = live.show_closes_at.set(closes_at);
+            Some(closes_at)
+        }
+        None => None,
+    };
+    // The show's votes acknowledged with a stamp at or after its close (a vote id's high bits are
+    // its stamp): there must be none.
+    let after_close = Arc::new(AtomicU64::new(0));
+    let show_close: Option<(&'static str, u128)> = show.map(|c| (polls[0].0, c.0 as u128));
     let mut tasks = Vec::new();
     let mut recorders = Vec::new();
     for (home_index, r) in stack.regions.iter().enumerate() {
@@ -145,7 +216,7 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
                     pick < 0.0
                 })
                 .map_or(continents[0].0, |(c, _)| *c);
-            let (poll, option) = pick_vote(h.rotate_left(23));
+            let (poll, option) = pick_vote(polls, h.rotate_left(23));
             (
                 format!("{tag}-{continent}-{}", (h >> 16) % voters_here),
                 poll,
@@ -168,6 +239,7 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
         let recorder = Arc::new(Mutex::new(RegionRecorder::new(&r.name)));
         recorders.push(recorder.clone());
         let (acks, live, window) = (acks.clone(), live.clone(), window.clone());
+        let after_close = after_close.clone();
         let on_answer = Arc::new(move |n: u64, s: Sample, body: &[u8]| {
             let _ = window.lock().expect("histogram").record(s.latency_us);
             let id = (s.status == Some(202))
@@ -189,9 +261,17 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
             live.by_home[home_index].1.fetch_add(1, Ordering::Relaxed);
             let mut a = acks.lock().expect("acks");
             a.count += 1;
-            let (voter, poll, _) = vote_n(n);
-            let latest = a.latest.entry(format!("{poll}/{voter}")).or_insert(0);
-            *latest = (*latest).max(id);
+            let (voter, poll, option) = vote_n(n);
+            if show_close.is_some_and(|(p, close)| p == poll && id >> 64 >= close) {
+                after_close.fetch_add(1, Ordering::Relaxed);
+            }
+            let latest = a
+                .latest
+                .entry(format!("{poll}/{voter}"))
+                .or_insert((0, option));
+            if id > latest.0 {
+                *latest = (id, option);
+            }
         });
         let rate = opts.rate * share;
         let (duration, connections) = (opts.duration, opts.connections_per_region);
@@ -257,8 +337,16 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
         recorder.finish(&mut timeline);
     }
     let acks = std::mem::take(&mut *acks.lock().expect("acks"));
+    let show = match (show, &opts.show) {
+        (Some(closes_at), Some(s)) => {
+            let mut report = certified(stack, s, closes_at, &acks, &summary.statuses).await?;
+            report.acknowledged_after_close = after_close.load(Ordering::Relaxed);
+            Some(report)
+        }
+        _ => None,
+    };
     let (lost, doubled) = verify(stack, &run_tag, &acks).await?;
-    let regions = compare_readers(stack, &live).await?;
+    let regions = compare_readers(stack, &live, polls).await?;
     Ok(Report {
         acknowledged: acks.count,
         counted: acks.count - lost.min(acks.count),
@@ -278,6 +366,106 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
         drained_in_seconds: drained_in.as_secs_f64(),
         route_changes: live.edge.changes.lock().expect("changes").clone(),
         timeline,
+        show,
+    })
+}
+
+/// Creates the show's poll, closing `closes_after` from now by the primary's clock, and waits
+/// until every region's ingest knows it; returns the close.
+async fn open_show(
+    stack: &Stack,
+    show: &Show,
+    tokens: &crate::idp::Tokens,
+) -> anyhow::Result<model::Stamp> {
+    let mut client = db::connect(&stack.primary_url()).await?;
+    let now = db::poll_row(&client, model::DEFAULT_POLL).await?.now;
+    let closes_at = model::Stamp(now.0 + show.closes_after.as_micros() as u64);
+    let options: Vec<&str> = show.options.iter().map(String::as_str).collect();
+    let mut poll = model::Poll::new(&show.poll, &options)?;
+    poll.window.closes_at = Some(closes_at);
+    db::create_poll(&mut client, &poll).await?;
+    // An option no poll has: 422 once ingest knows the poll, 404 until then; never stored.
+    let probe = format!("/v1/polls/{}/votes", show.poll);
+    let bearer = tokens.bearer("show-probe");
+    let started = Instant::now();
+    for r in &stack.regions {
+        loop {
+            let answer = post(r.ingest, &probe, &bearer, r#"{"option":"no-such-option"}"#).await;
+            if answer.is_ok_and(|status| status == 422) {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(15),
+                "{}'s ingest did not learn of poll {} within 15 s",
+                r.name,
+                show.poll
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(closes_at)
+}
+
+/// `POST path` with a bearer and a JSON body; the status.
+async fn post(port: u16, path: &str, bearer: &str, body: &'static str) -> anyhow::Result<u16> {
+    let client = harness::http::Client::new(format!("http://127.0.0.1:{port}"));
+    Ok(client
+        .post_json(path, &[("authorization", bearer)], body)
+        .await?
+        .status
+        .as_u16())
+}
+
+/// Waits for the show's poll to be certified final, and sets its certified result against what
+/// the load was acknowledged: each voter's latest acknowledged vote, the ballots' digest.
+async fn certified(
+    stack: &Stack,
+    show: &Show,
+    closes_at: model::Stamp,
+    acks: &Acks,
+    statuses: &std::collections::BTreeMap<u16, u64>,
+) -> anyhow::Result<ShowReport> {
+    let client = db::connect(&stack.primary_url()).await?;
+    let started = Instant::now();
+    let row = loop {
+        let row = db::poll_row(&client, &show.poll).await?;
+        if row.final_at.is_some() {
+            break row;
+        }
+        anyhow::ensure!(
+            started.elapsed() < show.final_within,
+            "poll {} was not certified final within {:?} of the load's end",
+            show.poll,
+            show.final_within
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let final_at = row.final_at.expect("final");
+    let audit = db::audit::audit(&client, &show.poll, |_| Ok(())).await?;
+    let certified = audit.certified_counts.clone().unwrap_or_default();
+    let mut acknowledged: std::collections::BTreeMap<String, i64> =
+        show.options.iter().map(|o| (o.clone(), 0)).collect();
+    let prefix = format!("{}/", show.poll);
+    for (key, (_, option)) in &acks.latest {
+        if key.starts_with(&prefix) {
+            *acknowledged.entry(option.to_string()).or_default() += 1;
+        }
+    }
+    // Only where every vote was answered 202 or 409 is every stored vote an acknowledged one
+    // (a 503 may be a vote stored whose acknowledgement timed out, and counted).
+    let all_answered = statuses.keys().all(|s| *s == 202 || *s == 409);
+    Ok(ShowReport {
+        poll: show.poll.clone(),
+        closes_at: closes_at.0,
+        final_at: final_at.0,
+        final_seconds: final_at.0.saturating_sub(closes_at.0) as f64 / 1e6,
+        counts_match_acknowledged: !all_answered || certified == acknowledged,
+        certified,
+        acknowledged,
+        digest: audit.certified_digest.clone().unwrap_or_default(),
+        audit_matches: audit.matches,
+        refused_late: audit.refused.values().flat_map(|r| r.values()).sum(),
+        acknowledged_after_close: 0,
     })
 }
 
@@ -417,7 +605,7 @@ async fn verify(stack: &Stack, run_tag: &str, acks: &Acks) -> anyhow::Result<(u6
     let lost = acks
         .latest
         .iter()
-        .filter(|(voter, id)| ballots.get(*voter).is_none_or(|b| b < *id))
+        .filter(|(voter, (id, _))| ballots.get(*voter).is_none_or(|b| b < id))
         .count() as u64;
     let doubled: i64 = client
         .query_one(
@@ -431,7 +619,11 @@ async fn verify(stack: &Stack, run_tag: &str, acks: &Acks) -> anyhow::Result<(u6
     Ok((lost, doubled as u64))
 }
 
-async fn compare_readers(stack: &Stack, live: &Live) -> anyhow::Result<Vec<RegionReport>> {
+async fn compare_readers(
+    stack: &Stack,
+    live: &Live,
+    polls: &'static Polls,
+) -> anyhow::Result<Vec<RegionReport>> {
     let client = db::connect(&stack.primary_url()).await?;
     let mut primary: HashMap<String, HashMap<String, i64>> = HashMap::new();
     for r in client
@@ -448,7 +640,7 @@ async fn compare_readers(stack: &Stack, live: &Live) -> anyhow::Result<Vec<Regio
     let mut out = Vec::new();
     for r in &stack.regions {
         let (mut matches, mut total) = (true, 0);
-        for (poll, _, _) in POLLS {
+        for (poll, _, _) in polls {
             let reader = reader_results(r.reader, poll).await?;
             let counts: HashMap<String, i64> =
                 serde_json::from_value(reader["counts"].clone()).unwrap_or_default();
@@ -495,18 +687,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_show_takes_its_share_and_the_others_keep_their_proportions() {
+        let show = Show::for_load(Duration::from_secs(10));
+        let all = super::polls(Some(&show));
+        assert_eq!(all[0].0, show.poll);
+        let total: f64 = all.iter().map(|p| p.2).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        assert!((all[1].2 - POLLS[0].2 * 0.5).abs() < 1e-9);
+    }
+
+    #[test]
     fn polls_and_options_follow_their_popularity() {
+        let all = super::polls(None);
         let mut polls: HashMap<&str, u64> = HashMap::new();
         let mut songs: HashMap<&str, u64> = HashMap::new();
         for n in 0..200_000u64 {
-            let (poll, option) = pick_vote(n.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(23));
+            let (poll, option) =
+                pick_vote(all, n.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(23));
             *polls.entry(poll).or_default() += 1;
             if poll == "song-contest" {
                 *songs.entry(option).or_default() += 1;
             }
         }
         for (poll, _, share) in POLLS {
-            let got = polls[poll] as f64 / 200_000.0;
+            let got = polls[*poll] as f64 / 200_000.0;
             assert!(
                 (got - share).abs() < 0.01,
                 "{poll}: {got} of votes, wanted {share}"

@@ -730,10 +730,25 @@ fn start_process(
 }
 
 pub fn wait_ready(stack: &Stack, region: &str, role: &str, port: u16) -> anyhow::Result<()> {
+    wait_answering(stack, region, role, port, "/readyz")
+}
+
+/// Until the process answers at all (`/healthz`), ready or not: one started to refuse, say.
+pub fn wait_running(stack: &Stack, region: &str, role: &str, port: u16) -> anyhow::Result<()> {
+    wait_answering(stack, region, role, port, "/healthz")
+}
+
+fn wait_answering(
+    stack: &Stack,
+    region: &str,
+    role: &str,
+    port: u16,
+    path: &str,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     let url = format!("127.0.0.1:{port}");
     loop {
-        if servers::http_status(&url, "/readyz") == Some(200) {
+        if servers::http_status(&url, path) == Some(200) {
             return Ok(());
         }
         if !stack.role_running(region, role) {

@@ -43,6 +43,32 @@ pub struct Report {
     /// When the edge sent a continent's voters to another region (a region's health changed).
     pub route_changes: Vec<RouteChange>,
     pub timeline: Timeline,
+    /// The poll of the night, when the load voted in one: its close, its certified result.
+    pub show: Option<ShowReport>,
+}
+
+/// A poll closed during the load, once certified final.
+#[derive(Debug, Serialize)]
+pub struct ShowReport {
+    pub poll: String,
+    /// Microseconds since the epoch.
+    pub closes_at: u64,
+    pub final_at: u64,
+    /// From the close to the certified result.
+    pub final_seconds: f64,
+    pub certified: std::collections::BTreeMap<String, i64>,
+    /// Each voter's latest acknowledged vote, counted by option.
+    pub acknowledged: std::collections::BTreeMap<String, i64>,
+    /// The certified counts are the acknowledged ones (checked when every vote was answered 202
+    /// or 409, so every stored vote was acknowledged).
+    pub counts_match_acknowledged: bool,
+    pub digest: String,
+    /// The ballots' recount agrees with the tallies and the certified counts and digest.
+    pub audit_matches: bool,
+    /// Votes stored but not counted because of their stamp (see `tally poll audit`).
+    pub refused_late: i64,
+    /// Votes acknowledged (202) with a stamp at or after the close: none, or the cut-off failed.
+    pub acknowledged_after_close: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -198,6 +224,24 @@ pub fn html(r: &Report) -> String {
         escape(&serde_json::to_string(&r.statuses).unwrap_or_default()),
         r.drained_in_seconds
     );
+    if let Some(s) = &r.show {
+        let _ = write!(
+            out,
+            "<h2>The close</h2><table id=\"show\"><tr><th>poll</th><td>{}</td></tr>\
+             <tr><th>closed to certified final</th><td>{:.1} s</td></tr>\
+             <tr><th>certified counts</th><td>{}</td></tr><tr><th>digest</th><td>{}</td></tr>\
+             <tr><th>matches what was acknowledged</th><td>{}</td></tr></table>",
+            escape(&s.poll),
+            s.final_seconds,
+            escape(&serde_json::to_string(&s.certified).unwrap_or_default()),
+            escape(&s.digest),
+            if s.counts_match_acknowledged && s.audit_matches {
+                "yes"
+            } else {
+                "NO"
+            }
+        );
+    }
     out.push_str("<table id=\"regions\"><tr><th>region</th><th>acknowledged</th><th>reader shows</th><th>reader matches primary</th></tr>");
     for g in &r.regions {
         let _ = write!(

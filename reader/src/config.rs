@@ -9,6 +9,7 @@ pub const ENV_POSTGRES_SOURCES: &str = "TALLY_POSTGRES_SOURCES";
 pub const ENV_CACHE_TTL_MS: &str = "TALLY_CACHE_TTL_MS";
 pub const ENV_MAX_LAG_MS: &str = "TALLY_MAX_LAG_MS";
 pub const ENV_HEARTBEAT_MS: &str = "TALLY_HEARTBEAT_MS";
+pub const ENV_OPERATOR_TOKEN_FILE: &str = "TALLY_OPERATOR_TOKEN_FILE";
 
 /// How long a results snapshot is served before it is refreshed.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_millis(100);
@@ -28,6 +29,8 @@ pub struct Config {
     pub cache_ttl: Duration,
     pub max_lag: Duration,
     pub heartbeat: Duration,
+    /// The control room's bearer token, which sees hidden polls' results.
+    pub operator_token: Option<String>,
     pub serve: web::ServeConfig,
 }
 
@@ -76,6 +79,7 @@ impl Config {
             cache_ttl: DEFAULT_CACHE_TTL,
             max_lag: DEFAULT_MAX_LAG,
             heartbeat: DEFAULT_HEARTBEAT,
+            operator_token: None,
             serve: web::ServeConfig::default(),
         }
     }

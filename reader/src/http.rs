@@ -24,6 +24,8 @@ pub struct Reader {
     pub(crate) snapshots: watch::Receiver<Arc<Snapshot>>,
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) heartbeat: Duration,
+    /// The control room's bearer token: it sees hidden polls' results.
+    pub(crate) operator_token: Option<String>,
     pub(crate) metrics: ReaderMetrics,
 }
 
@@ -55,8 +57,9 @@ impl web::Service for Reader {
             if req.method() != Method::GET {
                 return method_not_allowed();
             }
+            let operator = self.is_operator(req.headers());
             if let Some(poll) = rest.strip_suffix("/results") {
-                return self.results(poll);
+                return self.results(poll, operator);
             }
             if let Some(poll) = rest.strip_suffix("/results/stream") {
                 let last = req
@@ -64,7 +67,7 @@ impl web::Service for Reader {
                     .get("last-event-id")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
-                return self.stream(poll.to_string(), last);
+                return self.stream(poll.to_string(), last, operator);
             }
             return self.counted(
                 "other",
@@ -72,7 +75,7 @@ impl web::Service for Reader {
             );
         }
         match (req.method(), path) {
-            (&Method::GET, "/v1/polls") => self.counted("polls", self.open_polls()),
+            (&Method::GET, "/v1/polls") => self.counted("polls", self.poll_list()),
             (&Method::GET, "/") => self.counted(
                 "page",
                 web::text(
@@ -112,12 +115,32 @@ impl Reader {
         resp
     }
 
-    fn results(&self, poll: &str) -> Response<Body> {
+    /// Does the request carry the operator's bearer token? Compared in constant time.
+    fn is_operator(&self, headers: &hyper::HeaderMap) -> bool {
+        let (Some(token), Some(given)) = (
+            self.operator_token.as_deref(),
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer ")),
+        ) else {
+            return false;
+        };
+        token.len() == given.len()
+            && token
+                .bytes()
+                .zip(given.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    fn results(&self, poll: &str, operator: bool) -> Response<Body> {
         let snap = self.snapshots.borrow().clone();
         if snap.refreshed.is_none() {
             return self.counted("results", unavailable());
         }
         match snap.polls.get(poll) {
+            Some(view) if view.hidden && !operator => self.counted("results", hidden()),
             Some(view) => {
                 self.metrics.results_ok.increment(1);
                 let mut resp = web::text(StatusCode::OK, "application/json", view.json.clone());
@@ -134,12 +157,12 @@ impl Reader {
         }
     }
 
-    fn open_polls(&self) -> Response<Body> {
+    fn poll_list(&self) -> Response<Body> {
         let snap = self.snapshots.borrow().clone();
         if snap.refreshed.is_none() {
             return unavailable();
         }
-        web::text(StatusCode::OK, "application/json", snap.open_polls.clone())
+        web::text(StatusCode::OK, "application/json", snap.poll_list.clone())
     }
 
     fn readyz(&self) -> Response<Body> {
@@ -155,13 +178,22 @@ impl Reader {
 
     /// One event per change of this poll's counts, a heartbeat comment in between. Resumes from
     /// `Last-Event-ID`: the current counts are sent at once unless that id already shows them.
-    fn stream(&self, poll: String, last_event_id: Option<String>) -> Response<Body> {
+    fn stream(
+        &self,
+        poll: String,
+        last_event_id: Option<String>,
+        operator: bool,
+    ) -> Response<Body> {
         let snap = self.snapshots.borrow().clone();
-        if snap.refreshed.is_some() && !snap.polls.contains_key(&poll) {
-            return self.counted(
-                "stream",
-                error(StatusCode::NOT_FOUND, "unknown_poll", "no such poll"),
-            );
+        match snap.polls.get(&poll) {
+            None if snap.refreshed.is_some() => {
+                return self.counted(
+                    "stream",
+                    error(StatusCode::NOT_FOUND, "unknown_poll", "no such poll"),
+                )
+            }
+            Some(view) if view.hidden && !operator => return self.counted("stream", hidden()),
+            _ => {}
         }
         self.metrics.request("stream", StatusCode::OK);
         struct Subscriber {
@@ -179,6 +211,7 @@ impl Reader {
             poll,
             last: last_event_id,
             heartbeat: self.heartbeat,
+            operator,
             preamble: true,
             _subscriber: Subscriber {
                 gauge: self.metrics.subscribers.clone(),
@@ -190,6 +223,7 @@ impl Reader {
             poll: String,
             last: Option<String>,
             heartbeat: Duration,
+            operator: bool,
             preamble: bool,
             _subscriber: S,
         }
@@ -204,12 +238,23 @@ impl Reader {
                 }
                 let snap = st.rx.borrow_and_update().clone();
                 if let Some(view) = snap.polls.get(&st.poll) {
+                    if view.hidden && !st.operator {
+                        // Hidden again while streaming (it cannot be, once revealed): stop.
+                        return None;
+                    }
                     if st.last.as_deref() != Some(view.etag.as_str()) {
                         st.last = Some(view.etag.clone());
+                        let kind: &[u8] = if view.state == model::PollState::Final {
+                            b"final"
+                        } else {
+                            b"results"
+                        };
                         let mut event = Vec::with_capacity(view.json.len() + 48);
                         event.extend_from_slice(b"id: ");
                         event.extend_from_slice(view.etag.as_bytes());
-                        event.extend_from_slice(b"\nevent: results\ndata: ");
+                        event.extend_from_slice(b"\nevent: ");
+                        event.extend_from_slice(kind);
+                        event.extend_from_slice(b"\ndata: ");
                         event.extend_from_slice(&view.json);
                         event.extend_from_slice(b"\n\n");
                         return Some((Bytes::from(event), st));
@@ -235,6 +280,14 @@ impl Reader {
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
         resp
     }
+}
+
+fn hidden() -> Response<Body> {
+    error(
+        StatusCode::FORBIDDEN,
+        "results_hidden",
+        "this poll's results are kept until they are revealed",
+    )
 }
 
 fn unavailable() -> Response<Body> {

@@ -42,6 +42,7 @@ pub async fn run(
         snapshots: snap_rx,
         stop: stop_rx,
         heartbeat: config.heartbeat,
+        operator_token: config.operator_token.clone(),
         metrics: http::ReaderMetrics::new(config.region.as_str()),
     });
     tracing::info!(addr = ?listener.local_addr().ok(), region = %config.region, sources = config.sources.len(), "reader serving");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use model::PollState;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -19,8 +20,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub polls: HashMap<String, PollView>,
-    /// `GET /v1/polls`, rendered.
-    pub open_polls: Bytes,
+    /// `GET /v1/polls`, rendered: every poll, hidden ones too (their counts are what is hidden).
+    pub poll_list: Bytes,
     /// When a source last answered; `None` before the first answer.
     pub refreshed: Option<Instant>,
 }
@@ -28,9 +29,12 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct PollView {
     pub json: Bytes,
-    /// A hash of the counts: the same counts give the same id in every reader instance, so an
-    /// event stream resumes on any of them.
+    /// A hash of the counts and, past `open`, the state: the same answer gives the same id in
+    /// every reader instance, so an event stream resumes on any of them.
     pub etag: String,
+    /// Kept from the public until revealed.
+    pub hidden: bool,
+    pub state: PollState,
 }
 
 #[derive(Serialize)]
@@ -38,6 +42,13 @@ struct Results<'a> {
     poll: &'a str,
     counts: &'a BTreeMap<String, i64>,
     total: i64,
+    state: &'static str,
+    opens_at: Option<String>,
+    closes_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    final_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
     as_of: Option<&'a str>,
     region: &'a str,
     replica_lag_ms: Option<f64>,
@@ -160,6 +171,20 @@ pub async fn refresh_loop(
     }
 }
 
+/// Every poll's window, visibility and certified result, with the source's own clock.
+const POLLS: &str = "
+SELECT id, options,
+       to_char(opens_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+       to_char(closes_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+       to_char(final_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+       CASE WHEN final_at IS NOT NULL THEN 'final'
+            WHEN closes_at <= clock_timestamp() THEN 'closed'
+            WHEN opens_at > clock_timestamp() THEN 'scheduled'
+            ELSE 'open' END,
+       hidden AND revealed_at IS NULL,
+       final_counts::text, digest
+  FROM polls ORDER BY id";
+
 async fn load(
     client: &db::Client,
     config: &Config,
@@ -168,7 +193,7 @@ async fn load(
     region: &str,
 ) -> Result<Snapshot, tokio_postgres::Error> {
     let (polls, tallies) = tokio::try_join!(
-        client.query("SELECT id, options, open FROM polls ORDER BY id", &[]),
+        client.query(POLLS, &[]),
         client.query("SELECT poll_id, option, count FROM tallies", &[]),
     )?;
     let mut counts: HashMap<String, BTreeMap<String, i64>> = HashMap::new();
@@ -179,12 +204,25 @@ async fn load(
             .insert(r.get(1), r.get(2));
     }
     let mut views = HashMap::with_capacity(polls.len());
-    let mut open = Vec::new();
+    let mut list = Vec::new();
     for r in &polls {
         let id: String = r.get(0);
         let options: Vec<String> = r.get(1);
-        let is_open: bool = r.get(2);
-        let mut c = counts.remove(&id).unwrap_or_default();
+        let state = match r.get::<_, &str>(5) {
+            "final" => PollState::Final,
+            "closed" => PollState::Closed,
+            "scheduled" => PollState::Scheduled,
+            _ => PollState::Open,
+        };
+        let hidden: bool = r.get(6);
+        // A final poll's result is what was certified: exactly the frozen counts.
+        let certified: Option<BTreeMap<String, i64>> = r
+            .get::<_, Option<String>>(7)
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let mut c = match certified {
+            Some(c) => c,
+            None => counts.remove(&id).unwrap_or_default(),
+        };
         for o in &options {
             c.entry(o.clone()).or_insert(0);
         }
@@ -193,6 +231,11 @@ async fn load(
             poll: &id,
             counts: &c,
             total,
+            state: state.as_str(),
+            opens_at: r.get(2),
+            closes_at: r.get(3),
+            final_at: r.get(4),
+            digest: r.get(8),
             as_of: f.as_of.as_deref(),
             region,
             replica_lag_ms: f.lag_ms,
@@ -201,20 +244,26 @@ async fn load(
             lsn: &f.lsn,
         })
         .expect("results serialize");
+        let etag = match state {
+            PollState::Open | PollState::Scheduled => etag(&c),
+            other => format!("{}-{}", etag(&c), other.as_str()),
+        };
         views.insert(
             id.clone(),
             PollView {
                 json: json.into(),
-                etag: etag(&c),
+                etag,
+                hidden,
+                state,
             },
         );
-        if is_open {
-            open.push(serde_json::json!({"id": id, "options": options}));
-        }
+        list.push(serde_json::json!({
+            "id": id, "options": options, "state": state.as_str(), "hidden": hidden,
+        }));
     }
     Ok(Snapshot {
         polls: views,
-        open_polls: serde_json::to_vec(&serde_json::json!({"polls": open}))
+        poll_list: serde_json::to_vec(&serde_json::json!({"polls": list}))
             .expect("serializes")
             .into(),
         refreshed: Some(Instant::now()),

@@ -21,6 +21,14 @@ async fn start(pg: &PgCluster) -> anyhow::Result<Running> {
 
 /// A reader with its own region label, for tests that read process-wide metrics.
 async fn start_in(pg: &PgCluster, region: &str) -> anyhow::Result<Running> {
+    start_with(pg, region, None).await
+}
+
+async fn start_with(
+    pg: &PgCluster,
+    region: &str,
+    operator_token: Option<&str>,
+) -> anyhow::Result<Running> {
     harness::init_logs();
     let sources = vec![
         Source {
@@ -34,6 +42,7 @@ async fn start_in(pg: &PgCluster, region: &str) -> anyhow::Result<Running> {
     ];
     let mut config = Config::new(RegionName::new(region)?, sources);
     config.heartbeat = Duration::from_millis(300);
+    config.operator_token = operator_token.map(str::to_string);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -281,5 +290,96 @@ async fn errors_are_json_with_the_right_status() -> anyhow::Result<()> {
             && !page.text().contains("http://")
             && !page.text().contains("https://")
     );
+    r.stop().await
+}
+
+#[tokio::test]
+async fn a_hidden_poll_is_kept_from_the_public_until_revealed_then_shows_its_certified_result(
+) -> anyhow::Result<()> {
+    const OPERATOR: &str = "control-room-token-0123456789";
+    let pg = PgCluster::start_with_replica().await?;
+    let mut client = pg.client().await?;
+    let mut poll = model::Poll::new("hidden", &["x", "y"])?;
+    poll.hidden = true;
+    db::create_poll(&mut client, &poll).await?;
+    client
+        .batch_execute(
+            "INSERT INTO ballots (poll_id, voter_id, option, vote_id, cast_at, region)
+             VALUES ('hidden', 'v1', 'x', gen_random_uuid(), 1, 'eu-west-1');
+             UPDATE tally_parts SET count = 1 WHERE poll_id = 'hidden' AND option = 'x'",
+        )
+        .await?;
+    pg.wait_replica_caught_up(Duration::from_secs(10)).await?;
+    let r = start_with(&pg, "eu-west-1", Some(OPERATOR)).await?;
+    let public = |path: &'static str| {
+        let c = r.client.clone();
+        async move { c.get(path).await }
+    };
+    let operator = |path: &'static str| {
+        let c = r.client.clone();
+        let auth = format!("Bearer {OPERATOR}");
+        async move {
+            c.request(hyper::Method::GET, path, &[("authorization", &auth)], "")
+                .await
+        }
+    };
+    wait_for(Duration::from_secs(10), || async {
+        Ok(operator("/v1/polls/hidden/results").await?.status == 200)
+    })
+    .await?;
+    for path in [
+        "/v1/polls/hidden/results",
+        "/v1/polls/hidden/results/stream",
+    ] {
+        let refused = public(path).await?;
+        assert_eq!(refused.status, 403, "{path}: {}", refused.text());
+        assert_eq!(refused.error_code(), "results_hidden");
+    }
+    let wrong = r
+        .client
+        .request(
+            hyper::Method::GET,
+            "/v1/polls/hidden/results",
+            &[("authorization", "Bearer not-the-operator-token!!")],
+            "",
+        )
+        .await?;
+    assert_eq!(wrong.status, 403, "a wrong token sees nothing");
+    // The control room sees the live counts; the public list says the poll exists.
+    let live = operator("/v1/polls/hidden/results").await?.json();
+    assert_eq!(live["counts"]["x"], 1);
+    let list = public("/v1/polls").await?.json();
+    assert!(
+        list["polls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "hidden" && p["hidden"] == true),
+        "{list}"
+    );
+
+    // Certified final with counts frozen, then revealed: the public gets exactly those.
+    client
+        .batch_execute(
+            r#"UPDATE polls SET closes_at = now() - interval '1 minute', final_at = now(),
+                      final_counts = '{"x": 1, "y": 0}', digest = 'abc' WHERE id = 'hidden';
+               UPDATE tally_parts SET count = 5 WHERE poll_id = 'hidden' AND option = 'y'"#,
+        )
+        .await?;
+    db::reveal_poll(&client, "hidden").await?;
+    pg.wait_replica_caught_up(Duration::from_secs(10)).await?;
+    wait_for(Duration::from_secs(10), || async {
+        Ok(public("/v1/polls/hidden/results").await?.status == 200)
+    })
+    .await?;
+    let revealed = public("/v1/polls/hidden/results").await?.json();
+    assert_eq!(revealed["state"], "final");
+    assert_eq!(revealed["counts"]["x"], 1);
+    assert_eq!(
+        revealed["counts"]["y"], 0,
+        "the frozen counts, not the tallies: {revealed}"
+    );
+    assert_eq!(revealed["digest"], "abc");
+    assert!(revealed["final_at"].is_string() && revealed["closes_at"].is_string());
     r.stop().await
 }

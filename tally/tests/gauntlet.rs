@@ -5,7 +5,7 @@ mod common;
 
 use common::{ok, StackDir};
 
-const FAULTS: [&str; 13] = [
+const FAULTS: [&str; 16] = [
     "kill-ingest",
     "kill-aggregator",
     "kill-aggregator",
@@ -17,6 +17,9 @@ const FAULTS: [&str; 13] = [
     "replica-stop",
     "region-cut",
     "clock-skew",
+    "close-skew",
+    "close-kill-aggregator",
+    "close-cut",
     "region-down",
     "primary-failover",
 ];
@@ -56,7 +59,17 @@ fn every_fault_loses_nothing_and_doubles_nothing() {
         assert_eq!(r["counted"], r["acknowledged"], "{r}");
         assert!(r["acknowledged"].as_u64().unwrap() > 50_000, "{r}");
         assert!(r["recovery_seconds"].as_f64().unwrap() < 30.0, "{r}");
+        if r["fault"].as_str().unwrap().starts_with("close-") {
+            assert_eq!(
+                r["certified_exact"], true,
+                "the poll's certified result: {r}"
+            );
+        }
     }
+    // Every report's fields, for the whole board too.
+    let sum = |key: &str| rows.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(board["acknowledged"], sum("acknowledged"));
+    assert_eq!(board["counted"], sum("counted"));
     // Faults that take a region's ingest or its Redis away are seen by voters as errors
     // (503s, refused connections), never as lost votes.
     let errors = |fault: &str| {

@@ -26,16 +26,22 @@ pub struct LoadArgs {
     /// Where to write report.json and report.html (default: a new folder under the stack's `reports/`).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Also vote in a poll of the night of its own, closing at four fifths of the load, and wait
+    /// for its certified result (the demo always does).
+    #[arg(long)]
+    show: bool,
 }
 
 impl LoadArgs {
     fn options(&self) -> load::Options {
+        let duration = std::time::Duration::from_secs(self.seconds);
         load::Options {
             rate: self.rate,
-            duration: std::time::Duration::from_secs(self.seconds),
+            duration,
             voters: self.voters,
             connections_per_region: self.connections,
             progress: true,
+            show: self.show.then(|| load::Show::for_load(duration)),
         }
     }
 }
@@ -86,11 +92,30 @@ fn print_report(
         "queues drained {:.1}s after the last vote",
         report.drained_in_seconds
     );
+    if let Some(s) = &report.show {
+        println!(
+            "poll {} closed and was certified final {:.1} s later: {} (digest {}){}",
+            s.poll,
+            s.final_seconds,
+            s.certified
+                .iter()
+                .map(|(o, n)| format!("{o} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            s.digest,
+            if s.counts_match_acknowledged && s.audit_matches {
+                ""
+            } else {
+                "; it DOES NOT MATCH what was acknowledged"
+            }
+        );
+    }
     println!("report: {} (and report.json beside it)", page.display());
     Ok(())
 }
 
-/// A load that lost or doubled a vote fails the command.
+/// A load that lost or doubled a vote, or whose poll of the night was certified other than as
+/// acknowledged, fails the command.
 pub fn check(report: &report::Report) -> anyhow::Result<()> {
     anyhow::ensure!(
         report.lost == 0 && report.doubled == 0,
@@ -98,6 +123,17 @@ pub fn check(report: &report::Report) -> anyhow::Result<()> {
         report.lost,
         report.doubled
     );
+    if let Some(s) = &report.show {
+        anyhow::ensure!(
+            s.counts_match_acknowledged && s.audit_matches && s.acknowledged_after_close == 0,
+            "poll {} was certified {:?} but {:?} was acknowledged (audit matches: {}; {} acknowledged after the close)",
+            s.poll,
+            s.certified,
+            s.acknowledged,
+            s.audit_matches,
+            s.acknowledged_after_close
+        );
+    }
     Ok(())
 }
 
@@ -159,7 +195,10 @@ pub fn demo(up: &UpArgs, args: &LoadArgs, keep: bool) -> anyhow::Result<()> {
     let dir = up.dir.path();
     eprintln!("starting three regions in {} ...", dir.display());
     let stack = local::up(&dir, up.redis_fsync, up.wan_ms)?;
-    let report = match super::runtime()?.block_on(load::run(&stack, &args.options())) {
+    let mut options = args.options();
+    // The demo ends as the night does: a poll closed, and its result certified.
+    options.show = Some(load::Show::for_load(options.duration));
+    let report = match super::runtime()?.block_on(load::run(&stack, &options)) {
         Ok(r) => r,
         Err(e) => {
             if !keep {

@@ -185,11 +185,27 @@ pub enum DrillCmd {
     ReplicaStop { region: String },
     /// Cut every link to and from a region (`tally wan`), then heal them.
     RegionCut { region: String },
-    /// Run a region's ingest with its clock ahead (`--ms`, negative: behind) for a while.
+    /// Run a region's ingest with its clock ahead (`--ms`, negative: behind) for a while: past
+    /// ingest's bound (500 ms) it refuses votes and its voters go elsewhere.
     ClockSkew {
         region: String,
         #[arg(long, default_value_t = 5_000, allow_negative_numbers = true)]
         ms: i64,
+    },
+    /// Cut a region off through a poll's close, then heal it: the poll is certified final with
+    /// exactly the votes acknowledged before the close.
+    CloseCut { region: String },
+    /// A region's ingest `--ms` ahead (within its bound) through a poll's close.
+    CloseSkew {
+        region: String,
+        #[arg(long, default_value_t = 300, allow_negative_numbers = true)]
+        ms: i64,
+    },
+    /// kill -9 of a region's aggregator at random instants around a poll's close.
+    CloseKillAggregator {
+        region: String,
+        #[arg(long, default_value_t = 3)]
+        times: u32,
     },
 }
 
@@ -212,6 +228,11 @@ impl DrillCmd {
             DrillCmd::ReplicaStop { region } => drill::Fault::ReplicaStop(region),
             DrillCmd::RegionCut { region } => drill::Fault::RegionCut(region),
             DrillCmd::ClockSkew { region, ms } => drill::Fault::ClockSkew { region, ms },
+            DrillCmd::CloseCut { region } => drill::Fault::CloseCut(region),
+            DrillCmd::CloseSkew { region, ms } => drill::Fault::CloseSkew { region, ms },
+            DrillCmd::CloseKillAggregator { region, times } => {
+                drill::Fault::CloseKillAggregator { region, times }
+            }
         }
     }
 }
@@ -323,6 +344,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 voters: load.voters,
                 connections_per_region: load.connections,
                 progress: !load.json,
+                show: None,
             };
             let report = runtime()?.block_on(drill::run(dir.path(), which.fault(), opts))?;
             if load.json {

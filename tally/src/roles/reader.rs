@@ -23,6 +23,10 @@ pub struct ReaderArgs {
     pub max_lag_ms: u64,
     #[arg(long, env = ENV_HEARTBEAT_MS, default_value_t = reader::config::DEFAULT_HEARTBEAT.as_millis() as u64)]
     pub heartbeat_ms: u64,
+    /// A file holding the control room's bearer token: requests with it see hidden polls'
+    /// results before they are revealed.
+    #[arg(long, env = ENV_OPERATOR_TOKEN_FILE)]
+    pub operator_token_file: Option<std::path::PathBuf>,
 }
 
 impl ReaderArgs {
@@ -36,6 +40,17 @@ impl ReaderArgs {
         c.cache_ttl = Duration::from_millis(self.cache_ttl_ms);
         c.max_lag = Duration::from_millis(self.max_lag_ms);
         c.heartbeat = Duration::from_millis(self.heartbeat_ms);
+        if let Some(path) = &self.operator_token_file {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| bad(format!("--operator-token-file {}: {e}", path.display())))?;
+            let token = token.trim();
+            if token.len() < 16 {
+                return Err(bad(
+                    "--operator-token-file: the token must be at least 16 characters",
+                ));
+            }
+            c.operator_token = Some(token.to_string());
+        }
         c.serve = self.common.serve_config();
         c.validate().map_err(bad)?;
         Ok(c)
