@@ -55,6 +55,7 @@ WITH windows AS MATERIALIZED (
     INSERT INTO late_votes (vote_id, poll_id, voter_id, option, cast_at, region, reason)
     SELECT vote_id, poll_id, voter_id, option, cast_at, region, late FROM judged WHERE late IS NOT NULL
     ON CONFLICT (vote_id) DO NOTHING
+    RETURNING reason
 ), counted AS (
     SELECT poll_id, voter_id, option, vote_id, cast_at, region FROM judged WHERE late IS NULL AND sure
     UNION ALL
@@ -73,11 +74,13 @@ WITH windows AS MATERIALIZED (
     SELECT poll_id, option, 1 AS d FROM changed
     UNION ALL
     SELECT poll_id, replaced_option, -1 FROM changed WHERE replaced_option IS NOT NULL
+), parts AS (
+    INSERT INTO tally_parts AS t (poll_id, option, part, count)
+    SELECT poll_id, option, $1::smallint, sum(d) FROM deltas GROUP BY poll_id, option HAVING sum(d) <> 0
+     ORDER BY poll_id, option
+    ON CONFLICT (poll_id, option, part) DO UPDATE SET count = t.count + EXCLUDED.count
 )
-INSERT INTO tally_parts AS t (poll_id, option, part, count)
-SELECT poll_id, option, $1::smallint, sum(d) FROM deltas GROUP BY poll_id, option HAVING sum(d) <> 0
- ORDER BY poll_id, option
-ON CONFLICT (poll_id, option, part) DO UPDATE SET count = t.count + EXCLUDED.count";
+SELECT reason, count(*)::int8 FROM refused GROUP BY reason";
 
 /// How many tally parts writers spread over. Writers of different aggregators may share a part;
 /// that only costs them a wait, never a wrong count.
@@ -124,6 +127,10 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// Votes a batch kept aside as late, by reason: newly recorded ones only (a redelivered late vote
+/// is not counted twice).
+pub type Late = Vec<(String, i64)>;
 
 /// A connection with its statements prepared.
 struct Connection {
@@ -173,18 +180,18 @@ impl Writer {
     }
 
     /// Commits `copy` (a whole binary COPY stream) or keeps trying while the failure is
-    /// retriable. Returns the number of attempts it took.
+    /// retriable. Returns the votes it kept aside as late.
     pub async fn write(
         &mut self,
         copy: Bytes,
         stop_retrying: &tokio::sync::watch::Receiver<bool>,
-    ) -> Result<u32, WriteOutcome> {
+    ) -> Result<Late, WriteOutcome> {
         let mut backoff = self.retry_min;
         let mut attempts = 0;
         loop {
             attempts += 1;
             match self.attempt(copy.clone()).await {
-                Ok(()) => return Ok(attempts),
+                Ok(late) => return Ok(late),
                 Err(e) if retriable(&e) => {
                     self.conn = None;
                     if *stop_retrying.borrow() {
@@ -199,7 +206,7 @@ impl Writer {
         }
     }
 
-    async fn attempt(&mut self, copy: Bytes) -> Result<(), tokio_postgres::Error> {
+    async fn attempt(&mut self, copy: Bytes) -> Result<Late, tokio_postgres::Error> {
         if !self.is_connected() {
             self.connect().await?;
         }
@@ -216,7 +223,7 @@ impl Writer {
     /// (statements sent together are pipelined on one connection). Should the upsert fail, the
     /// server answers the `COMMIT` of the aborted transaction with a rollback, and the upsert's
     /// error is what this returns.
-    async fn transact(&self, copy: Bytes) -> Result<(), tokio_postgres::Error> {
+    async fn transact(&self, copy: Bytes) -> Result<Late, tokio_postgres::Error> {
         let c = self.conn.as_ref().expect("connected above");
         let (_, sink) = tokio::try_join!(
             c.client.batch_execute("BEGIN"),
@@ -226,11 +233,11 @@ impl Writer {
         sink.send(copy).await?;
         sink.finish().await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.part];
-        tokio::try_join!(
-            c.client.execute(&c.upsert, &params),
+        let (late, ()) = tokio::try_join!(
+            c.client.query(&c.upsert, &params),
             c.client.batch_execute("COMMIT")
         )?;
-        Ok(())
+        Ok(late.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
 
@@ -304,7 +311,12 @@ pub async fn write_loop(
             encode::encode(rows, &mut copy);
             let started = Instant::now();
             match writer.write(copy.split().freeze(), &stop).await {
-                Ok(_) => {}
+                Ok(late) => {
+                    for (reason, n) in late {
+                        metrics::counter!("tally_aggregator_late_votes_total", "region" => region.clone(), "reason" => reason)
+                            .increment(n as u64);
+                    }
+                }
                 // Leave the chunks' in-flight lists in Redis: the next run writes them.
                 Err(WriteOutcome::Abandoned) => continue,
                 Err(WriteOutcome::Fatal(e)) => {
