@@ -1,6 +1,8 @@
-//! `tally bench aggregator`: drain a pre-filled backlog from real Redis into real PostgreSQL, and
-//! in the same run and database the original app's worker: one vote popped, one `INSERT` (then
-//! `UPDATE` on conflict) per round trip.
+//! `tally bench aggregator`: drain a pre-filled backlog from real Redis into real PostgreSQL,
+//! against the least any counted vote costs, in the same run and database: a raw binary `COPY` of
+//! the ballots the drain wrote into a logged table with the ballots' key, as many writers at once.
+//! The original app's worker (one vote popped, one `INSERT`, then `UPDATE` on conflict, per round
+//! trip) is measured too, as `one_row_upsert`.
 
 use std::time::{Duration, Instant};
 
@@ -103,15 +105,23 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             });
         }
 
-        let baseline =
+        let (raw_elapsed, ballots) = raw_keyed_copy(&pg, &all, opts.writers).await?;
+        // The drain's votes over the time the copy took for their ballots: both rates count the
+        // same votes, so their ratio is the copy's time over the drain's.
+        let raw_rate = all.len() as f64 / raw_elapsed.as_secs_f64();
+        let one_row =
             crate::original::worker(&pg, &shards[0], &all[..opts.baseline_votes.min(all.len())])
                 .await?;
         Ok(Comparison::new(
             "aggregator",
             rate,
-            "one-row-upsert",
-            baseline,
+            "raw-keyed-copy",
+            raw_rate,
             serde_json::json!({
+                "ballots": ballots,
+                "raw_copy_seconds": raw_elapsed.as_secs_f64(),
+                "one_row_upsert_rate": one_row,
+                "ratio_to_one_row_upsert": rate / one_row.max(f64::MIN_POSITIVE),
                 "votes": all.len(),
                 "voters": opts.voters,
                 "drain_seconds": elapsed.as_secs_f64(),
@@ -123,6 +133,63 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             }),
         ))
     })
+}
+
+/// Copies the ballots `votes` leave (each voter's latest in each poll) into a logged table keyed
+/// as `ballots` is, from `writers` connections at once, each its share in batches of the
+/// aggregator's size; returns how long that took and how many ballots it wrote.
+async fn raw_keyed_copy(
+    pg: &harness::PgCluster,
+    votes: &[model::Vote],
+    writers: usize,
+) -> anyhow::Result<(Duration, usize)> {
+    let client = pg.client().await?;
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS raw_ballots;
+             CREATE TABLE raw_ballots (
+                 poll_id text NOT NULL, voter_id text NOT NULL, option text NOT NULL,
+                 vote_id uuid NOT NULL, cast_at int8 NOT NULL, region text NOT NULL,
+                 sure bool NOT NULL, PRIMARY KEY (poll_id, voter_id)) WITH (fillfactor = 90)",
+        )
+        .await?;
+    let ballots = aggregator::encode::latest_per_voter(votes);
+    let count = ballots.len();
+    let writers = writers.max(1);
+    let mut encoded = Vec::new();
+    for part in ballots.chunks(count.div_ceil(writers).max(1)) {
+        let mut batches = Vec::new();
+        for batch in part.chunks(aggregator::config::DEFAULT_MAX_EVENTS) {
+            let mut out = bytes::BytesMut::new();
+            aggregator::encode::encode(batch.iter().map(|v| (*v, true)), &mut out);
+            batches.push(out.freeze());
+        }
+        encoded.push(batches);
+    }
+    let url = pg.url();
+    let started = Instant::now();
+    let copies = encoded.into_iter().map(|batches| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            use futures_util::SinkExt;
+            let client = db::connect(&url).await?;
+            for batch in batches {
+                let sink = client
+                    .copy_in::<_, bytes::Bytes>(
+                        "COPY raw_ballots FROM STDIN (FORMAT binary)",
+                    )
+                    .await?;
+                futures_util::pin_mut!(sink);
+                sink.send(batch).await?;
+                sink.finish().await?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    for c in futures_util::future::join_all(copies).await {
+        c??;
+    }
+    Ok((started.elapsed(), count))
 }
 
 /// Fills the shards with `votes`, then runs an aggregator writing to `postgres_url` until the
