@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use model::queue;
-use redis::aio::ConnectionManager;
 
 use crate::pop::Claim;
 
@@ -41,7 +40,7 @@ pub struct Pending {
 /// Retried; if Redis stays away the list remains, unclaimed once this returns, and its reader
 /// takes it back after its next error or within a recovery period (or the next run does), which
 /// changes nothing in PostgreSQL.
-pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, retry_max: Duration) {
+pub async fn ack(link: &shard::Link, chunk: &Pending, region: &str, retry_max: Duration) {
     let script = redis::Script::new(ACK);
     let mut invocation = script.prepare_invoke();
     invocation
@@ -55,7 +54,11 @@ pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, re
     }
     let mut backoff = Duration::from_millis(20);
     for attempt in 0..10 {
-        match invocation.invoke_async::<bool>(conn).await {
+        let answer = match link.get() {
+            Ok(mut conn) => invocation.invoke_async::<bool>(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match answer {
             Ok(acknowledged_now) => {
                 if acknowledged_now {
                     for (reason, _) in &chunk.dead {
@@ -66,6 +69,7 @@ pub async fn ack(conn: &mut ConnectionManager, chunk: &Pending, region: &str, re
                 return;
             }
             Err(e) => {
+                link.report(&e);
                 tracing::warn!(attempt, error = %e, key = %chunk.key, "ack failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(retry_max);

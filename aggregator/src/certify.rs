@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use db::certify::{self, Due};
 use model::queue;
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
 /// Snapshots the shard's end of queue for a close once (KEYS[4]), then answers whether every
@@ -44,7 +43,7 @@ return 1
 /// One shard this aggregator drains.
 pub struct Shard {
     pub index: u16,
-    pub conn: ConnectionManager,
+    pub link: Arc<shard::Link>,
 }
 
 /// Looks for polls whose close and grace have passed, marks this aggregator's shards drained for
@@ -54,7 +53,7 @@ pub async fn run(
     postgres_url: String,
     grace: Duration,
     every: Duration,
-    mut shards: Vec<Shard>,
+    shards: Vec<Shard>,
     mut stop: watch::Receiver<bool>,
 ) {
     let certified =
@@ -90,12 +89,12 @@ pub async fn run(
             }
         };
         for d in &due {
-            for shard in &mut shards {
+            for shard in &shards {
                 let seen = (d.poll.clone(), d.closes_at.0, shard.index);
                 if drained.contains(&seen) {
                     continue;
                 }
-                match is_drained(&script, &mut shard.conn, d).await {
+                match is_drained(&script, &shard.link, d).await {
                     Ok(true) => {
                         if certify::mark_drained(c, d, &region, shard.index)
                             .await
@@ -131,14 +130,16 @@ pub async fn run(
 
 async fn is_drained(
     script: &redis::Script,
-    conn: &mut ConnectionManager,
+    link: &shard::Link,
     due: &Due,
 ) -> redis::RedisResult<bool> {
+    let mut conn = link.get()?;
     script
         .key(queue::VOTES)
         .key(queue::MOVED)
         .key(queue::IN_FLIGHT)
         .key(queue::close_key(&due.poll, due.closes_at.0))
-        .invoke_async(conn)
+        .invoke_async(&mut conn)
         .await
+        .inspect_err(|e| link.report(e))
 }

@@ -14,6 +14,7 @@ pub const ENV_BATCH_TIMEOUT_MS: &str = "TALLY_BATCH_TIMEOUT_MS";
 pub const ENV_POP_SIZE: &str = "TALLY_POP_SIZE";
 pub const ENV_WRITERS: &str = "TALLY_WRITERS";
 pub const ENV_FINAL_GRACE_MS: &str = "TALLY_FINAL_GRACE_MS";
+pub const ENV_LEASE_MS: &str = "TALLY_LEASE_MS";
 
 /// A batch is written once it holds this many votes...
 pub const DEFAULT_MAX_EVENTS: usize = 50_000;
@@ -48,6 +49,9 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Ingest's store timeout (2 s) and bound on clock offset (0.5 s), and half a second to spare.
 pub const DEFAULT_FINAL_GRACE: Duration = Duration::from_millis(3000);
 pub const DEFAULT_CERTIFY_EVERY: Duration = Duration::from_millis(250);
+/// Long enough that a slow moment is not a death; short enough that a worker gone for good
+/// delays its votes by seconds.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -74,6 +78,9 @@ pub struct Config {
     pub final_grace: Duration,
     /// How often due polls are looked for.
     pub certify_every: Duration,
+    /// How long this worker's hold on its in-flight lists outlives it: past that, a live worker
+    /// of the region adopts them.
+    pub lease: Duration,
     pub serve: web::ServeConfig,
 }
 
@@ -132,6 +139,7 @@ impl Config {
             retry_max: DEFAULT_RETRY_MAX,
             final_grace: DEFAULT_FINAL_GRACE,
             certify_every: DEFAULT_CERTIFY_EVERY,
+            lease: DEFAULT_LEASE,
             serve: web::ServeConfig::default(),
         }
     }
@@ -141,7 +149,14 @@ impl Config {
             return Err(ConfigError::NoShards);
         }
         for url in &self.redis_urls {
-            tls::redis_client(url).map_err(|_| ConfigError::BadRedisUrl(tls::redact(url)))?;
+            let ok = match shard::Endpoint::parse(url) {
+                Ok(shard::Endpoint::Direct { url }) => tls::redis_client(&url).is_ok(),
+                Ok(shard::Endpoint::Sentinel { .. }) => true,
+                Err(_) => false,
+            };
+            if !ok {
+                return Err(ConfigError::BadRedisUrl(tls::redact(url)));
+            }
         }
         self.postgres_url
             .parse::<tokio_postgres::Config>()

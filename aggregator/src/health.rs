@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use web::{error, json, Body};
 
@@ -83,19 +82,22 @@ pub async fn primary_probe(url: String, health: Arc<Health>, mut stop: watch::Re
 /// Exports each shard's votes not yet acknowledged (waiting or in flight), so operators see a
 /// backlog build.
 pub async fn backlog_probe(
-    mut conn: ConnectionManager,
+    link: Arc<shard::Link>,
     region: String,
     shard: usize,
     mut stop: watch::Receiver<bool>,
 ) {
     let gauge = metrics::gauge!("tally_aggregator_backlog", "region" => region, "shard" => shard.to_string());
     loop {
-        if let Ok(n) = redis::cmd("GET")
-            .arg(model::queue::STORED)
-            .query_async::<Option<i64>>(&mut conn)
-            .await
-        {
-            gauge.set(model::queue::stored_votes(n) as f64);
+        if let Ok(mut conn) = link.get() {
+            match redis::cmd("GET")
+                .arg(model::queue::STORED)
+                .query_async::<Option<i64>>(&mut conn)
+                .await
+            {
+                Ok(n) => gauge.set(model::queue::stored_votes(n) as f64),
+                Err(e) => link.report(&e),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use crossbeam_queue::ArrayQueue;
 use model::Vote;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use crate::ack::{self, Pending};
@@ -97,7 +96,7 @@ impl Lanes {
     pub async fn take(
         &mut self,
         queue: &ArrayQueue<Chunk>,
-        acks: &[ConnectionManager],
+        acks: &[Arc<shard::Link>],
         region: &str,
         retry_max: std::time::Duration,
     ) {

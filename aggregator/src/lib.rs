@@ -16,6 +16,7 @@ pub mod config;
 pub mod encode;
 mod health;
 mod lanes;
+mod lease;
 mod pop;
 pub mod write;
 
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
@@ -45,6 +46,8 @@ pub enum AggregatorError {
     Config(#[from] ConfigError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Shard(#[from] shard::LinkError),
     #[error(transparent)]
     Write(#[from] write::FatalWrite),
 }
@@ -118,27 +121,34 @@ async fn pipeline(
         (2 * config.writers * config.batch.max_events).div_ceil(config.pop_size) + config.writers;
     let queue = Arc::new(ArrayQueue::new(per_shard * config.redis_urls.len()));
     let wake = Arc::new(Notify::new());
-    let mut acks: Vec<ConnectionManager> = Vec::new();
+    let mut acks: Vec<Arc<shard::Link>> = Vec::new();
     let mut readers = Vec::new();
     for (shard, url) in config.redis_urls.iter().enumerate() {
-        let client = tls::redis_client(url)?;
         let normal = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), normal.clone())?;
-        let blocking = ConnectionManager::new_lazy_with_config(
-            client,
+        let link = shard::Link::new(url, normal)?;
+        let blocking = shard::Link::new(
+            url,
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(1)))
                 .set_response_timeout(None),
         )?;
-        acks.push(conn.clone());
+        tokio::spawn(link.clone().follow());
+        tokio::spawn(blocking.clone().follow());
+        tokio::spawn(lease::hold(
+            link.clone(),
+            config.worker_id.clone(),
+            config.lease,
+            stop.clone(),
+        ));
+        acks.push(link.clone());
         let reader = Reader {
             shard,
             region: region.clone(),
             worker: config.worker_id.clone(),
-            conn,
+            link,
             blocking,
             out: queue.clone(),
             wake: wake.clone(),
@@ -151,6 +161,7 @@ async fn pipeline(
             block: config.block,
             linger: config.linger,
             recover_every: config.recover_every,
+            adopt_every: config.lease / 2,
             catalog: catalog.clone(),
             postgres_url: config.postgres_url.clone(),
             up: health.shards_up[shard].clone(),
@@ -172,9 +183,9 @@ async fn pipeline(
         config.certify_every,
         acks.iter()
             .enumerate()
-            .map(|(i, conn)| certify::Shard {
+            .map(|(i, link)| certify::Shard {
                 index: i as u16,
-                conn: conn.clone(),
+                link: link.clone(),
             })
             .collect(),
         stop.clone(),
@@ -250,6 +261,10 @@ async fn pipeline(
     drop(fatal_tx);
     for w in writers {
         w.await.expect("writer task panicked");
+    }
+    // Whatever is still in flight is left for others to adopt at once, not after the lease.
+    for link in &acks {
+        lease::release(link, &config.worker_id).await;
     }
     match fatal.or(fatal_rx.recv().await) {
         Some(e) => Err(e.into()),

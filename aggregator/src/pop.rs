@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use model::{queue, Vote};
-use redis::aio::ConnectionManager;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Moves up to ARGV[1] elements from the queue's head to the in-flight list KEYS[2], atomically,
@@ -93,10 +92,9 @@ pub struct Reader {
     pub shard: usize,
     pub region: String,
     pub worker: String,
-    pub conn: ConnectionManager,
-    /// Its own connection with no response timeout: a blocking pop must never be cut off
-    /// mid-wait (the popped vote would be in flight with nobody to process it until restart).
-    pub blocking: ConnectionManager,
+    pub link: Arc<shard::Link>,
+    /// Its own connection with no response timeout: a blocking wait must never be cut off.
+    pub blocking: Arc<shard::Link>,
     pub out: Arc<ArrayQueue<Chunk>>,
     pub wake: Arc<Notify>,
     pub permits: Arc<Semaphore>,
@@ -107,6 +105,8 @@ pub struct Reader {
     /// Looks for lists no chunk holds at least this often (see
     /// [`crate::config::DEFAULT_RECOVER_EVERY`]).
     pub recover_every: Duration,
+    /// Looks for lists of workers whose lease expired this often.
+    pub adopt_every: Duration,
     /// Votes a recent element held, which turns `pop_size` votes into elements to take.
     pub votes_per_element: usize,
     pub catalog: Arc<db::CatalogCache>,
@@ -133,17 +133,21 @@ impl Reader {
         // applied after the look that followed its error).
         let mut unclaimed = true;
         let mut looked = tokio::time::Instant::now();
+        let mut adopted_at = tokio::time::Instant::now();
         while !*stop.borrow() {
-            if unclaimed || looked.elapsed() >= self.recover_every {
-                match self.recover().await {
-                    Ok(n) => {
+            let adopt = adopted_at.elapsed() >= self.adopt_every;
+            if unclaimed || adopt || looked.elapsed() >= self.recover_every {
+                match self.recover(epoch, &mut seq).await {
+                    Ok((n, adopted)) => {
                         unclaimed = false;
                         looked = tokio::time::Instant::now();
+                        adopted_at = looked;
                         self.up.store(true, Ordering::Relaxed);
                         if n > 0 {
                             tracing::info!(
                                 shard = self.shard,
                                 chunks = n,
+                                adopted,
                                 "took back in-flight votes no chunk held"
                             );
                         }
@@ -196,6 +200,7 @@ impl Reader {
         backoff: &mut Duration,
         stop: &mut watch::Receiver<bool>,
     ) {
+        self.link.report(e);
         self.up.store(false, Ordering::Relaxed);
         tracing::warn!(shard = self.shard, error = %e, "shard unavailable{}; retrying", self.hint);
         tokio::select! {
@@ -220,8 +225,9 @@ impl Reader {
             .arg("LEFT")
             .arg("LEFT")
             .arg(self.block.as_secs_f64())
-            .query_async(&mut self.blocking)
-            .await?;
+            .query_async(&mut self.blocking.get()?)
+            .await
+            .inspect_err(|e| self.blocking.report(e))?;
         if waited.is_none() {
             return Ok(Vec::new());
         }
@@ -235,24 +241,26 @@ impl Reader {
             .key(queue::MOVED)
             .key(queue::IN_FLIGHT)
             .arg(wanted)
-            .invoke_async(&mut self.conn)
+            .invoke_async(&mut self.link.get()?)
             .await
     }
 
     /// Finishes what this worker had taken and nobody holds (a previous run's lists, a move
-    /// whose reply was lost, an acknowledgement given up): each such in-flight list becomes a
-    /// chunk again, before anything new is taken.
-    async fn recover(&mut self) -> redis::RedisResult<usize> {
+    /// whose reply was lost, an acknowledgement given up), and adopts the lists of workers whose
+    /// lease has expired: each such in-flight list becomes a chunk, before anything new is taken.
+    /// Returns the chunks made and how many of them were adopted.
+    async fn recover(&mut self, epoch: u64, seq: &mut u64) -> redis::RedisResult<(usize, usize)> {
+        let mut conn = self.link.get()?;
         let mut keys: Vec<String> = Vec::new();
         let mut cursor = 0u64;
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(queue::in_flight_pattern(&self.worker))
+                .arg(queue::in_flight_pattern("*"))
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut self.conn)
+                .query_async(&mut conn)
                 .await?;
             keys.extend(batch);
             if next == 0 {
@@ -260,16 +268,51 @@ impl Reader {
             }
             cursor = next;
         }
-        let mut n = 0;
+        let (mut n, mut adopted) = (0, 0);
+        // Owners whose lease is held: their lists are theirs, asked once a look.
+        let mut alive: HashSet<String> = HashSet::new();
         for key in keys {
-            if self.claims.holds(&key) {
+            let Some(owner) = crate::lease::owner(&key) else {
                 continue;
-            }
+            };
+            let key = if owner == self.worker {
+                if self.claims.holds(&key) {
+                    continue;
+                }
+                key
+            } else {
+                if alive.contains(owner) {
+                    continue;
+                }
+                let held: bool = redis::cmd("EXISTS")
+                    .arg(queue::lease_key(owner))
+                    .query_async(&mut conn)
+                    .await?;
+                if held {
+                    alive.insert(owner.to_string());
+                    continue;
+                }
+                *seq += 1;
+                let mine = queue::in_flight_key(&self.worker, epoch, *seq);
+                let took: bool = redis::Script::new(crate::lease::ADOPT)
+                    .key(queue::lease_key(owner))
+                    .key(&key)
+                    .key(&mine)
+                    .key(queue::IN_FLIGHT)
+                    .invoke_async(&mut conn)
+                    .await?;
+                if !took {
+                    continue;
+                }
+                tracing::info!(shard = self.shard, from = %owner, list = %key, "adopted the in-flight list of a worker whose lease expired");
+                adopted += 1;
+                mine
+            };
             let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
                 .arg(&key)
                 .arg(0)
                 .arg(-1)
-                .query_async(&mut self.conn)
+                .query_async(&mut conn)
                 .await?;
             if items.is_empty() {
                 continue;
@@ -281,7 +324,7 @@ impl Reader {
                 .arg("NX")
                 .arg(0)
                 .arg(&key)
-                .query_async::<()>(&mut self.conn)
+                .query_async::<()>(&mut conn)
                 .await?;
             let permit = self
                 .permits
@@ -293,7 +336,7 @@ impl Reader {
             self.push(chunk);
             n += 1;
         }
-        Ok(n)
+        Ok((n, adopted))
     }
 
     /// Decodes elements; what cannot be counted becomes a dead letter with its reason, one a

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
@@ -279,7 +278,7 @@ pub async fn write_loop(
     mut writer: Writer,
     catalog: Arc<db::CatalogCache>,
     mut batches: mpsc::Receiver<Batch<Part>>,
-    acks: Vec<ConnectionManager>,
+    acks: Vec<Arc<shard::Link>>,
     region: String,
     stop: watch::Receiver<bool>,
     retry_max: Duration,
@@ -345,9 +344,9 @@ pub async fn write_loop(
             .map(|part| &part.chunk)
             .collect();
         let acks_done = complete.into_iter().map(|chunk| {
-            let mut conn = acks[chunk.shard].clone();
+            let link = acks[chunk.shard].clone();
             let region = region.clone();
-            async move { ack::ack(&mut conn, chunk, &region, retry_max).await }
+            async move { ack::ack(&link, chunk, &region, retry_max).await }
         });
         futures_util::future::join_all(acks_done).await;
     }

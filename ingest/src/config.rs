@@ -195,7 +195,14 @@ impl Config {
             return Err(ConfigError::NoShards);
         }
         for url in &self.redis_urls {
-            tls::redis_client(url).map_err(|_| ConfigError::BadRedisUrl(tls::redact(url)))?;
+            let ok = match shard::Endpoint::parse(url) {
+                Ok(shard::Endpoint::Direct { url }) => tls::redis_client(&url).is_ok(),
+                Ok(shard::Endpoint::Sentinel { .. }) => true,
+                Err(_) => false,
+            };
+            if !ok {
+                return Err(ConfigError::BadRedisUrl(tls::redact(url)));
+            }
         }
         for (name, v) in [
             ("group commit max votes", self.group.max_votes),

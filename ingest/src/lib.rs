@@ -33,6 +33,8 @@ pub enum IngestError {
     Config(#[from] ConfigError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Shard(#[from] shard::LinkError),
 }
 
 /// Serves ingest on `listener` until `shutdown` completes; then stops accepting, answers every

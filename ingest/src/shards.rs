@@ -7,7 +7,6 @@ use std::task::Poll;
 use std::time::Duration;
 
 use model::RegionName;
-use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 pub use crate::accumulator::StoreError;
@@ -27,7 +26,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Shard {
     index: u32,
     queue: Arc<Queue>,
-    conn: ConnectionManager,
+    link: Arc<shard::Link>,
+    /// Replicas that must hold a write before it is acknowledged.
+    wait_replicas: u32,
     status: Arc<Status>,
     bound: u64,
     /// Added to the log line when the shard cannot be reached (see [`tls::redis_hint`]).
@@ -102,22 +103,22 @@ impl Shards {
     /// Connects lazily (a shard that is down at start-up is reported down, not fatal) and starts
     /// each shard's writer and probe. The writers stop once `Shards` is dropped and their
     /// queues are written.
-    pub fn start(config: &Config) -> Result<Self, redis::RedisError> {
+    pub fn start(config: &Config) -> Result<Self, shard::LinkError> {
         let mut shards = Vec::with_capacity(config.redis_urls.len());
         let census = Arc::new(Census {
             voting: config.serve.enlisted.clone(),
             unanswered: AtomicUsize::new(0),
         });
         for (i, url) in config.redis_urls.iter().enumerate() {
-            let client = tls::redis_client(url)?;
-            let conn = ConnectionManager::new_lazy_with_config(
-                client,
+            let link = shard::Link::new(
+                url,
                 redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECT_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500)),
             )?;
+            tokio::spawn(link.clone().follow());
             let queue = Arc::new(Queue {
                 accumulator: Mutex::default(),
                 lingering: Lingering::new(config.group, census.clone()),
@@ -127,7 +128,8 @@ impl Shards {
             let shard = Arc::new(Shard {
                 index: i as u32,
                 queue: queue.clone(),
-                conn,
+                link,
+                wait_replicas: config.wait_replicas,
                 status: Arc::default(),
                 bound: config.queue_bound,
                 hint: tls::redis_hint(url),
@@ -135,7 +137,7 @@ impl Shards {
             tokio::spawn(write_loop(
                 shard.index,
                 Arc::downgrade(&shard.status),
-                shard.conn.clone(),
+                shard.link.clone(),
                 queue,
                 WriteSettings {
                     group: config.group,
@@ -193,19 +195,39 @@ async fn census_loop(census: Weak<Census>, region: RegionName) {
     }
 }
 
+/// The shard's stored votes, once it answers as a primary with the replicas its writes wait for:
+/// a write that cannot reach them would only be refused after its wait.
+async fn probe(s: &Shard) -> redis::RedisResult<Option<i64>> {
+    let mut conn = s.link.get()?;
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(model::queue::STORED).cmd("ROLE");
+    let (stored, role): (Option<i64>, Vec<redis::Value>) = pipe
+        .query_async(&mut conn)
+        .await
+        .inspect_err(|e| s.link.report(e))?;
+    let shard::Role::Primary { replicas } = shard::Role::of(&role) else {
+        s.link.lost_primary();
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "the shard's node is a replica, not its primary",
+        )));
+    };
+    if replicas < s.wait_replicas as usize {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "fewer replicas connected than a write waits for",
+            format!("{replicas} of {}", s.wait_replicas),
+        )));
+    }
+    Ok(stored)
+}
+
 async fn probe_loop(shard: Weak<Shard>, region: RegionName) {
     // Logged on the way down, not on every failed probe; `None` until the first probe.
     let mut was_up: Option<bool> = None;
     loop {
         let Some(s) = shard.upgrade() else { return };
-        let mut conn = s.conn.clone();
-        let probe = tokio::time::timeout(
-            RESPONSE_TIMEOUT,
-            redis::cmd("GET")
-                .arg(model::queue::STORED)
-                .query_async::<Option<i64>>(&mut conn),
-        )
-        .await;
+        let probe = tokio::time::timeout(RESPONSE_TIMEOUT, probe(&s)).await;
         let labels = [
             ("region", region.to_string()),
             ("shard", s.index.to_string()),

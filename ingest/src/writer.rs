@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use model::RegionName;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -135,7 +134,7 @@ pub(crate) struct WriteSettings {
 pub(crate) async fn write_loop(
     index: u32,
     status: Weak<Status>,
-    conn: ConnectionManager,
+    link: Arc<shard::Link>,
     queue: Arc<Queue>,
     write: WriteSettings,
     region: RegionName,
@@ -208,7 +207,7 @@ pub(crate) async fn write_loop(
         arrivals.written(Instant::now(), batch.len());
         writes.push(write_batch(
             batch,
-            conn.clone(),
+            link.clone(),
             status.clone(),
             queue.clone(),
             write,
@@ -224,7 +223,7 @@ pub(crate) async fn write_loop(
 /// `accepted` first when they are stored.
 async fn write_batch(
     mut batch: Batch,
-    mut conn: ConnectionManager,
+    link: Arc<shard::Link>,
     status: Weak<Status>,
     queue: Arc<Queue>,
     settings: WriteSettings,
@@ -250,13 +249,15 @@ async fn write_batch(
     }
     // The first vote is the oldest, so its deadline bounds the whole write.
     let deadline = batch.oldest + settings.store_timeout;
-    let reply = if Instant::now() >= deadline {
-        None
-    } else {
-        tokio::time::timeout_at(deadline, pipe.query_async::<Vec<redis::Value>>(&mut conn))
-            .await
-            .ok()
-            .map(|r| r.and_then(|r| Written::from_replies(&r).map_err(Into::into)))
+    let reply = match link.get() {
+        _ if Instant::now() >= deadline => None,
+        Err(e) => Some(Err(e)),
+        Ok(mut conn) => {
+            tokio::time::timeout_at(deadline, pipe.query_async::<Vec<redis::Value>>(&mut conn))
+                .await
+                .ok()
+                .map(|r| r.and_then(|r| Written::from_replies(&r).map_err(Into::into)))
+        }
     };
     let outcome = match reply {
         // Not confirmed in time: not acknowledged, though Redis may still store it (a retry
@@ -274,6 +275,7 @@ async fn write_batch(
             Ok(())
         }
         Some(Err(e)) => {
+            link.report(&e);
             tracing::warn!(error = %e, "shard write failed");
             if let Some(s) = status.upgrade() {
                 s.up.store(false, Ordering::Relaxed);

@@ -26,11 +26,14 @@ pub const MOVED: &str = "tally:moved";
 pub const IN_FLIGHT: &str = "tally:inflight";
 /// Prefix of the position a poll's close was snapshot at, per shard.
 pub const CLOSE_PREFIX: &str = "tally:close:";
+/// Prefix of each aggregator's lease on the shard: while it lives, the worker's in-flight lists
+/// are its own; once it expires, another worker adopts them.
+pub const LEASE_PREFIX: &str = "tally:lease:";
 
 /// Redis ACL rules for ingest's user: push onto [`VOTES`] and, in the same transaction, raise
 /// [`STORED`] (which it also reads); nothing else and no other key (`WAIT` for replicas).
 pub const INGEST_ACL: &str =
-    "resetkeys ~tally:votes resetchannels -@all +rpush +multi +exec +wait +ping \
+    "resetkeys ~tally:votes resetchannels -@all +rpush +multi +exec +wait +ping +role \
 (~tally:votes:stored +incrby +get)";
 
 /// Redis ACL rules for the aggregator's user: pop and move votes from [`VOTES`] into its
@@ -42,10 +45,11 @@ pub const INGEST_ACL: &str =
 /// all pass one rule set for `EVALSHA` itself to be allowed.
 pub const AGGREGATOR_ACL: &str =
     "resetkeys ~tally:votes ~tally:votes:stored ~tally:inflight:* ~tally:dead ~tally:moved \
-~tally:inflight ~tally:close:* resetchannels -@all \
-+lpop +blmove +lrange +del +scan +llen +evalsha +eval +script|load +ping \
-(~tally:inflight:* ~tally:dead +rpush) (~tally:votes:stored +decrby +set +get) \
-(~tally:moved +incrby +get) (~tally:inflight +zadd +zrem +zrangebyscore) (~tally:close:* +set +get)";
+~tally:inflight ~tally:close:* ~tally:lease:* resetchannels -@all \
++lpop +blmove +lrange +del +scan +llen +exists +evalsha +eval +script|load +ping +role \
+(~tally:inflight:* ~tally:dead +rpush +rename) (~tally:votes:stored +decrby +set +get) \
+(~tally:moved +incrby +get) (~tally:inflight +zadd +zrem +zrangebyscore +zscore) \
+(~tally:close:* +set +get) (~tally:lease:* +set +del)";
 
 /// [`STORED`] as Redis answers it: absent until the shard's first push, and never below zero
 /// (the acknowledgement stops it there; only a hand-set value could be).
@@ -56,6 +60,11 @@ pub fn stored_votes(count: Option<i64>) -> u64 {
 /// The in-flight list holding move `seq` of aggregator `worker`'s run `epoch`.
 pub fn in_flight_key(worker: &str, epoch: u64, seq: u64) -> String {
     format!("{IN_FLIGHT_PREFIX}{worker}:{epoch}-{seq}")
+}
+
+/// `worker`'s lease on the shard.
+pub fn lease_key(worker: &str) -> String {
+    format!("{LEASE_PREFIX}{worker}")
 }
 
 /// Where shard's snapshot for a poll's close (microseconds since the epoch) is kept.

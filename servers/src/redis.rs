@@ -18,6 +18,9 @@ pub struct Redis {
     pub tls: Option<TestCa>,
     /// ACL users besides `default` (which keeps every right, for the operator's tools).
     pub users: Vec<AclUser>,
+    /// Started for the first time as a replica of the server on this port. Later starts keep
+    /// whatever role it had last: Sentinel rewrites its configuration file on a failover.
+    pub replica_of: Option<u16>,
 }
 
 /// A Redis ACL user: its name, its password, and its rules (`~keys +commands ...`).
@@ -71,7 +74,14 @@ impl Redis {
             fsync: Fsync::Always,
             tls: None,
             users: Vec::new(),
+            replica_of: None,
         }
+    }
+
+    /// A replica of the server on `primary`, the first time it starts.
+    pub fn replica_of(mut self, primary: u16) -> Self {
+        self.replica_of = Some(primary);
+        self
     }
 
     /// Takes only TLS connections.
@@ -97,6 +107,11 @@ impl Redis {
         self.dir.join("redis.log")
     }
 
+    /// The configuration file Redis and Sentinel rewrite: what role the server has.
+    fn config_file(&self) -> PathBuf {
+        self.dir.join("redis.conf")
+    }
+
     pub fn binary() -> Result<PathBuf, ServerError> {
         find_binary("TALLY_REDIS_SERVER", "redis-server").ok_or(ServerError::MissingBinary {
             what: "redis-server".into(),
@@ -112,7 +127,16 @@ impl Redis {
         let bin = Self::binary()?;
         ensure_port_free(self.port)?;
         std::fs::create_dir_all(&self.dir).map_err(ServerError::io(&self.dir))?;
+        let config = self.config_file();
+        if !config.exists() {
+            let role = match self.replica_of {
+                Some(primary) => format!("replicaof 127.0.0.1 {primary}\n"),
+                None => String::new(),
+            };
+            write_private(&config, &format!("# Written by Tally; Sentinel and CONFIG REWRITE keep it.\n{role}"))?;
+        }
         let mut cmd = Command::new(bin);
+        cmd.arg(&config);
         match &self.tls {
             None => cmd.arg("--port").arg(self.port.to_string()),
             Some(ca) => cmd
@@ -124,7 +148,7 @@ impl Redis {
                 .arg(ca.key_file())
                 .arg("--tls-ca-cert-file")
                 .arg(ca.ca_file())
-                .args(["--tls-auth-clients", "no"]),
+                .args(["--tls-auth-clients", "no", "--tls-replication", "yes"]),
         };
         if !self.users.is_empty() {
             let file = self.dir.join("users.acl");
@@ -214,6 +238,112 @@ fn wait_exit(pid: u32, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     true
+}
+
+/// A Redis Sentinel: watches the shards it is told of and promotes a replica when a primary is
+/// gone, as a managed service's failover does.
+#[derive(Debug, Clone)]
+pub struct Sentinel {
+    pub dir: PathBuf,
+    pub port: u16,
+    /// The shards it watches: a name and the port of the primary it starts with.
+    pub shards: Vec<(String, u16)>,
+    /// Sentinels that must agree a primary is down before one fails it over.
+    pub quorum: usize,
+    /// How long a primary may not answer before it is thought down.
+    pub down_after: Duration,
+}
+
+impl Sentinel {
+    fn config_file(&self) -> PathBuf {
+        self.dir.join("sentinel.conf")
+    }
+
+    fn pidfile(&self) -> PathBuf {
+        self.dir.join("sentinel.pid")
+    }
+
+    fn logfile(&self) -> PathBuf {
+        self.dir.join("sentinel.log")
+    }
+
+    /// Starts it in the background; the configuration is written the first time only, since
+    /// Sentinel keeps what it learns (the current primaries, the other sentinels) in it.
+    pub fn start(&self) -> Result<(), ServerError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let bin = Redis::binary()?;
+        ensure_port_free(self.port)?;
+        std::fs::create_dir_all(&self.dir).map_err(ServerError::io(&self.dir))?;
+        let config = self.config_file();
+        if !config.exists() {
+            let mut text = format!(
+                "port {}\nbind 127.0.0.1\ndir {}\n",
+                self.port,
+                self.dir.display()
+            );
+            for (name, port) in &self.shards {
+                text.push_str(&format!(
+                    "sentinel monitor {name} 127.0.0.1 {port} {q}\n\
+                     sentinel down-after-milliseconds {name} {down}\n\
+                     sentinel failover-timeout {name} 10000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    q = self.quorum,
+                    down = self.down_after.as_millis()
+                ));
+            }
+            write_private(&config, &text)?;
+        }
+        run(Command::new(bin)
+            .arg(&config)
+            .arg("--sentinel")
+            .args(["--daemonize", "yes"])
+            .arg("--pidfile")
+            .arg(self.pidfile())
+            .arg("--logfile")
+            .arg(self.logfile()))?;
+        wait_ready(
+            &format!("sentinel on port {}", self.port),
+            &self.logfile(),
+            Duration::from_secs(20),
+            || command(self.port, "PING").is_ok_and(|r| r.starts_with("+PONG")),
+            || self.pid().is_some_and(pid_alive),
+        )
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        read_pid(&self.pidfile())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.pid().is_some_and(pid_alive)
+            && command(self.port, "PING").is_ok_and(|r| r.starts_with("+PONG"))
+    }
+
+    pub fn stop(&self) {
+        if let Some(pid) = self.pid() {
+            if pid_alive(pid) {
+                signal(pid, "TERM");
+                if !wait_exit(pid, Duration::from_secs(5)) {
+                    signal(pid, "KILL");
+                    wait_exit(pid, Duration::from_secs(5));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.pidfile());
+    }
+
+    /// The port of the primary it names for `shard`, if it names one.
+    pub fn primary_port(&self, shard: &str) -> Option<u16> {
+        let reply = command(
+            self.port,
+            &format!("SENTINEL get-master-addr-by-name {shard}"),
+        )
+        .ok()?;
+        // *2\r\n$9\r\n127.0.0.1\r\n$4\r\n6400\r\n
+        reply.split("\r\n").nth(4)?.parse().ok()
+    }
 }
 
 impl Redis {

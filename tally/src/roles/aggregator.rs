@@ -37,6 +37,10 @@ pub struct AggregatorArgs {
     /// ingest's store timeout plus its bound on clock offset.
     #[arg(long, env = ENV_FINAL_GRACE_MS, default_value_t = aggregator::config::DEFAULT_FINAL_GRACE.as_millis() as u64)]
     pub final_grace_ms: u64,
+    /// How long this worker's hold on its in-flight lists outlives it, in milliseconds: past
+    /// that, another aggregator of the region adopts them.
+    #[arg(long, env = ENV_LEASE_MS, default_value_t = aggregator::config::DEFAULT_LEASE.as_millis() as u64)]
+    pub lease_ms: u64,
 }
 
 impl AggregatorArgs {
@@ -60,6 +64,7 @@ impl AggregatorArgs {
         c.pop_size = self.pop_size;
         c.writers = self.writers;
         c.final_grace = Duration::from_millis(self.final_grace_ms);
+        c.lease = Duration::from_millis(self.lease_ms);
         c.serve = self.common.serve_config();
         c.validate().map_err(bad)?;
         Ok(c)
