@@ -52,6 +52,9 @@ pub const DEFAULT_CERTIFY_EVERY: Duration = Duration::from_millis(250);
 /// Long enough that a slow moment is not a death; short enough that a worker gone for good
 /// delays its votes by seconds.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// A lease is renewed every third of its length: shorter than this, one slow Redis reply would
+/// let a live worker's lists be adopted.
+pub const MIN_LEASE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -115,6 +118,8 @@ pub enum ConfigError {
     BadWorkerId,
     #[error("pop size ({pop}) must not exceed the batch's max events ({max})")]
     PopLargerThanBatch { pop: usize, max: usize },
+    #[error("the lease must be at least {} ms", MIN_LEASE.as_millis())]
+    LeaseTooShort,
 }
 
 impl Config {
@@ -186,6 +191,9 @@ impl Config {
         if self.recover_every.is_zero() {
             return Err(ConfigError::Zero("recovery period"));
         }
+        if self.lease < MIN_LEASE {
+            return Err(ConfigError::LeaseTooShort);
+        }
         if self.pop_size > self.batch.max_events {
             return Err(ConfigError::PopLargerThanBatch {
                 pop: self.pop_size,
@@ -233,6 +241,15 @@ mod tests {
         let mut c = config();
         c.recover_every = Duration::ZERO;
         assert_eq!(c.validate(), Err(ConfigError::Zero("recovery period")));
+        let mut c = config();
+        c.lease = Duration::from_millis(999);
+        assert_eq!(c.validate(), Err(ConfigError::LeaseTooShort));
+        let mut c = config();
+        c.redis_urls = vec!["sentinel://127.0.0.1:26379/shard-0".into()];
+        assert_eq!(c.validate(), Ok(()));
+        let mut c = config();
+        c.redis_urls = vec!["sentinel://127.0.0.1/shard-0".into()];
+        assert!(matches!(c.validate(), Err(ConfigError::BadRedisUrl(_))));
         let mut c = config();
         c.redis_urls = vec!["http://x".into()];
         assert!(matches!(c.validate(), Err(ConfigError::BadRedisUrl(_))));

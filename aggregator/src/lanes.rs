@@ -104,11 +104,9 @@ impl Lanes {
         while let Some(chunk) = queue.pop() {
             let (parts, nothing_to_write) = chunk.split(self.batchers.len());
             if let Some(pending) = nothing_to_write {
-                let mut conn = acks[pending.shard].clone();
+                let link = acks[pending.shard].clone();
                 let region = region.to_string();
-                tokio::spawn(
-                    async move { ack::ack(&mut conn, &pending, &region, retry_max).await },
-                );
+                tokio::spawn(async move { ack::ack(&link, &pending, &region, retry_max).await });
             }
             for (lane, part) in parts {
                 if let Some(b) = self.batchers[lane].push(part, now) {

@@ -54,7 +54,7 @@ pub async fn release(link: &shard::Link, worker: &str) {
 /// Moves the in-flight list KEYS[2] of a worker whose lease KEYS[1] has expired to KEYS[3], this
 /// worker's, keeping its place in the set of lists in flight KEYS[4]; 1 if this call adopted it,
 /// 0 if the owner still holds its lease or another worker adopted it first.
-pub const ADOPT: &str = r#"
+const ADOPT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local score = redis.call('ZSCORE', KEYS[4], KEYS[2]) or 0
@@ -63,6 +63,24 @@ redis.call('ZREM', KEYS[4], KEYS[2])
 redis.call('ZADD', KEYS[4], score, KEYS[3])
 return 1
 "#;
+
+/// Makes `list`, an in-flight list of a worker whose lease has expired, `into` (a list of the
+/// caller's), in one script: true if this call adopted it; false if its owner holds its lease
+/// again or another worker adopted it first. However many workers race, one adopts each list.
+pub async fn adopt(
+    conn: &mut impl redis::aio::ConnectionLike,
+    list: &str,
+    into: &str,
+) -> redis::RedisResult<bool> {
+    let owner = owner(list).unwrap_or_default();
+    redis::Script::new(ADOPT)
+        .key(queue::lease_key(owner))
+        .key(list)
+        .key(into)
+        .key(queue::IN_FLIGHT)
+        .invoke_async(conn)
+        .await
+}
 
 /// The worker an in-flight list belongs to, from its key (`tally:inflight:<worker>:<run>-<seq>`).
 pub fn owner(key: &str) -> Option<&str> {
@@ -77,7 +95,10 @@ mod tests {
 
     #[test]
     fn a_lists_owner_is_read_from_its_key() {
-        assert_eq!(owner(&queue::in_flight_key("us-east-1-0", 17, 3)), Some("us-east-1-0"));
+        assert_eq!(
+            owner(&queue::in_flight_key("us-east-1-0", 17, 3)),
+            Some("us-east-1-0")
+        );
         assert_eq!(owner(&queue::in_flight_key("a:b", 1, 1)), Some("a:b"));
         assert_eq!(owner("tally:votes"), None);
     }

@@ -16,7 +16,7 @@ pub mod config;
 pub mod encode;
 mod health;
 mod lanes;
-mod lease;
+pub mod lease;
 mod pop;
 pub mod write;
 
@@ -161,7 +161,8 @@ async fn pipeline(
             block: config.block,
             linger: config.linger,
             recover_every: config.recover_every,
-            adopt_every: config.lease / 2,
+            // A clean stop releases its lease: its lists are found within a second.
+            adopt_every: (config.lease / 2).min(Duration::from_secs(1)),
             catalog: catalog.clone(),
             postgres_url: config.postgres_url.clone(),
             up: health.shards_up[shard].clone(),

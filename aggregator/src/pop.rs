@@ -294,14 +294,7 @@ impl Reader {
                 }
                 *seq += 1;
                 let mine = queue::in_flight_key(&self.worker, epoch, *seq);
-                let took: bool = redis::Script::new(crate::lease::ADOPT)
-                    .key(queue::lease_key(owner))
-                    .key(&key)
-                    .key(&mine)
-                    .key(queue::IN_FLIGHT)
-                    .invoke_async(&mut conn)
-                    .await?;
-                if !took {
+                if !crate::lease::adopt(&mut conn, &key, &mine).await? {
                     continue;
                 }
                 tracing::info!(shard = self.shard, from = %owner, list = %key, "adopted the in-flight list of a worker whose lease expired");

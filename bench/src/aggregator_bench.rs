@@ -175,9 +175,7 @@ async fn raw_keyed_copy(
             let client = db::connect(&url).await?;
             for batch in batches {
                 let sink = client
-                    .copy_in::<_, bytes::Bytes>(
-                        "COPY raw_ballots FROM STDIN (FORMAT binary)",
-                    )
+                    .copy_in::<_, bytes::Bytes>("COPY raw_ballots FROM STDIN (FORMAT binary)")
                     .await?;
                 futures_util::pin_mut!(sink);
                 sink.send(batch).await?;

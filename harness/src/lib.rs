@@ -5,7 +5,10 @@
 
 pub mod http;
 pub mod idp;
+mod sentinel;
 pub mod votes;
+
+pub use sentinel::ReplicatedShard;
 
 use std::time::Duration;
 

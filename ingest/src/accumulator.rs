@@ -18,6 +18,8 @@ pub enum StoreError {
     Full,
     #[error("the vote's queue shard did not confirm the write in time")]
     Timeout,
+    #[error("the vote's queue shard could not copy it to a replica")]
+    Unreplicated,
 }
 
 /// Votes waiting for one shard's writer. Votes join the last batch until it holds

@@ -225,8 +225,11 @@ fn unix_now() -> u64 {
 /// in shards of their own lock, each dropping its least recently used token when full: a voter
 /// who keeps voting stays, and a token forgotten is only verified again.
 struct TokenCache {
-    shards: Vec<Mutex<LruCache<[u8; 32], (VoterId, u64)>>>,
+    shards: Vec<Mutex<VerdictLru>>,
 }
+
+/// A token's SHA-256 to the voter it named and when it expires.
+type VerdictLru = LruCache<[u8; 32], (VoterId, u64)>;
 
 const CACHE_SHARDS: usize = 16;
 

@@ -264,8 +264,9 @@ async fn write_batch(
         // is a re-vote, which the ballot upsert counts once).
         None => Err(StoreError::Timeout),
         Some(Ok(w)) if w.replicas < wait_replicas as u64 => {
-            // Stored on the primary but not on enough replicas: not acknowledged.
-            Err(StoreError::Unavailable)
+            // Stored on the primary but not on enough replicas: a failover could lose it, so it
+            // is not acknowledged (a retry is a re-vote, counted once).
+            Err(StoreError::Unreplicated)
         }
         Some(Ok(w)) => {
             if let Some(s) = status.upgrade() {

@@ -36,10 +36,17 @@ pub enum Fault {
         role: String,
         times: u32,
     },
-    /// kill -9 of a region's first Redis shard; its append-only file has every acknowledged vote.
+    /// kill -9 of a region's first Redis shard, its replica and its primary both; their
+    /// append-only files have every acknowledged vote.
     RedisKill(String),
-    /// A clean shutdown of a region's first Redis shard, then a start.
+    /// A clean shutdown of a region's first Redis shard, replica and primary, then a start.
     RedisRestart(String),
+    /// kill -9 of the primary of a region's first Redis shard alone: the sentinels promote its
+    /// replica, which has every vote ingest acknowledged (it waited for the replica).
+    RedisFailover(String),
+    /// kill -9 of one of a region's aggregators, not restarted while another of the region
+    /// runs: its lease expires and the other adopts its in-flight lists.
+    AggregatorLost(String),
     /// A replica's server stopped for a while; commits keep going on the other one.
     ReplicaStop(String),
     /// Every link to and from a region cut, then healed: it keeps taking votes into its Redis,
@@ -70,6 +77,8 @@ impl Fault {
             Fault::KillRole { role, .. } => format!("kill-{role}"),
             Fault::RedisKill(_) => "redis-kill".into(),
             Fault::RedisRestart(_) => "redis-restart".into(),
+            Fault::RedisFailover(_) => "redis-failover".into(),
+            Fault::AggregatorLost(_) => "aggregator-lost".into(),
             Fault::ReplicaStop(_) => "replica-stop".into(),
             Fault::RegionCut(_) => "region-cut".into(),
             Fault::ClockSkew { .. } => "clock-skew".into(),
@@ -96,6 +105,8 @@ impl Fault {
             | Fault::KillRole { region: r, .. }
             | Fault::RedisKill(r)
             | Fault::RedisRestart(r)
+            | Fault::RedisFailover(r)
+            | Fault::AggregatorLost(r)
             | Fault::ReplicaStop(r)
             | Fault::RegionCut(r)
             | Fault::ClockSkew { region: r, .. }
@@ -189,6 +200,8 @@ pub async fn run(
         } => kill_role(&stack, &dir, region, role, *times).await,
         Fault::RedisKill(region) => redis_down(&stack, &dir, region, true).await,
         Fault::RedisRestart(region) => redis_down(&stack, &dir, region, false).await,
+        Fault::RedisFailover(region) => redis_failover(&stack, &dir, region).await,
+        Fault::AggregatorLost(region) => aggregator_lost(&stack, &dir, region).await,
         Fault::ReplicaStop(region) => replica_stop(&stack, &dir, region).await,
         Fault::RegionCut(region) => region_cut(&stack, region).await,
         Fault::ClockSkew { region, ms } => clock_skew(&stack, &dir, region, *ms, &live).await,
@@ -252,8 +265,8 @@ async fn region_down(
     live: &Arc<Live>,
 ) -> anyhow::Result<Timings> {
     let cut = Instant::now();
-    for role in local::ROLES {
-        if let Some(pid) = stack.role_pid(region, role) {
+    for name in stack.region(region)?.processes() {
+        if let Some(pid) = stack.role_pid(region, &name) {
             servers::signal(pid, "KILL");
         }
     }
@@ -395,17 +408,20 @@ async fn redis_down(
     kill: bool,
 ) -> anyhow::Result<Timings> {
     let r = stack.region(region)?;
-    let shard = stack
-        .redis(r, servers::Fsync::Everysec)
-        .into_iter()
-        .next()
-        .context("the region has no Redis shard")?;
+    anyhow::ensure!(!r.redis.is_empty(), "the region has no Redis shard");
+    // The replica first, so the sentinels have nothing to promote: the whole shard is down.
+    let primary = stack.shard_primary(r, 0);
+    let mut servers = stack.shard_servers(r, 0, servers::Fsync::Everysec);
+    servers.sort_by_key(|s| s.port == primary);
     let ingest = format!("127.0.0.1:{}", r.ingest);
     let cut = Instant::now();
     if kill {
-        shard.kill();
+        for server in &servers {
+            server.kill();
+        }
     } else {
-        tokio::task::spawn_blocking(move || shard.stop()).await??;
+        tokio::task::spawn_blocking(move || servers.iter().try_for_each(|server| server.stop()))
+            .await??;
     }
     wait_for("ingest to report its shard down", RECOVER_WITHIN, || {
         servers::http_status(&ingest, "/readyz") != Some(200)
@@ -424,6 +440,193 @@ async fn redis_down(
         rejoin,
         new_primary: None,
     })
+}
+
+/// kill -9 of the primary of the region's first shard under load. Detected: the sentinels name
+/// its replica. Recovered: votes reach the new primary's queue. Brought back: the old primary
+/// started again and following the new one as its replica.
+async fn redis_failover(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+) -> anyhow::Result<Timings> {
+    let r = stack.region(region)?;
+    if stack.sentinels.is_empty() || r.redis_replicas.is_empty() {
+        bail!(
+            "the stack in {} predates Redis replicas; `tally local down`, remove the directory and \
+             `tally local up` to make one with them",
+            stack.dir.display()
+        );
+    }
+    let old = stack.shard_primary(r, 0);
+    let server = stack
+        .shard_servers(r, 0, servers::Fsync::Everysec)
+        .into_iter()
+        .find(|s| s.port == old)
+        .context("the shard's primary is not one of its servers")?;
+    wait_for("the shard's replica to be in sync", RECOVER_WITHIN, || {
+        servers::replicas_in_sync(old, 1 << 20) > 0
+    })
+    .await?;
+    let cut = Instant::now();
+    server.kill();
+    wait_for(
+        "the sentinels to promote the replica",
+        RECOVER_WITHIN,
+        || stack.shard_primary(r, 0) != old,
+    )
+    .await?;
+    let promoted = stack.shard_primary(r, 0);
+    let detect = cut.elapsed();
+    let new_primary = Stack::redis_url(promoted);
+    let mut queue = harness::redis_connection(&new_primary).await?;
+    let first = queue_end(&mut queue).await?;
+    let start = Instant::now();
+    while queue_end(&mut queue).await? <= first {
+        if start.elapsed() > RECOVER_WITHIN {
+            bail!("no vote reached the new primary {new_primary} within {RECOVER_WITHIN:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recover = cut.elapsed();
+    let rejoin_started = Instant::now();
+    heal(dir).await?;
+    wait_for(
+        "the old primary to follow the new one",
+        RECOVER_WITHIN,
+        || servers::replicas_in_sync(promoted, 1 << 20) > 0,
+    )
+    .await?;
+    Ok(Timings {
+        detect,
+        recover,
+        rejoin: rejoin_started.elapsed(),
+        new_primary: Some(new_primary),
+    })
+}
+
+/// The position of the queue's last element: every vote ever stored on the shard, moved or not.
+async fn queue_end(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
+    let (moved, waiting): (Option<i64>, i64) = redis::pipe()
+        .cmd("GET")
+        .arg(model::queue::MOVED)
+        .cmd("LLEN")
+        .arg(model::queue::VOTES)
+        .query_async(con)
+        .await?;
+    Ok(moved.unwrap_or(0) + waiting)
+}
+
+/// kill -9 of one of the region's aggregators while it holds votes in flight, not restarted.
+/// A region running one gets a second for the drill. Detected: its lease expired. Recovered:
+/// none of its in-flight lists is left, each adopted by another worker and counted.
+async fn aggregator_lost(
+    stack: &Stack,
+    dir: &std::path::Path,
+    region: &str,
+) -> anyhow::Result<Timings> {
+    let mut stack = stack.clone();
+    let added = stack.region(region)?.aggregators() < 2;
+    if added {
+        let dir = dir.to_path_buf();
+        let region = region.to_string();
+        stack = tokio::task::spawn_blocking(move || local::add_aggregator(&dir, &region)).await??;
+    }
+    let r = stack.region(region)?.clone();
+    let k = r.aggregators() - 1;
+    let name = local::aggregator_name(k);
+    let worker = format!("{region}-{k}");
+    let pid = stack
+        .role_pid(region, &name)
+        .filter(|&p| servers::pid_alive(p))
+        .with_context(|| format!("{region} {name} is not running"))?;
+    let mut shards = Vec::new();
+    for url in stack.primary_redis_urls(&r) {
+        shards.push(harness::redis_connection(&url).await?);
+    }
+    // Stopped until it holds something in flight, so its death strands votes.
+    let start = Instant::now();
+    let stranded = loop {
+        servers::signal(pid, "STOP");
+        let held = in_flight_lists(&mut shards, &worker).await?;
+        if held > 0 {
+            break held;
+        }
+        servers::signal(pid, "CONT");
+        if start.elapsed() > RECOVER_WITHIN {
+            bail!("{worker} took no votes within {RECOVER_WITHIN:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    let cut = Instant::now();
+    servers::signal(pid, "KILL");
+    wait_for("the aggregator to die", RECOVER_WITHIN, || {
+        !servers::pid_alive(pid)
+    })
+    .await?;
+    let lease = model::queue::lease_key(&worker);
+    loop {
+        let mut held = false;
+        for con in &mut shards {
+            held |= redis::cmd("EXISTS")
+                .arg(&lease)
+                .query_async::<bool>(con)
+                .await?;
+        }
+        if !held {
+            break;
+        }
+        if cut.elapsed() > RECOVER_WITHIN {
+            bail!("{worker}'s lease did not expire within {RECOVER_WITHIN:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let detect = cut.elapsed();
+    while in_flight_lists(&mut shards, &worker).await? > 0 {
+        if cut.elapsed() > RECOVER_WITHIN {
+            bail!(
+                "{worker}'s {stranded} in-flight lists were not adopted within {RECOVER_WITHIN:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recover = cut.elapsed();
+    tracing::info!(
+        worker,
+        stranded,
+        "the lost aggregator's in-flight lists were adopted"
+    );
+    let rejoin_started = Instant::now();
+    if added {
+        // The worker the drill added is not brought back: the stack is as it was.
+        let dir = dir.to_path_buf();
+        let region = region.to_string();
+        tokio::task::spawn_blocking(move || local::remove_aggregator(&dir, &region)).await??;
+    } else {
+        heal(dir).await?;
+    }
+    Ok(Timings {
+        detect,
+        recover,
+        rejoin: rejoin_started.elapsed(),
+        new_primary: None,
+    })
+}
+
+/// `worker`'s in-flight lists on the shards.
+async fn in_flight_lists(
+    shards: &mut [redis::aio::MultiplexedConnection],
+    worker: &str,
+) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for con in shards {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(model::queue::in_flight_pattern(worker))
+            .query_async(con)
+            .await?;
+        n += keys.len();
+    }
+    Ok(n)
 }
 
 /// Is the region's server a replica streaming from the primary?
@@ -672,7 +875,7 @@ fn wan_control(stack: &Stack, action: &str, region: &str) -> anyhow::Result<()> 
 async fn heal(dir: &std::path::Path) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || local::up(&dir, servers::Fsync::Everysec, None))
+    tokio::task::spawn_blocking(move || local::up(&dir, &local::UpOptions::default()))
         .await?
         .context("bringing the failed part back")?;
     Ok(started.elapsed())

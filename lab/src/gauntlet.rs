@@ -99,6 +99,12 @@ fn faults(stack: &Stack, kills: u32) -> Vec<Fault> {
     list.extend([
         Fault::RedisKill(primary.clone()),
         Fault::RedisRestart(replica(0)),
+    ]);
+    if !stack.sentinels.is_empty() {
+        list.push(Fault::RedisFailover(replica(1)));
+    }
+    list.extend([
+        Fault::AggregatorLost(primary.clone()),
         Fault::ReplicaStop(replica(1)),
     ]);
     if !stack.links.is_empty() {

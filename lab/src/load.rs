@@ -478,8 +478,8 @@ async fn sample_every_second(
 ) -> Timeline {
     let mut shards = Vec::new();
     for r in &stack.regions {
-        for (i, port) in r.redis.iter().enumerate() {
-            if let Ok(con) = harness::redis_connection(&Stack::redis_url(*port)).await {
+        for (i, url) in stack.primary_redis_urls(r).iter().enumerate() {
+            if let Ok(con) = harness::redis_connection(url).await {
                 shards.push((
                     Series {
                         name: format!("{} shard {i}", r.name),
@@ -545,8 +545,12 @@ fn parse_uuid(s: &str) -> Option<u128> {
 pub async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut shards = Vec::new();
-    for port in stack.regions.iter().flat_map(|r| &r.redis) {
-        shards.push(harness::redis_connection(&Stack::redis_url(*port)).await?);
+    for url in stack
+        .regions
+        .iter()
+        .flat_map(|r| stack.primary_redis_urls(r))
+    {
+        shards.push(harness::redis_connection(&url).await?);
     }
     loop {
         let mut left = 0u64;

@@ -88,6 +88,10 @@ pub struct Stack {
     /// links existed: those connect directly).
     #[serde(default)]
     pub links: Vec<WanLink>,
+    /// Redis Sentinels watching every shard and failing it over to its replica (empty on stacks
+    /// made before replicas: their shards are single servers, reached directly).
+    #[serde(default)]
+    pub sentinels: Vec<u16>,
 }
 
 /// Region `from`'s way to region `to`'s PostgreSQL server: `tally wan` listens on `port`.
@@ -105,10 +109,18 @@ pub struct RegionPorts {
     /// primary is elsewhere: [`Stack::primary`] says where.
     pub primary: bool,
     pub postgres: u16,
+    /// Each shard's first primary, in shard order (Sentinel may have promoted its replica since:
+    /// [`Stack::shard_primary`] says which serves now).
     pub redis: Vec<u16>,
+    /// Each shard's replicas, in shard order.
+    #[serde(default)]
+    pub redis_replicas: Vec<Vec<u16>>,
     pub ingest: u16,
     pub aggregator: u16,
     pub reader: u16,
+    /// The region's further aggregators, worker 1 onwards (`tally local up --aggregators N`).
+    #[serde(default)]
+    pub more_aggregators: Vec<u16>,
 }
 
 impl RegionPorts {
@@ -116,8 +128,51 @@ impl RegionPorts {
         match role {
             "ingest" => self.ingest,
             "aggregator" => self.aggregator,
-            _ => self.reader,
+            "reader" => self.reader,
+            _ => aggregator_worker(role)
+                .and_then(|k| self.more_aggregators.get(k - 1).copied())
+                .unwrap_or(self.reader),
         }
+    }
+
+    /// Every role process of the region, by the name its pid and log files carry: the three
+    /// roles, then the further aggregators (`aggregator-1`, ...).
+    pub fn processes(&self) -> Vec<String> {
+        ROLES
+            .iter()
+            .map(|r| r.to_string())
+            .chain((1..=self.more_aggregators.len()).map(aggregator_name))
+            .collect()
+    }
+
+    /// Aggregators the region runs.
+    pub fn aggregators(&self) -> usize {
+        1 + self.more_aggregators.len()
+    }
+}
+
+/// The process name of a region's aggregator `k` (0 is `aggregator`, as before there were more).
+pub fn aggregator_name(k: usize) -> String {
+    match k {
+        0 => "aggregator".into(),
+        k => format!("aggregator-{k}"),
+    }
+}
+
+/// Which aggregator a process name is, if it is one.
+fn aggregator_worker(name: &str) -> Option<usize> {
+    match name {
+        "aggregator" => Some(0),
+        _ => name.strip_prefix("aggregator-")?.parse().ok(),
+    }
+}
+
+/// The subcommand that runs a process of the stack.
+fn command_of(name: &str) -> &str {
+    if aggregator_worker(name).is_some() {
+        "aggregator"
+    } else {
+        name
     }
 }
 
@@ -162,9 +217,13 @@ impl Stack {
                 primary: r.primary,
                 postgres: port(),
                 redis: (0..r.shards).map(|_| port()).collect(),
+                redis_replicas: (0..r.shards)
+                    .map(|_| (0..REPLICAS_PER_SHARD).map(|_| port()).collect())
+                    .collect(),
                 ingest: port(),
                 aggregator: port(),
                 reader: port(),
+                more_aggregators: Vec::new(),
             })
             .collect::<Vec<RegionPorts>>();
         let mut links = Vec::new();
@@ -187,7 +246,27 @@ impl Stack {
             idp: port(),
             wan_ms: 0,
             links,
+            sentinels: (0..SENTINELS).map(|_| port()).collect(),
         }
+    }
+
+    /// Every port the stack has chosen.
+    fn ports(&self) -> Vec<u16> {
+        let mut ports = vec![
+            self.prometheus,
+            self.replication,
+            self.moto,
+            self.wan,
+            self.idp,
+        ];
+        ports.extend(&self.sentinels);
+        ports.extend(self.links.iter().map(|l| l.port));
+        for r in &self.regions {
+            ports.extend([r.postgres, r.ingest, r.aggregator, r.reader]);
+            ports.extend(r.redis.iter().chain(r.redis_replicas.iter().flatten()));
+            ports.extend(&r.more_aggregators);
+        }
+        ports
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -249,11 +328,16 @@ impl Stack {
                 "  - job_name: tally-{role}\n    honor_labels: true\n    static_configs:\n"
             );
             for r in &self.regions {
-                out += &format!(
-                    "      - targets: [\"127.0.0.1:{}\"]\n        labels: {{region: {}}}\n",
-                    r.role_port(role),
-                    r.name
-                );
+                let mut ports = vec![r.role_port(role)];
+                if role == "aggregator" {
+                    ports.extend(&r.more_aggregators);
+                }
+                for port in ports {
+                    out += &format!(
+                        "      - targets: [\"127.0.0.1:{port}\"]\n        labels: {{region: {}}}\n",
+                        r.name
+                    );
+                }
             }
         }
         out
@@ -263,15 +347,88 @@ impl Stack {
         Postgres::new(bin.clone(), self.dir.join("pg").join(&r.name), r.postgres)
     }
 
+    /// Every Redis server of a region: each shard's first primary, then each shard's replica.
     pub fn redis(&self, r: &RegionPorts, fsync: Fsync) -> Vec<Redis> {
-        r.redis
+        (0..r.redis.len())
+            .flat_map(|i| self.shard_servers(r, i, fsync))
+            .collect()
+    }
+
+    /// Shard `i`'s servers: its first primary, then its replicas (on stacks made with them).
+    pub fn shard_servers(&self, r: &RegionPorts, i: usize, fsync: Fsync) -> Vec<Redis> {
+        let dir = self.dir.join("redis");
+        let primary = Redis {
+            fsync,
+            ..Redis::new(dir.join(format!("{}-{i}", r.name)), r.redis[i])
+        };
+        let replicas = r.redis_replicas.get(i).into_iter().flatten();
+        std::iter::once(primary)
+            .chain(replicas.enumerate().map(|(k, &port)| {
+                Redis {
+                    fsync,
+                    ..Redis::new(dir.join(format!("{}-{i}-replica-{k}", r.name)), port)
+                }
+                .replica_of(r.redis[i])
+            }))
+            .collect()
+    }
+
+    /// The name Sentinel knows shard `i` of region `r` by.
+    pub fn shard_name(r: &RegionPorts, i: usize) -> String {
+        format!("{}-{i}", r.name)
+    }
+
+    pub fn sentinels(&self) -> Vec<servers::Sentinel> {
+        let shards: Vec<(String, u16)> = self
+            .regions
+            .iter()
+            .flat_map(|r| (0..r.redis.len()).map(move |i| (Self::shard_name(r, i), r.redis[i])))
+            .collect();
+        self.sentinels
             .iter()
             .enumerate()
-            .map(|(i, &p)| Redis {
-                fsync,
-                ..Redis::new(self.dir.join("redis").join(format!("{}-{i}", r.name)), p)
+            .map(|(k, &port)| servers::Sentinel {
+                dir: self.dir.join("redis").join(format!("sentinel-{k}")),
+                port,
+                shards: shards.clone(),
+                quorum: SENTINELS / 2 + 1,
+                down_after: SENTINEL_DOWN_AFTER,
             })
             .collect()
+    }
+
+    /// The port of shard `i`'s primary now: the one the sentinels name, else its first.
+    pub fn shard_primary(&self, r: &RegionPorts, i: usize) -> u16 {
+        let name = Self::shard_name(r, i);
+        self.sentinels()
+            .iter()
+            .find_map(|s| s.primary_port(&name))
+            .unwrap_or(r.redis[i])
+    }
+
+    /// Direct URLs of the region's shards' primaries now, for the operator's tools.
+    pub fn primary_redis_urls(&self, r: &RegionPorts) -> Vec<String> {
+        (0..r.redis.len())
+            .map(|i| Self::redis_url(self.shard_primary(r, i)))
+            .collect()
+    }
+
+    /// The URL a role reaches shard `i` by: through the sentinels when the stack has them, so a
+    /// failover is followed; else the server itself.
+    fn role_redis_url(&self, r: &RegionPorts, i: usize) -> String {
+        if self.sentinels.is_empty() {
+            return Self::redis_url(r.redis[i]);
+        }
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "sentinel://{}/{}",
+            sentinels.join(","),
+            Self::shard_name(r, i)
+        )
     }
 
     /// The port region `from` reaches `to`'s server on: its own region's directly, another's
@@ -350,17 +507,15 @@ impl Stack {
     }
 
     fn role_env(&self, r: &RegionPorts, role: &str) -> Vec<(&'static str, String)> {
-        use aggregator::config::ENV_WORKER_ID;
+        use aggregator::config::{ENV_LEASE_MS, ENV_WORKER_ID};
         use ingest::config::{
             ENV_IP_RATE, ENV_JWKS_UNKNOWN_KEY_REFETCH_S, ENV_JWKS_URL, ENV_JWT_AUDIENCE,
-            ENV_JWT_ISSUER, ENV_POSTGRES_URL, ENV_REDIS_URLS,
+            ENV_JWT_ISSUER, ENV_POSTGRES_URL, ENV_REDIS_URLS, ENV_WAIT_REPLICAS,
         };
         use reader::config::ENV_POSTGRES_SOURCES;
         use web::{ENV_LISTEN, ENV_REGION};
-        let redis = r
-            .redis
-            .iter()
-            .map(|&p| Self::redis_url(p))
+        let redis = (0..r.redis.len())
+            .map(|i| self.role_redis_url(r, i))
             .collect::<Vec<_>>()
             .join(",");
         let mut env = vec![
@@ -379,16 +534,22 @@ impl Stack {
                 env.push((ENV_JWT_AUDIENCE, harness::idp::LOCAL_AUDIENCE.into()));
                 // A key added to the local provider is taken at once.
                 env.push((ENV_JWKS_UNKNOWN_KEY_REFETCH_S, "1".into()));
+                // A vote is acknowledged once its shard's replica has it too.
+                if !r.redis_replicas.is_empty() {
+                    env.push((ENV_WAIT_REPLICAS, WAIT_REPLICAS.to_string()));
+                }
             }
-            "aggregator" => {
+            "reader" => env.push((ENV_POSTGRES_SOURCES, self.reader_sources(r))),
+            aggregator => {
+                let k = aggregator_worker(aggregator).unwrap_or(0);
                 env.push((ENV_REDIS_URLS, redis));
                 env.push((
                     ENV_POSTGRES_URL,
                     self.writer_url_from(Some(&r.name), db::AGGREGATOR_ROLE),
                 ));
-                env.push((ENV_WORKER_ID, format!("{}-0", r.name)));
+                env.push((ENV_WORKER_ID, format!("{}-{k}", r.name)));
+                env.push((ENV_LEASE_MS, LOCAL_LEASE.as_millis().to_string()));
             }
-            _ => env.push((ENV_POSTGRES_SOURCES, self.reader_sources(r))),
         }
         env
     }
@@ -499,10 +660,45 @@ impl Stack {
     }
 }
 
-/// Brings the stack up, or whatever part of it is down. Safe to run again. `fsync` applies to
-/// Redis servers this call starts; `wan_ms`, when given, becomes the delay between regions (it
-/// is kept for later runs, and applied at once to a running stack).
-pub fn up(dir: &Path, fsync: Fsync, wan_ms: Option<u64>) -> anyhow::Result<Stack> {
+/// How `tally local up` brings the stack up.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// For the Redis servers this call starts.
+    pub fsync: Fsync,
+    /// Becomes the delay between regions: kept for later runs, applied at once to a running
+    /// stack. `None` keeps the stack's.
+    pub wan_ms: Option<u64>,
+    /// Aggregators per region: kept for later runs; fewer than running stops the extra ones
+    /// cleanly (another of the region adopts what they leave). `None` keeps the stack's.
+    pub aggregators: Option<usize>,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        Self {
+            fsync: Fsync::Everysec,
+            wan_ms: None,
+            aggregators: None,
+        }
+    }
+}
+
+/// Redis Sentinels of a stack: three, so a failover needs two to agree, as a managed service's
+/// control plane would.
+const SENTINELS: usize = 3;
+/// Replicas of each shard: two, as in the deployment, so a shard that lost its primary still
+/// has a replica for ingest's writes to wait for.
+const REPLICAS_PER_SHARD: usize = 2;
+/// Replicas each of ingest's writes waits for before its votes are acknowledged.
+const WAIT_REPLICAS: usize = 1;
+/// How long a primary may not answer before the sentinels think it down.
+const SENTINEL_DOWN_AFTER: Duration = Duration::from_millis(1500);
+/// The local aggregators' lease: a worker gone for good is noticed within seconds.
+const LOCAL_LEASE: Duration = Duration::from_secs(3);
+
+/// Brings the stack up, or whatever part of it is down. Safe to run again.
+pub fn up(dir: &Path, options: &UpOptions) -> anyhow::Result<Stack> {
+    let (fsync, wan_ms) = (options.fsync, options.wan_ms);
     let topology = Topology::standard();
     topology.validate()?;
     let bin = PgBin::find()?;
@@ -535,7 +731,33 @@ pub fn up(dir: &Path, fsync: Fsync, wan_ms: Option<u64>) -> anyhow::Result<Stack
         }
         stack.wan_ms = ms;
     }
+    let mut retired = Vec::new();
+    if let Some(n) = options.aggregators {
+        if n == 0 {
+            bail!("a region needs at least one aggregator");
+        }
+        let mut taken: std::collections::HashSet<u16> = stack.ports().into_iter().collect();
+        for r in &mut stack.regions {
+            while r.aggregators() > n {
+                retired.push((r.name.clone(), aggregator_name(r.aggregators() - 1)));
+                r.more_aggregators.pop();
+            }
+            while r.aggregators() < n {
+                let port = loop {
+                    let p = free_port();
+                    if taken.insert(p) {
+                        break p;
+                    }
+                };
+                r.more_aggregators.push(port);
+            }
+        }
+    }
     stack.save()?;
+    for (region, name) in &retired {
+        // A clean stop: it finishes its batches and releases its lease.
+        stop_role(&stack, region, name);
+    }
 
     // The links first: every cross-region connection, replication streams included, uses them.
     if !stack.links.is_empty() {
@@ -616,9 +838,12 @@ pub fn up(dir: &Path, fsync: Fsync, wan_ms: Option<u64>) -> anyhow::Result<Stack
             redis.start()?;
         }
     }
+    for sentinel in stack.sentinels() {
+        sentinel.start()?;
+    }
     for r in &stack.regions {
-        for role in ROLES {
-            start_role(&stack, r, role)?;
+        for name in r.processes() {
+            start_role(&stack, r, &name)?;
         }
     }
     start_process(
@@ -629,8 +854,8 @@ pub fn up(dir: &Path, fsync: Fsync, wan_ms: Option<u64>) -> anyhow::Result<Stack
         stack.replication,
     )?;
     for r in &stack.regions {
-        for role in ROLES {
-            wait_ready(&stack, &r.name, role, r.role_port(role))?;
+        for name in r.processes() {
+            wait_ready(&stack, &r.name, &name, r.role_port(&name))?;
         }
     }
     wait_ready(&stack, GLOBAL, REPLICATION, stack.replication)?;
@@ -665,6 +890,7 @@ async fn synchronous_commit(stack: &Stack, primary: &RegionPorts) -> anyhow::Res
     Ok(())
 }
 
+/// Starts a process of the region by its name (a role, or `aggregator-K`).
 pub fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {
     start_role_with(stack, r, role, Vec::new())
 }
@@ -712,7 +938,7 @@ fn start_process(
     let exe = std::env::current_exe().context("locating the tally binary")?;
     use std::os::unix::process::CommandExt;
     let child = Command::new(exe)
-        .arg(role)
+        .arg(command_of(role))
         .envs(env)
         .env(
             "RUST_LOG",
@@ -789,11 +1015,19 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
     };
     stack.prometheus().stop();
     stack.moto().stop();
-    // The watcher first: servers stopping one by one must not look like a failed primary.
+    // The watchers first: servers stopping one by one must not look like failed primaries.
     stop_role(&stack, GLOBAL, REPLICATION);
+    for sentinel in stack.sentinels() {
+        sentinel.stop();
+    }
     for role in ROLES {
         for r in &stack.regions {
             stop_role(&stack, &r.name, role);
+            if role == "aggregator" {
+                for k in 1..r.aggregators() {
+                    stop_role(&stack, &r.name, &aggregator_name(k));
+                }
+            }
         }
     }
     for r in &stack.regions {
@@ -809,6 +1043,48 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
     stack.postgres(&bin, stack.primary()).stop(StopMode::Fast)?;
     stop_role(&stack, GLOBAL, WAN);
     stop_role(&stack, GLOBAL, IDP);
+    Ok(())
+}
+
+/// One more aggregator in `region`, started and ready; kept in the stack's file until
+/// [`remove_aggregator`].
+pub fn add_aggregator(dir: &Path, region: &str) -> anyhow::Result<Stack> {
+    let mut stack = Stack::require(dir)?;
+    let mut taken: std::collections::HashSet<u16> = stack.ports().into_iter().collect();
+    let port = loop {
+        let p = free_port();
+        if taken.insert(p) {
+            break p;
+        }
+    };
+    let i = stack
+        .regions
+        .iter()
+        .position(|r| r.name == region)
+        .with_context(|| format!("no region {region} in the local stack"))?;
+    stack.regions[i].more_aggregators.push(port);
+    stack.save()?;
+    let r = stack.regions[i].clone();
+    let name = aggregator_name(r.aggregators() - 1);
+    start_role(&stack, &r, &name)?;
+    wait_ready(&stack, region, &name, port)?;
+    Ok(stack)
+}
+
+/// Stops `region`'s last aggregator (cleanly, if it still runs) and forgets it.
+pub fn remove_aggregator(dir: &Path, region: &str) -> anyhow::Result<()> {
+    let mut stack = Stack::require(dir)?;
+    let r = stack
+        .regions
+        .iter_mut()
+        .find(|r| r.name == region)
+        .with_context(|| format!("no region {region} in the local stack"))?;
+    let Some(_) = r.more_aggregators.pop() else {
+        return Ok(());
+    };
+    let name = aggregator_name(r.aggregators());
+    stack.save()?;
+    stop_role(&stack, region, &name);
     Ok(())
 }
 
@@ -850,6 +1126,9 @@ pub struct Status {
     /// (`tally local token --voter ID` prints a token it signed).
     pub jwks_url: String,
     pub idp_running: bool,
+    /// The Redis Sentinels that fail shards over to their replicas.
+    pub sentinel_urls: Vec<String>,
+    pub sentinels_running: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -861,7 +1140,10 @@ pub struct RegionStatus {
     pub aggregator_url: String,
     pub metrics_urls: Vec<String>,
     pub postgres_url: String,
+    /// Each shard's primary now.
     pub redis_urls: Vec<String>,
+    /// Each shard's replica now (Sentinel promotes it when its primary fails).
+    pub redis_replica_urls: Vec<String>,
     /// Bytes of WAL the primary has that this region's replica has not replayed (0 for the primary).
     pub replica_lag_bytes: Option<i64>,
     /// The replica's own measure of how stale it is, in milliseconds.
@@ -911,7 +1193,17 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
                     .map(|&p| format!("{}/metrics", http(p)))
                     .collect(),
                 postgres_url: Stack::pg_url(r.postgres, servers::SUPERUSER),
-                redis_urls: r.redis.iter().map(|&p| Stack::redis_url(p)).collect(),
+                redis_urls: stack.primary_redis_urls(r),
+                redis_replica_urls: (0..r.redis.len())
+                    .flat_map(|i| {
+                        let primary = stack.shard_primary(r, i);
+                        stack
+                            .shard_servers(r, i, Fsync::Everysec)
+                            .into_iter()
+                            .filter(move |s| s.port != primary)
+                            .map(|s| Stack::redis_url(s.port))
+                    })
+                    .collect(),
                 replica_lag_bytes: if primary {
                     Some(0)
                 } else {
@@ -920,9 +1212,13 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
                         .and_then(|l| l.lag_bytes)
                 },
                 replica_lag_ms: seen.and_then(|f| f.lag_ms),
-                processes: ROLES
-                    .iter()
-                    .map(|role| (role.to_string(), stack.role_running(&r.name, role)))
+                processes: r
+                    .processes()
+                    .into_iter()
+                    .map(|name| {
+                        let up = stack.role_running(&r.name, &name);
+                        (name, up)
+                    })
                     .collect(),
             }
         })
@@ -940,6 +1236,12 @@ pub fn status(dir: &Path) -> anyhow::Result<Status> {
         wan_ms: stack.wan_ms,
         jwks_url: stack.jwks_url(),
         idp_running: stack.role_running(GLOBAL, IDP),
+        sentinel_urls: stack
+            .sentinels
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect(),
+        sentinels_running: stack.sentinels().iter().filter(|s| s.is_running()).count(),
     })
 }
 
@@ -963,6 +1265,9 @@ pub fn print_status(s: &Status) {
         println!("  aggregator {}", r.aggregator_url);
         println!("  postgres   {}  (replica lag: {lag})", r.postgres_url);
         println!("  redis      {}", r.redis_urls.join(" "));
+        if !r.redis_replica_urls.is_empty() {
+            println!("  replicas   {}", r.redis_replica_urls.join(" "));
+        }
         if !down.is_empty() {
             println!("  NOT RUNNING: {}", down.join(", "));
         }
@@ -983,6 +1288,14 @@ pub fn print_status(s: &Status) {
             if s.wan_running { "" } else { "  NOT RUNNING" }
         ),
         None => println!("wan none (this stack predates links: regions connect directly)"),
+    }
+    if !s.sentinel_urls.is_empty() {
+        println!(
+            "sentinels {} ({} of {} running; they fail a shard over to its replica)",
+            s.sentinel_urls.join(" "),
+            s.sentinels_running,
+            s.sentinel_urls.len()
+        );
     }
     println!(
         "idp {} (voters' tokens: `tally local token --voter ID`){}",

@@ -22,7 +22,7 @@ pub use process::{
     read_pid, running_as_root, signal, working_under,
 };
 pub use prometheus::Prometheus;
-pub use redis::{AclUser, Fsync, Redis, Sentinel};
+pub use redis::{redis_info, replicas_in_sync, AclUser, Fsync, Redis, Sentinel};
 pub use tls::TestCa;
 
 use std::path::PathBuf;

@@ -133,7 +133,10 @@ impl Redis {
                 Some(primary) => format!("replicaof 127.0.0.1 {primary}\n"),
                 None => String::new(),
             };
-            write_private(&config, &format!("# Written by Tally; Sentinel and CONFIG REWRITE keep it.\n{role}"))?;
+            write_private(
+                &config,
+                &format!("# Written by Tally; Sentinel and CONFIG REWRITE keep it.\n{role}"),
+            )?;
         }
         let mut cmd = Command::new(bin);
         cmd.arg(&config);
@@ -363,6 +366,62 @@ impl Redis {
     fn ping(&self) -> bool {
         self.command("PING").is_ok_and(|r| r.starts_with("+PONG"))
     }
+}
+
+/// A section of `INFO` from the Redis server (or sentinel) on `port`.
+pub fn redis_info(port: u16, section: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(
+        &(Ipv4Addr::LOCALHOST, port).into(),
+        Duration::from_millis(500),
+    )?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.write_all(format!("INFO {section}\r\n").as_bytes())?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        // `$<len>\r\n<len bytes>\r\n`: done once all of it is here.
+        let text = String::from_utf8_lossy(&reply);
+        if let Some((head, body)) = text.split_once("\r\n") {
+            let len: usize = head.trim_start_matches('$').parse().map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, head.to_string())
+            })?;
+            if body.len() >= len {
+                return Ok(body[..len].to_string());
+            }
+        }
+    }
+    Err(std::io::ErrorKind::UnexpectedEof.into())
+}
+
+/// Replicas of the server on `port` online and no more than `behind` bytes of its replication
+/// stream behind it (`INFO replication`).
+pub fn replicas_in_sync(port: u16, behind: u64) -> usize {
+    let Ok(info) = redis_info(port, "replication") else {
+        return 0;
+    };
+    let field = |line: &str, name: &str| {
+        line.split([',', ':'])
+            .find_map(|f| f.strip_prefix(name))
+            .map(str::to_string)
+    };
+    let Some(own) = info
+        .lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|o| o.trim().parse::<u64>().ok())
+    else {
+        return 0;
+    };
+    info.lines()
+        .filter(|l| l.starts_with("slave"))
+        .filter(|l| field(l, "state=").as_deref() == Some("online"))
+        .filter_map(|l| field(l, "offset=")?.parse::<u64>().ok())
+        .filter(|&offset| own.saturating_sub(offset) <= behind)
+        .count()
 }
 
 fn command(port: u16, cmd: &str) -> std::io::Result<String> {

@@ -24,6 +24,22 @@ pub enum Endpoint {
     },
 }
 
+/// A comma-separated list of shard URLs, in shard order. A sentinel URL's own commas (between
+/// its sentinels) stay inside it: a new URL starts only where a scheme does.
+pub fn split_urls(list: &str) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for piece in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match urls.last_mut() {
+            Some(last) if !piece.contains("://") => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => urls.push(piece.to_string()),
+        }
+    }
+    urls
+}
+
 impl Endpoint {
     pub fn parse(url: &str) -> Result<Self, EndpointError> {
         if url.starts_with("redis://") || url.starts_with("rediss://") {
@@ -31,7 +47,10 @@ impl Endpoint {
                 url: url.to_string(),
             });
         }
-        let (tls, rest) = match (url.strip_prefix("sentinel://"), url.strip_prefix("sentinels://")) {
+        let (tls, rest) = match (
+            url.strip_prefix("sentinel://"),
+            url.strip_prefix("sentinels://"),
+        ) {
             (Some(rest), _) => (false, rest),
             (_, Some(rest)) => (true, rest),
             _ => return Err(EndpointError::Scheme(redact(url))),
@@ -51,9 +70,10 @@ impl Endpoint {
             .collect();
         let valid = !name.is_empty()
             && !sentinels.is_empty()
-            && sentinels
-                .iter()
-                .all(|h| h.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()));
+            && sentinels.iter().all(|h| {
+                h.rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            });
         if !valid {
             return Err(bad());
         }
@@ -92,7 +112,9 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Direct { url } => f.write_str(&redact(url)),
-            Endpoint::Sentinel { sentinels, name, .. } => {
+            Endpoint::Sentinel {
+                sentinels, name, ..
+            } => {
                 write!(f, "sentinel {name} ({})", sentinels.join(","))
             }
         }
@@ -110,6 +132,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_list_keeps_each_sentinel_urls_commas() {
+        assert_eq!(
+            split_urls("sentinel://a:1,b:2,c:3/s-0, redis://x:6379/,sentinel://a:1/s-1,"),
+            [
+                "sentinel://a:1,b:2,c:3/s-0",
+                "redis://x:6379/",
+                "sentinel://a:1/s-1"
+            ]
+        );
+        assert_eq!(split_urls(" , "), Vec::<String>::new());
+    }
+
+    #[test]
     fn urls_name_a_fixed_address_or_the_sentinels_and_the_shard() {
         assert_eq!(
             Endpoint::parse("redis://127.0.0.1:6400/").unwrap(),
@@ -117,8 +152,10 @@ mod tests {
                 url: "redis://127.0.0.1:6400/".into()
             }
         );
-        let e = Endpoint::parse("sentinel://tally-ingest:pw@127.0.0.1:26379,127.0.0.1:26380/us-east-1-0")
-            .unwrap();
+        let e = Endpoint::parse(
+            "sentinel://tally-ingest:pw@127.0.0.1:26379,127.0.0.1:26380/us-east-1-0",
+        )
+        .unwrap();
         assert_eq!(
             e,
             Endpoint::Sentinel {
@@ -128,9 +165,18 @@ mod tests {
                 tls: false
             }
         );
-        assert_eq!(e.node_url("10.0.0.1:6379"), "redis://tally-ingest:pw@10.0.0.1:6379/");
-        assert!(!e.to_string().contains("pw"), "no password in what is shown");
-        assert!(Endpoint::parse("sentinel://127.0.0.1:26379").is_err(), "no shard name");
+        assert_eq!(
+            e.node_url("10.0.0.1:6379"),
+            "redis://tally-ingest:pw@10.0.0.1:6379/"
+        );
+        assert!(
+            !e.to_string().contains("pw"),
+            "no password in what is shown"
+        );
+        assert!(
+            Endpoint::parse("sentinel://127.0.0.1:26379").is_err(),
+            "no shard name"
+        );
         assert!(Endpoint::parse("sentinel://host/x").is_err(), "no port");
         assert!(Endpoint::parse("http://x").is_err());
     }

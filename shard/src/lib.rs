@@ -16,7 +16,7 @@ use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 
-pub use endpoint::{Endpoint, EndpointError};
+pub use endpoint::{split_urls, Endpoint, EndpointError};
 
 /// How often the sentinels are asked where the primary is.
 pub const RESOLVE_EVERY: Duration = Duration::from_millis(250);
@@ -99,11 +99,10 @@ impl Link {
     /// Says what a command on the link's connection met: a replica where the primary was (a
     /// failover) or a dead connection makes the link look for the primary again.
     pub fn report(&self, e: &redis::RedisError) {
-        if e.code() == Some("READONLY") {
-            self.lost_primary();
-        } else if (e.is_connection_refusal() || e.is_connection_dropped())
-            && matches!(self.endpoint, Endpoint::Sentinel { .. })
-        {
+        let gone = e.is_connection_refusal() || e.is_connection_dropped();
+        let sentinel = matches!(self.endpoint, Endpoint::Sentinel { .. });
+        // A fixed address's connection reconnects by itself after a drop.
+        if e.code() == Some("READONLY") || (gone && sentinel) {
             self.lost_primary();
         }
     }
@@ -143,11 +142,7 @@ impl Link {
             }
             match self.resolve().await {
                 Ok(addr) => {
-                    let same = self
-                        .current
-                        .load()
-                        .as_ref()
-                        .is_some_and(|c| c.addr == addr);
+                    let same = self.current.load().as_ref().is_some_and(|c| c.addr == addr);
                     if !same || self.stale.load(Ordering::Relaxed) {
                         match self.connect(&addr).await {
                             Ok(conn) => {
@@ -157,11 +152,15 @@ impl Link {
                                 self.current.store(Some(Arc::new(Current { addr, conn })));
                                 self.stale.store(false, Ordering::Relaxed);
                             }
-                            Err(e) => tracing::debug!(shard = %self.endpoint, error = %e, "the named primary does not answer as one"),
+                            Err(e) => {
+                                tracing::debug!(shard = %self.endpoint, error = %e, "the named primary does not answer as one")
+                            }
                         }
                     }
                 }
-                Err(e) => tracing::debug!(shard = %self.endpoint, error = %e, "no sentinel named the primary"),
+                Err(e) => {
+                    tracing::debug!(shard = %self.endpoint, error = %e, "no sentinel named the primary")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(RESOLVE_EVERY) => {}
@@ -172,7 +171,10 @@ impl Link {
 
     /// The primary's address, from the first sentinel that names one.
     async fn resolve(&self) -> Result<String, LinkError> {
-        let Endpoint::Sentinel { sentinels, name, .. } = &self.endpoint else {
+        let Endpoint::Sentinel {
+            sentinels, name, ..
+        } = &self.endpoint
+        else {
             unreachable!("only sentinel links resolve");
         };
         let mut last = None;

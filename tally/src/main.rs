@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     #[command(flatten)]
-    Role(roles::Role),
+    Role(Box<roles::Role>),
     /// The regions' topology (`regions/topology/`) and the Route53 zone that routes voters by it.
     Regions {
         #[command(subcommand)]

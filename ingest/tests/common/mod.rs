@@ -22,37 +22,74 @@ pub struct Stack {
     pub task: tokio::task::JoinHandle<Result<(), ingest::IngestError>>,
 }
 
+/// Ingest's settings for a test: the catalog refreshed often, no per-voter limit, and the test
+/// standing where a gateway would (its `X-Voter-Id` says who votes).
+pub fn config(pg: &PgCluster, redis_urls: Vec<String>) -> Config {
+    let mut config = Config::new(
+        RegionName::new("us-east-1").unwrap(),
+        redis_urls,
+        pg.primary.url(db::INGEST_ROLE, db::DATABASE),
+    );
+    config.catalog_refresh = Duration::from_millis(100);
+    config.voter_limit = None;
+    config.trusted_proxies = TrustedProxies::parse("127.0.0.1/32").unwrap();
+    config
+}
+
+/// Ingest in-process on port 0, once it answers ready.
+pub struct Serving {
+    pub client: Client,
+    pub base: String,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), ingest::IngestError>>,
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<Serving> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(ingest::run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    let base = format!("http://{addr}");
+    let serving = Serving {
+        client: Client::new(base.clone()),
+        base,
+        stop: Some(stop),
+        task,
+    };
+    serving.client.wait_ready(Duration::from_secs(10)).await?;
+    Ok(serving)
+}
+
+impl Serving {
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop.take().unwrap().send(()).ok();
+        self.task.await??;
+        Ok(())
+    }
+}
+
 impl Stack {
     pub async fn start(shards: usize, tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let pg = PgCluster::start().await?;
         let shards = harness::redis_shards(shards).await?;
-        let mut config = Config::new(
-            RegionName::new("us-east-1")?,
-            shards.iter().map(|s| s.url()).collect(),
-            pg.primary.url(db::INGEST_ROLE, db::DATABASE),
-        );
-        config.catalog_refresh = Duration::from_millis(100);
-        config.voter_limit = None;
-        // The test stands where a gateway would: its `X-Voter-Id` says who votes.
-        config.trusted_proxies = TrustedProxies::parse("127.0.0.1/32").unwrap();
+        let mut config = config(&pg, shards.iter().map(|s| s.url()).collect());
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr: SocketAddr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(ingest::run(listener, config, async move {
-            let _ = stopped.await;
-        }));
-        let base = format!("http://{addr}");
-        let stack = Stack {
+        let Serving {
+            client,
+            base,
+            stop,
+            task,
+        } = serve(config).await?;
+        Ok(Stack {
             pg,
             shards,
-            client: Client::new(base.clone()),
+            client,
             base,
-            stop: Some(stop),
+            stop,
             task,
-        };
-        stack.client.wait_ready(Duration::from_secs(10)).await?;
-        Ok(stack)
+        })
     }
 
     /// Every vote in every shard's queue, decoded, with its shard. Checks on the way that each

@@ -150,13 +150,27 @@ pub struct UpArgs {
     /// runs; given to a running stack, it applies at once. Default: the stack's (0 when new).
     #[arg(long, env = "TALLY_WAN_MS")]
     wan_ms: Option<u64>,
+    /// Aggregators per region, draining its shards together (each adopts what another left
+    /// when that one is gone). Kept for later runs; default: the stack's (1 when new).
+    #[arg(long, env = "TALLY_AGGREGATORS", value_parser = clap::value_parser!(u16).range(1..=8))]
+    aggregators: Option<u16>,
+}
+
+impl UpArgs {
+    fn options(&self) -> local::UpOptions {
+        local::UpOptions {
+            fsync: self.redis_fsync,
+            wan_ms: self.wan_ms,
+            aggregators: self.aggregators.map(usize::from),
+        }
+    }
 }
 
 /// `tally local up|status|down`.
 pub fn local(command: LocalCmd) -> anyhow::Result<()> {
     match command {
         LocalCmd::Up(args) => {
-            let stack = local::up(&args.dir.path(), args.redis_fsync, args.wan_ms)?;
+            let stack = local::up(&args.dir.path(), &args.options())?;
             local::print_status(&local::status(&stack.dir)?);
         }
         LocalCmd::Status { dir, json } => {
@@ -194,7 +208,7 @@ pub fn load(dir: &DirArg, args: &LoadArgs) -> anyhow::Result<()> {
 pub fn demo(up: &UpArgs, args: &LoadArgs, keep: bool) -> anyhow::Result<()> {
     let dir = up.dir.path();
     eprintln!("starting three regions in {} ...", dir.display());
-    let stack = local::up(&dir, up.redis_fsync, up.wan_ms)?;
+    let stack = local::up(&dir, &up.options())?;
     let mut options = args.options();
     // The demo ends as the night does: a poll closed, and its result certified.
     options.show = Some(load::Show::for_load(options.duration));

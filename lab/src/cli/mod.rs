@@ -177,10 +177,24 @@ pub enum DrillCmd {
         #[arg(long, default_value_t = 5)]
         times: u32,
     },
-    /// kill -9 a region's first Redis shard, then start it again (its append-only file replays).
+    /// kill -9 a region's first Redis shard, replica and primary, then start them again (their
+    /// append-only files replay).
     RedisKill { region: String },
-    /// Shut a region's first Redis shard down cleanly, then start it again.
+    /// Shut a region's first Redis shard (replica and primary) down cleanly, then start it again.
     RedisRestart { region: String },
+    /// kill -9 the primary of a region's first Redis shard: the sentinels promote its replica,
+    /// ingest and the aggregators follow; the old primary rejoins as the new one's replica.
+    RedisFailover {
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+    },
+    /// kill -9 one of a region's aggregators while it holds votes in flight, and leave it dead:
+    /// another of the region adopts its lists once its lease expires (a region with one gets a
+    /// second for the drill).
+    AggregatorLost {
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+    },
     /// Stop a replica's PostgreSQL for a while; commits go on with the other replica.
     ReplicaStop { region: String },
     /// Cut every link to and from a region (`tally wan`), then heal them.
@@ -225,6 +239,8 @@ impl DrillCmd {
             },
             DrillCmd::RedisKill { region } => drill::Fault::RedisKill(region),
             DrillCmd::RedisRestart { region } => drill::Fault::RedisRestart(region),
+            DrillCmd::RedisFailover { region } => drill::Fault::RedisFailover(region),
+            DrillCmd::AggregatorLost { region } => drill::Fault::AggregatorLost(region),
             DrillCmd::ReplicaStop { region } => drill::Fault::ReplicaStop(region),
             DrillCmd::RegionCut { region } => drill::Fault::RegionCut(region),
             DrillCmd::ClockSkew { region, ms } => drill::Fault::ClockSkew { region, ms },

@@ -5,7 +5,7 @@ use std::time::Duration;
 use aggregator::config::*;
 use clap::Args;
 
-use super::{urls, Common};
+use super::Common;
 use crate::usage::bad;
 
 #[derive(Debug, Args)]
@@ -15,7 +15,8 @@ pub struct AggregatorArgs {
     /// Names this worker's in-flight lists; keep it stable across restarts.
     #[arg(long, env = ENV_WORKER_ID)]
     pub worker_id: Option<String>,
-    /// Redis shard URLs to drain, comma-separated.
+    /// Redis shard URLs to drain, comma-separated, in shard order: `redis://`, `rediss://` or
+    /// `sentinel://[user:password@]host:port,.../name`.
     #[arg(long, env = ENV_REDIS_URLS)]
     pub redis_urls: String,
     /// Where to write: list every region's server with target_session_attrs=read-write.
@@ -53,7 +54,7 @@ impl AggregatorArgs {
         let mut c = aggregator::Config::new(
             region,
             worker,
-            urls(&self.redis_urls),
+            shard::split_urls(&self.redis_urls),
             self.postgres_url.clone(),
         );
         c.batch = aggregator::BatchConfig {

@@ -7,14 +7,16 @@ use ingest::auth::Keys;
 use ingest::config::*;
 use ingest::identity::{AnonymousVoters, Identity, JwtConfig, KeySource, TrustedProxies};
 
-use super::{urls, Common};
+use super::Common;
 use crate::usage::bad;
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Redis shard URLs, comma-separated; the position is the shard number.
+    /// Redis shard URLs, comma-separated; the position is the shard number. `redis://` or
+    /// `rediss://` for a fixed address, `sentinel://[user:password@]host:port,.../name` for the
+    /// primary Sentinel names (followed through failovers).
     #[arg(long, env = ENV_REDIS_URLS)]
     pub redis_urls: String,
     /// PostgreSQL to read the poll catalog from (the local replica is fine).
@@ -161,7 +163,7 @@ impl IngestArgs {
     pub fn config(&self) -> anyhow::Result<ingest::Config> {
         let mut c = ingest::Config::new(
             self.common.region()?,
-            urls(&self.redis_urls),
+            shard::split_urls(&self.redis_urls),
             self.postgres_url.clone(),
         );
         c.queue_bound = self.queue_bound;

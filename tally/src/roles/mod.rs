@@ -21,7 +21,7 @@ pub use self::replication::ReplicationArgs;
 #[derive(Debug, Subcommand)]
 pub enum Role {
     /// Serve the vote API: validate, stamp, shard and store votes in Redis.
-    Ingest(IngestArgs),
+    Ingest(Box<IngestArgs>),
     /// Drain Redis shards into PostgreSQL in batches, exactly once.
     Aggregator(AggregatorArgs),
     /// Serve results from the local read replica.
