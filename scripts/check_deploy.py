@@ -7,6 +7,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def overlay_assertions(region, docs, plan):
         check(f"{region}: {role} HPA bounds {got} are the capacity model's {want}", got == want)
         cm = find(docs, "ConfigMap", f"tally-{role}")
         check(f"{region}: {role} runs with TALLY_REGION={region}", cm is not None and cm["data"].get("TALLY_REGION") == region)
-        workload = find(docs, "StatefulSet" if role == "aggregator" else "Deployment", f"tally-{role}")
+        workload = find(docs, "Deployment", f"tally-{role}")
         spec = workload["spec"]["template"]["spec"] if workload else {}
         c = spec.get("containers", [{}])[0]
         ca_file = (cm or {}).get("data", {}).get("TALLY_TLS_CA_FILE", "")
@@ -140,6 +141,125 @@ def identity_assertions(region, docs):
     check(f"{region}: its load balancer sits behind the region's WAF", waf.startswith(f"arn:aws:wafv2:{region}:") and f"/webacl/tally-{region}/" in waf, waf)
 
 
+def env_source(docs, role, name):
+    """Where a role's container gets variable `name`: ("value", v) from its ConfigMap or env,
+    ("secret", key) from a secret, or None."""
+    workload = find(docs, "Deployment", f"tally-{role}") or {}
+    containers = workload.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])
+    for e in containers[0].get("env", []):
+        if e["name"] == name:
+            if "value" in e:
+                return ("value", e["value"])
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            return ("secret", ref["key"]) if ref else None
+    cm = find(docs, "ConfigMap", f"tally-{role}")
+    if cm and name in cm.get("data", {}):
+        return ("value", cm["data"][name])
+    return None
+
+
+def rust_str_const(path, name):
+    """A `pub const NAME: &str = "...";` of a Rust file, with its line continuations joined."""
+    with open(path) as f:
+        text = f.read()
+    start = text.index(f"pub const {name}: &str =")
+    literal = text[text.index('"', start) + 1:text.index('";', start)]
+    return re.sub(r"\\\n\s*", "", literal)
+
+
+def redis_deployment():
+    """What the deployment gives the queue: the module's parsed resources and its defaults."""
+    with open("terraform/modules/redis/main.tf") as f:
+        parsed = scalars(hcl2.load(f))
+    res = {}
+    for entry in parsed.get("resource", []):
+        for kind, named in entry.items():
+            res.setdefault(kind, {}).update(named)
+    variables = {k: v for entry in parsed.get("variable", []) for k, v in entry.items()}
+    access = {}
+    for entry in parsed.get("locals", []):
+        found = entry.get("access", {})
+        access.update(found[0] if isinstance(found, list) else found)  # a map parses as a one-map list
+    return res, variables, access
+
+
+def queue_problems(wait, deployment):
+    """What would let a queue shard acknowledge a vote its failover could lose: [] when none.
+    `wait` is ingest's TALLY_WAIT_REPLICAS."""
+    res, variables, _ = deployment
+    problems = []
+    try:
+        wait = int(wait)
+    except (TypeError, ValueError):
+        return [f"ingest's TALLY_WAIT_REPLICAS is {wait!r}"]
+    if wait < 1:
+        problems.append("ingest acknowledges before a replica has the vote (TALLY_WAIT_REPLICAS < 1)")
+    group = res.get("aws_elasticache_replication_group", {}).get("shard", {})
+    replicas = variables.get("replicas", {}).get("default", 0)
+    if replicas < wait + 1:
+        problems.append(f"{replicas} replicas a shard: a failover leaves fewer than the {wait} ingest waits for")
+    if group.get("automatic_failover_enabled") is not True or group.get("multi_az_enabled") is not True:
+        problems.append("no automatic Multi-AZ failover")
+    params = res.get("aws_elasticache_parameter_group", {}).get("this", {}).get("parameter", [])
+    params = params if isinstance(params, list) else [params]
+    names = {p["name"]: str(p["value"]) for p in params}
+    for rejected in ("appendonly", "appendfsync"):
+        if rejected in names:
+            problems.append(f"parameter {rejected}, which Multi-AZ ElastiCache rejects")
+    if names.get("maxmemory-policy") != "noeviction":
+        problems.append("a full queue may evict votes (maxmemory-policy is not noeviction)")
+    return problems
+
+
+def credential_problems(docs, deployment, acls):
+    """Shared or over-broad queue credentials: [] when each role has its own, as in the code."""
+    res, _, access = deployment
+    problems = []
+    ingest = env_source(docs, "ingest", "TALLY_REDIS_URLS")
+    aggregator = env_source(docs, "aggregator", "TALLY_REDIS_URLS")
+    if not (ingest and aggregator and ingest[0] == aggregator[0] == "secret"):
+        problems.append("a role's Redis URLs are not from a secret")
+    elif ingest == aggregator:
+        problems.append(f"ingest and the aggregator share one Redis credential ({ingest[1]})")
+    group = res.get("aws_elasticache_replication_group", {}).get("shard", {})
+    if "auth_token" in group:
+        problems.append("a shared AUTH token")
+    users = res.get("aws_elasticache_user", {})
+    default = users.get("default", {})
+    if default.get("user_name") != "default" or not str(default.get("access_string", "")).startswith("off"):
+        problems.append("the default user is not disabled")
+    for role, acl in acls.items():
+        if access.get(role) != f"on {acl}":
+            problems.append(f"{role}'s access string differs from model::queue ({access.get(role)!r})")
+    return problems
+
+
+def queue_assertions(region, docs):
+    deployment = redis_deployment()
+    wait = (env_source(docs, "ingest", "TALLY_WAIT_REPLICAS") or ("value", None))[1]
+    problems = queue_problems(wait, deployment)
+    check(f"{region}: a vote is acknowledged only once a replica holds it, and a failover leaves one to wait for", not problems, "; ".join(problems))
+    acls = {role: rust_str_const("model/src/queue.rs", f"{role.upper()}_ACL") for role in ("ingest", "aggregator")}
+    problems = credential_problems(docs, deployment, acls)
+    check(f"{region}: ingest and the aggregator log in to Redis as their own users, with model::queue's ACLs", not problems, "; ".join(problems))
+    # The checks must be able to fail: each way of losing or over-sharing is caught.
+    res, variables, access = deployment
+    no_wait = queue_problems("0", deployment)
+    one_replica = queue_problems(wait, (res, {**variables, "replicas": {"default": 1}}, access))
+    aof = json.loads(json.dumps(res))
+    aof["aws_elasticache_parameter_group"]["this"]["parameter"] = [{"name": "appendonly", "value": "yes"}]
+    with_aof = queue_problems(wait, (aof, variables, access))
+    shared = json.loads(json.dumps(docs))
+    for d in shared:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "tally-aggregator":
+            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]:
+                if e["name"] == "TALLY_REDIS_URLS":
+                    e["valueFrom"]["secretKeyRef"]["key"] = "ingest-redis-urls"
+    shared_key = credential_problems(shared, deployment, acls)
+    drifted = credential_problems(docs, deployment, {**acls, "ingest": acls["ingest"] + " +del"})
+    check(f"{region}: self-test: no wait, one replica, an AOF parameter, a shared credential and a drifted ACL are each caught", all([no_wait, one_replica, with_aof, shared_key, drifted]))
+
+
 def overlays_differ_only_by_region(rendered):
     """Replacing one region's name and its bounds with another's gives the same objects."""
     def normalise(region, docs):
@@ -205,7 +325,7 @@ def terraform_checks():
     params = resources("terraform/modules/postgres/main.tf")["aws_db_parameter_group"]["this"]["parameter"]
     check("terraform postgres: the parameter group requires SSL", any(p["name"] == "rds.force_ssl" and str(p["value"]) == "1" for p in params))
     redis = resources("terraform/modules/redis/main.tf")["aws_elasticache_replication_group"]["shard"]
-    check("terraform redis: TLS, AUTH, encryption at rest, automatic failover", redis["transit_encryption_enabled"] is True and "auth_token" in redis and redis["at_rest_encryption_enabled"] is True and redis["automatic_failover_enabled"] is True)
+    check("terraform redis: TLS required, encryption at rest, RBAC users", redis["transit_encryption_enabled"] is True and redis.get("transit_encryption_mode") == "required" and redis["at_rest_encryption_enabled"] is True and "user_group_ids" in redis)
     waf = resources("terraform/modules/waf/main.tf").get("aws_wafv2_web_acl", {}).get("this", {})
     rules = waf.get("rule", [])
     rules = rules if isinstance(rules, list) else [rules]
@@ -317,6 +437,7 @@ def main():
                 validate(region, rendered[region], tmp)
                 overlay_assertions(region, rendered[region], plan)
                 identity_assertions(region, rendered[region])
+                queue_assertions(region, rendered[region])
         if all(rendered.values()):
             overlays_differ_only_by_region(rendered)
         image_checks()

@@ -10,36 +10,47 @@ use std::time::Duration;
 use model::queue;
 use tokio::sync::watch;
 
-/// Renews the lease every third of its length until `stop`; then releases it, so the lists the
-/// worker leaves (a write PostgreSQL refused) are adopted at once rather than after the lease.
+/// Renews the lease every third of its length until `stop`; a failed renewal (no primary yet,
+/// a failover) is retried soon. `held` turns true once the lease was first taken: the worker
+/// moves nothing before, so no list of its own exists while another could think it gone.
 pub async fn hold(
     link: Arc<shard::Link>,
     worker: String,
     lease: Duration,
+    held: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let key = queue::lease_key(&worker);
     let holder = format!("{}", model::Stamp::now().0);
     loop {
-        if let Ok(mut conn) = link.get() {
-            let renewed = redis::cmd("SET")
+        let renewed = match link.get() {
+            Ok(mut conn) => redis::cmd("SET")
                 .arg(&key)
                 .arg(&holder)
                 .arg("PX")
                 .arg(lease.as_millis() as u64)
                 .query_async::<()>(&mut conn)
-                .await;
-            if let Err(e) = renewed {
-                link.report(&e);
-                tracing::debug!(error = %e, "renewing the lease failed");
-            }
+                .await
+                .inspect_err(|e| {
+                    link.report(e);
+                    tracing::debug!(error = %e, "renewing the lease failed");
+                })
+                .is_ok(),
+            Err(_) => false,
+        };
+        if renewed {
+            held.send_if_modified(|h| !std::mem::replace(h, true));
         }
+        let next = if renewed { lease / 3 } else { RETRY };
         tokio::select! {
-            _ = tokio::time::sleep(lease / 3) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = stop.changed() => break,
         }
     }
 }
+
+/// How soon a failed renewal is tried again.
+const RETRY: Duration = Duration::from_millis(50);
 
 /// Gives the lease up: called once the worker's last batch is written or abandoned.
 pub async fn release(link: &shard::Link, worker: &str) {

@@ -137,15 +137,18 @@ async fn pipeline(
         )?;
         tokio::spawn(link.clone().follow());
         tokio::spawn(blocking.clone().follow());
+        let (held_tx, held) = watch::channel(false);
         tokio::spawn(lease::hold(
             link.clone(),
             config.worker_id.clone(),
             config.lease,
+            held_tx,
             stop.clone(),
         ));
         acks.push(link.clone());
         let reader = Reader {
             shard,
+            held,
             region: region.clone(),
             worker: config.worker_id.clone(),
             link,

@@ -90,6 +90,8 @@ impl Drop for Claim {
 
 pub struct Reader {
     pub shard: usize,
+    /// True once the worker holds its lease on the shard; nothing is moved before.
+    pub held: watch::Receiver<bool>,
     pub region: String,
     pub worker: String,
     pub link: Arc<shard::Link>,
@@ -124,6 +126,12 @@ impl Reader {
             ("shard", self.shard.to_string()),
         ];
         let drained = metrics::counter!("tally_aggregator_votes_drained_total", &labels);
+        while !*self.held.borrow_and_update() {
+            tokio::select! {
+                changed = self.held.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
         // Keys of this run never collide with a previous run's, whose lists are recovered first.
         let epoch = model::Stamp::now().0;
         let mut seq = 0u64;
@@ -298,6 +306,8 @@ impl Reader {
                     continue;
                 }
                 tracing::info!(shard = self.shard, from = %owner, list = %key, "adopted the in-flight list of a worker whose lease expired");
+                metrics::counter!("tally_aggregator_adopted_lists_total", "region" => self.region.clone())
+                    .increment(1);
                 adopted += 1;
                 mine
             };

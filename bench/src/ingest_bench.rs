@@ -26,6 +26,9 @@ pub struct Options {
     /// How ingest's shard writers form their writes.
     pub group: ingest::GroupCommit,
     pub redis_fsync: servers::Fsync,
+    /// Each shard has a replica and ingest waits for it (`WAIT 1`) before it acknowledges, as
+    /// the local stack and the deployment run.
+    pub redis_replica: bool,
     /// Ingest's per-voter rate limit, on as it ships. Off only to compare with figures taken
     /// before 2026-12-02, when the benchmark turned it off: it costs ingest about 1 µs a vote
     /// (a cold lookup among a million voters' buckets).
@@ -64,6 +67,7 @@ impl Default for Options {
             shards: DEFAULT_SHARDS,
             group: ingest::GroupCommit::default(),
             redis_fsync: servers::Fsync::Everysec,
+            redis_replica: false,
             voter_limit: true,
             auth_votes_per_voter: None,
             baseline: Baseline::BareHyper,
@@ -148,8 +152,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     crate::until_interrupted(&client_rt, async {
         let pg = harness::PgCluster::start().await?;
         let mut shards = Vec::new();
+        let mut replicas = Vec::new();
         for _ in 0..opts.shards {
-            shards.push(harness::RedisServer::start_with(opts.redis_fsync).await?);
+            let shard = harness::RedisServer::start_with(opts.redis_fsync).await?;
+            if opts.redis_replica {
+                replicas.push(shard.start_replica().await?);
+            }
+            shards.push(shard);
         }
         let mut config = ingest::Config::new(
             model::RegionName::new("us-east-1")?,
@@ -159,6 +168,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         if !opts.voter_limit {
             config.voter_limit = None;
         }
+        config.wait_replicas = u32::from(opts.redis_replica);
         // The generator stands where a gateway would: its `X-Voter-Id` says who votes.
         config.trusted_proxies =
             ingest::identity::TrustedProxies::parse("127.0.0.1/32").expect("a loopback CIDR");
@@ -216,7 +226,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
             .wait_ready(Duration::from_secs(15))
             .await?;
 
-        let meter = CpuMeter::new(shards.iter().filter_map(|s| s.server.pid()).collect());
+        // Replicas' CPU is part of what a vote costs.
+        let meter = CpuMeter::new(
+            shards
+                .iter()
+                .chain(&replicas)
+                .filter_map(|s| s.server.pid())
+                .collect(),
+        );
         let rounds = alternate(
             bare_addr,
             ingest_addr,
@@ -286,6 +303,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "group_max_in_flight": opts.group.max_in_flight,
                 "group_linger_us": opts.group.linger.as_micros() as u64,
                 "redis_fsync": opts.redis_fsync,
+                "redis_replica": opts.redis_replica,
                 "voter_limit": opts.voter_limit,
                 "auth_votes_per_voter": opts.auth_votes_per_voter,
                 "closed_loop_p99_ms": closed_summary.p99_ms,

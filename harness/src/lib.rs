@@ -208,23 +208,40 @@ impl RedisServer {
     }
 
     pub async fn start_with(fsync: servers::Fsync) -> anyhow::Result<Self> {
-        Self::start_inner(fsync, None, Vec::new()).await
+        Self::start_inner(fsync, None, Vec::new(), None).await
     }
 
     /// Takes only TLS connections, with `ca`'s server certificate.
     pub async fn start_tls(ca: TestCa) -> anyhow::Result<Self> {
-        Self::start_inner(servers::Fsync::Always, Some(ca), Vec::new()).await
+        Self::start_inner(servers::Fsync::Always, Some(ca), Vec::new(), None).await
     }
 
     /// With ACL users besides `default`.
     pub async fn start_with_users(users: Vec<servers::AclUser>) -> anyhow::Result<Self> {
-        Self::start_inner(servers::Fsync::Always, None, users).await
+        Self::start_inner(servers::Fsync::Always, None, users, None).await
+    }
+
+    /// A replica of this server, in sync once this returns.
+    pub async fn start_replica(&self) -> anyhow::Result<Self> {
+        let replica =
+            Self::start_inner(self.server.fsync, None, Vec::new(), Some(self.server.port)).await?;
+        let primary = self.server.port;
+        let started = std::time::Instant::now();
+        while servers::replicas_in_sync(primary, 0) == 0 {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "the replica of redis on {primary} did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(replica)
     }
 
     async fn start_inner(
         fsync: servers::Fsync,
         tls: Option<TestCa>,
         users: Vec<servers::AclUser>,
+        replica_of: Option<u16>,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("tally-redis-").tempdir()?;
         let fixture = Self {
@@ -232,6 +249,7 @@ impl RedisServer {
                 fsync,
                 tls,
                 users,
+                replica_of,
                 ..Redis::new(dir.path(), 0)
             },
             _dir: dir,

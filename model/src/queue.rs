@@ -31,9 +31,11 @@ pub const CLOSE_PREFIX: &str = "tally:close:";
 pub const LEASE_PREFIX: &str = "tally:lease:";
 
 /// Redis ACL rules for ingest's user: push onto [`VOTES`] and, in the same transaction, raise
-/// [`STORED`] (which it also reads); nothing else and no other key (`WAIT` for replicas).
-pub const INGEST_ACL: &str =
-    "resetkeys ~tally:votes resetchannels -@all +rpush +multi +exec +wait +ping +role \
+/// [`STORED`] (which it also reads); nothing else and no other key (`WAIT` for replicas, `ROLE`
+/// to know it reaches the primary). A new user has no keys and no channels, so these rules are
+/// the whole of its rights; the deployment gives its ElastiCache user exactly `on` and these
+/// (`scripts/check-deploy` compares them), since ElastiCache refuses `reset` rules.
+pub const INGEST_ACL: &str = "~tally:votes -@all +rpush +multi +exec +wait +ping +role \
 (~tally:votes:stored +incrby +get)";
 
 /// Redis ACL rules for the aggregator's user: pop and move votes from [`VOTES`] into its
@@ -44,8 +46,8 @@ pub const INGEST_ACL: &str =
 /// acknowledgement uses. [`STORED`] is among the root's keys too, because a script's keys must
 /// all pass one rule set for `EVALSHA` itself to be allowed.
 pub const AGGREGATOR_ACL: &str =
-    "resetkeys ~tally:votes ~tally:votes:stored ~tally:inflight:* ~tally:dead ~tally:moved \
-~tally:inflight ~tally:close:* ~tally:lease:* resetchannels -@all \
+    "~tally:votes ~tally:votes:stored ~tally:inflight:* ~tally:dead ~tally:moved \
+~tally:inflight ~tally:close:* ~tally:lease:* -@all \
 +lpop +blmove +lrange +del +scan +llen +exists +evalsha +eval +script|load +ping +role \
 (~tally:inflight:* ~tally:dead +rpush +rename) (~tally:votes:stored +decrby +set +get) \
 (~tally:moved +incrby +get) (~tally:inflight +zadd +zrem +zrangebyscore +zscore) \

@@ -5,7 +5,7 @@ mod common;
 
 use common::{ok, StackDir};
 
-const FAULTS: [&str; 16] = [
+const FAULTS: [&str; 18] = [
     "kill-ingest",
     "kill-aggregator",
     "kill-aggregator",
@@ -14,6 +14,8 @@ const FAULTS: [&str; 16] = [
     "kill-wan",
     "redis-kill",
     "redis-restart",
+    "redis-failover",
+    "aggregator-lost",
     "replica-stop",
     "region-cut",
     "clock-skew",

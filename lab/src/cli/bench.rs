@@ -18,6 +18,10 @@ pub enum BenchCmd {
         /// Redis's fsync policy, as on `tally local up`.
         #[arg(long, default_value = "everysec")]
         redis_fsync: servers::Fsync,
+        /// Each shard with a replica that ingest waits for before it answers (`WAIT 1`), as the
+        /// local stack and the deployment run.
+        #[arg(long)]
+        redis_replica: bool,
         /// Redis shards behind ingest, each a `redis-server` on this machine.
         #[arg(long, default_value_t = bench::ingest_bench::DEFAULT_SHARDS as u16,
               value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -141,6 +145,7 @@ pub fn run(role: BenchCmd, json: bool) -> anyhow::Result<()> {
             rounds,
             connections,
             redis_fsync,
+            redis_replica,
             shards,
             group_max_votes,
             group_target_votes,
@@ -154,6 +159,7 @@ pub fn run(role: BenchCmd, json: bool) -> anyhow::Result<()> {
             pairs: rounds.pairs()?,
             connections,
             redis_fsync,
+            redis_replica,
             shards: shards.into(),
             group: ingest::GroupCommit {
                 max_votes: group_max_votes as usize,

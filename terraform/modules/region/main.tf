@@ -34,11 +34,6 @@ variable "redis_shards" {
   type = number
 }
 
-variable "redis_auth_token" {
-  type      = string
-  sensitive = true
-}
-
 variable "node_max" {
   description = "Nodes at peak: enough 2-vCPU slots for the HPA maxima of this region."
   type        = number
@@ -133,7 +128,7 @@ module "redis" {
   subnet_ids         = module.network.private_subnet_ids
   security_group_ids = [aws_security_group.data.id]
   kms_key_arn        = aws_kms_key.this.arn
-  auth_token         = var.redis_auth_token
+  reader_role_arns   = values(module.eks.irsa_role_arns)
 }
 
 resource "aws_iam_role" "rds_monitoring" {
@@ -180,8 +175,8 @@ output "postgres_endpoint" {
   value = module.postgres.endpoint
 }
 
-output "redis_urls" {
-  value = module.redis.urls
+output "redis_endpoints" {
+  value = module.redis.endpoints
 }
 
 output "cluster_name" {

@@ -1,6 +1,6 @@
-# The region's Tally secret (tally/<region>): Redis URLs with the AUTH token, and each role's
-# PostgreSQL URL with its own least-privilege user. External Secrets copies it into the cluster;
-# only that region's three IRSA roles may read it.
+# The region's Tally secret (tally/<region>): each role's PostgreSQL URL with its own
+# least-privilege user, and the CAs (the Redis URLs are in tally/<region>/redis, modules/redis).
+# External Secrets copies it into the cluster; only that region's three IRSA roles may read it.
 
 variable "region" {
   type = string
@@ -20,7 +20,7 @@ variable "reader_role_arns" {
 }
 
 resource "aws_secretsmanager_secret" "this" {
-  # checkov:skip=CKV2_AWS_57:Its parts rotate at their source (the Redis AUTH token through Terraform's rotate strategy, RDS's managed master password by RDS); this secret is rewritten then.
+  # checkov:skip=CKV2_AWS_57:Its parts rotate at their source (RDS's managed master password by RDS); this secret is rewritten then.
   name       = "tally/${var.region}"
   kms_key_id = var.kms_key_arn
 }

@@ -10,6 +10,10 @@ terraform {
       source  = "hashicorp/tls"
       version = "~> 4.0"
     }
+    random = {
+      source  = "hashicorp/random"
+      version = "~> 3.6"
+    }
   }
   backend "s3" {
     bucket         = "tally-terraform-state"
@@ -25,12 +29,6 @@ provider "aws" {
   default_tags {
     tags = { Project = "tally", Region = "ap-southeast-1" }
   }
-}
-
-variable "redis_auth_token" {
-  description = "From the operator's secret store (TF_VAR_redis_auth_token); never committed."
-  type        = string
-  sensitive   = true
 }
 
 # The primary is us-east-1's; its ARN comes from that root's state.
@@ -53,7 +51,6 @@ module "region" {
   primary_db_arn          = data.terraform_remote_state.primary.outputs.postgres_arn
   postgres_instance_class = "db.r6g.2xlarge"
   redis_shards            = 3
-  redis_auth_token        = var.redis_auth_token
   node_max                = 10
 }
 
@@ -61,8 +58,8 @@ output "postgres_arn" {
   value = module.region.postgres_arn
 }
 
-output "redis_urls" {
-  value = module.region.redis_urls
+output "redis_endpoints" {
+  value = module.region.redis_endpoints
 }
 
 output "waf_acl_arn" {

@@ -10,6 +10,10 @@ terraform {
       source  = "hashicorp/tls"
       version = "~> 4.0"
     }
+    random = {
+      source  = "hashicorp/random"
+      version = "~> 3.6"
+    }
   }
   backend "s3" {
     bucket         = "tally-terraform-state"
@@ -27,12 +31,6 @@ provider "aws" {
   }
 }
 
-variable "redis_auth_token" {
-  description = "From the operator's secret store (TF_VAR_redis_auth_token); never committed."
-  type        = string
-  sensitive   = true
-}
-
 module "region" {
   source                  = "../../modules/region"
   region                  = "us-east-1"
@@ -42,7 +40,6 @@ module "region" {
   postgres_role           = "primary"
   postgres_instance_class = "db.r6g.2xlarge"
   redis_shards            = 3
-  redis_auth_token        = var.redis_auth_token
   node_max                = 10
 }
 
@@ -50,8 +47,8 @@ output "postgres_arn" {
   value = module.region.postgres_arn
 }
 
-output "redis_urls" {
-  value = module.region.redis_urls
+output "redis_endpoints" {
+  value = module.region.redis_endpoints
 }
 
 output "kms_key_arn" {
