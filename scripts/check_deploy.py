@@ -234,7 +234,35 @@ def credential_problems(docs, deployment, acls):
     return problems
 
 
+def replay_problems(wait, replica_regions):
+    """What would let the primary's loss take counted votes with it: [] when none. `wait` is
+    the aggregator's TALLY_WAIT_REPLICAS, `replica_regions` how many regions hold a replica."""
+    try:
+        wait = int(wait)
+    except (TypeError, ValueError):
+        return [f"the aggregator's TALLY_WAIT_REPLICAS is {wait!r}"]
+    if wait < 1:
+        return ["the aggregator deletes votes from Redis before any replica replayed their commit (TALLY_WAIT_REPLICAS < 1)"]
+    if replica_regions < wait + 1:
+        return [f"{replica_regions} replica regions: losing one leaves fewer than the {wait} the aggregator waits for"]
+    return []
+
+
+def replica_regions():
+    count = 0
+    for region in REGIONS:
+        with open(f"terraform/regions/{region}/main.tf") as f:
+            region_module = next((m["region"] for m in scalars(hcl2.load(f)).get("module", []) if "region" in m), {})
+        count += region_module.get("postgres_role") == "replica"
+    return count
+
+
 def queue_assertions(region, docs):
+    wait = (env_source(docs, "aggregator", "TALLY_WAIT_REPLICAS") or ("value", None))[1]
+    replicas = replica_regions()
+    problems = replay_problems(wait, replicas)
+    check(f"{region}: votes leave Redis only once a replica in another region replayed their commit", not problems, "; ".join(problems))
+    check(f"{region}: self-test: no replay wait, and a wait no surviving replica can meet, are caught", replay_problems("0", replicas) and replay_problems(wait, 1))
     deployment = redis_deployment()
     wait = (env_source(docs, "ingest", "TALLY_WAIT_REPLICAS") or ("value", None))[1]
     problems = queue_problems(wait, deployment)
@@ -258,6 +286,100 @@ def queue_assertions(region, docs):
     shared_key = credential_problems(shared, deployment, acls)
     drifted = credential_problems(docs, deployment, {**acls, "ingest": acls["ingest"] + " +del"})
     check(f"{region}: self-test: no wait, one replica, an AOF parameter, a shared credential and a drifted ACL are each caught", all([no_wait, one_replica, with_aof, shared_key, drifted]))
+
+
+def host_matches(pattern, host):
+    if pattern.startswith("*."):
+        return "." in host and host.split(".", 1)[1] == pattern[2:]
+    return pattern == host
+
+
+def routed_service(ingress, host, path):
+    """The service the ALB sends a request to, reading the Ingress as the controller does: rules
+    with a host matching it, then rules without a host; the longest matching path."""
+    rules = ingress["spec"].get("rules", [])
+    for candidates in ([r for r in rules if "host" in r and host_matches(r["host"], host)], [r for r in rules if "host" not in r]):
+        matches = []
+        for r in candidates:
+            for p in r.get("http", {}).get("paths", []):
+                exact = p.get("pathType") == "Exact"
+                if (exact and path == p["path"]) or (not exact and (path + "/").startswith(p["path"].rstrip("/") + "/")):
+                    matches.append((len(p["path"]), p["backend"]["service"]["name"]))
+        if matches:
+            return max(matches)[1]
+    return None
+
+
+def dns_layout():
+    """What Route53 answers (terraform/modules/dns expanded for the global root's domain and
+    regions), the health checks' path, and the certificate's names (terraform/modules/region)."""
+    with open("terraform/global/main.tf") as f:
+        dns_module = next(m["dns"] for m in scalars(hcl2.load(f))["module"] if "dns" in m)
+    domain = dns_module["domain"]
+    with open("terraform/modules/dns/main.tf") as f:
+        parsed = scalars(hcl2.load(f))
+    resources = {}
+    for entry in parsed.get("resource", []):
+        for kind, named in entry.items():
+            resources.setdefault(kind, {}).update(named)
+    names = set()
+    for body in resources["aws_route53_record"].values():
+        name = body["name"].replace("${var.domain}", domain)
+        names.update(name.replace("${each.key}", r) for r in REGIONS) if "${each.key}" in name else names.add(name)
+    check_path = resources["aws_route53_health_check"]["region"]["resource_path"]
+    with open("terraform/modules/region/main.tf") as f:
+        region_parsed = scalars(hcl2.load(f))
+    variables = {k: v for entry in region_parsed.get("variable", []) for k, v in entry.items()}
+    cert = next(named["public"] for entry in region_parsed.get("resource", []) for kind, named in entry.items() if kind == "aws_acm_certificate")
+    cert_domain = variables["domain"]["default"]
+    cert_names = [n.replace("${var.domain}", cert_domain) for n in [cert["domain_name"], *cert["subject_alternative_names"]]]
+    return domain, names, check_path, cert_names
+
+
+def routing_problems(docs, layout):
+    """What would keep a voter's request from reaching ingest, or Route53 from seeing a region
+    healthy: [] when nothing."""
+    domain, names, check_path, cert_names = layout
+    ingress = find(docs, "Ingress", "tally")
+    if ingress is None:
+        return ["no Ingress"]
+    problems = []
+    for name in sorted(names):
+        want = "tally-reader" if name.startswith("results.") or ".results." in name else "tally-ingest"
+        got = routed_service(ingress, name, "/v1/polls/p/votes")
+        if got != want:
+            problems.append(f"{name} goes to {got}, not {want}")
+    # Route53's checker sends the load balancer's own name as the host.
+    got = routed_service(ingress, "k8s-tally-0123456789.elb.amazonaws.com", check_path)
+    if got != "tally-ingest":
+        problems.append(f"the health check's {check_path} on the load balancer's name goes to {got}")
+    for rule in ingress["spec"].get("rules", []):
+        if "host" in rule and not any(host_matches(c, rule["host"]) or c == rule["host"] for c in cert_names):
+            problems.append(f"the certificate ({cert_names}) does not cover {rule['host']}")
+    annotations = ingress["metadata"].get("annotations", {})
+    idle = re.search(r"idle_timeout\.timeout_seconds=(\d+)", annotations.get("alb.ingress.kubernetes.io/load-balancer-attributes", ""))
+    idle = int(idle.group(1)) if idle else 60
+    for role in ("ingest", "reader"):
+        keep = (env_source(docs, role, "TALLY_KEEP_ALIVE_TIMEOUT_MS") or ("value", "10000"))[1]
+        if int(keep) <= idle * 1000:
+            problems.append(f"{role} closes idle connections after {keep} ms, before the load balancer's {idle} s: 502s")
+    return problems
+
+
+def routing_assertions(region, docs, layout):
+    problems = routing_problems(docs, layout)
+    check(f"{region}: every name Route53 answers reaches its role through the Ingress, the health check reaches ingest's /readyz, TLS covers every host, idle connections close at the load balancer first", not problems, "; ".join(problems))
+    # The checks must be able to fail: the Ingress as it was (per-region hosts, no rule for the
+    # health check, an hour's idle timeout) is caught on each count.
+    old = json.loads(json.dumps(docs))
+    ingress = find(old, "Ingress", "tally")
+    ingress["spec"]["rules"] = [r for r in ingress["spec"]["rules"] if "host" in r]
+    for r in ingress["spec"]["rules"]:
+        r["host"] = r["host"].replace(".", f".{region}.", 1) if "*" not in r["host"] else r["host"]
+    ingress["metadata"]["annotations"]["alb.ingress.kubernetes.io/load-balancer-attributes"] = "idle_timeout.timeout_seconds=3600"
+    caught = routing_problems(old, layout)
+    check(f"{region}: self-test: unmatched hosts, a health check with no rule, an uncovered host and a longer idle timeout are each caught",
+          any("goes to None" in p for p in caught) and any("health check" in p for p in caught) and any("certificate" in p for p in caught) and any("502" in p for p in caught), "; ".join(caught))
 
 
 def overlays_differ_only_by_region(rendered):
@@ -429,6 +551,7 @@ def main():
     parser.add_argument("--tally", required=True)
     args = parser.parse_args()
     plan = json.loads(run([args.tally, "capacity", "--json"]).stdout)
+    layout = dns_layout()
     with tempfile.TemporaryDirectory() as tmp:
         rendered = {}
         for region in REGIONS:
@@ -438,6 +561,7 @@ def main():
                 overlay_assertions(region, rendered[region], plan)
                 identity_assertions(region, rendered[region])
                 queue_assertions(region, rendered[region])
+                routing_assertions(region, rendered[region], layout)
         if all(rendered.values()):
             overlays_differ_only_by_region(rendered)
         image_checks()

@@ -7,6 +7,7 @@ use std::time::Duration;
 use model::queue;
 
 use crate::pop::Claim;
+use crate::replay::Commit;
 
 /// Takes the in-flight list KEYS[1] out of the set of lists in flight KEYS[4]; then, if that
 /// list still exists, stores ARGV[2..] (dead letters) on KEYS[2], deletes the list and lowers the
@@ -32,7 +33,45 @@ pub struct Pending {
     pub dead: Vec<(&'static str, Vec<u8>)>,
     /// Lanes still writing part of this chunk; the last to commit acknowledges it.
     pub remaining: std::sync::atomic::AtomicUsize,
+    /// The latest commit holding any of its parts: what must be replayed before it is
+    /// acknowledged.
+    pub committed: std::sync::Mutex<Committed>,
     pub(crate) _claim: Claim,
+}
+
+/// Where a chunk's parts were committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Committed {
+    #[default]
+    Nowhere,
+    At(Commit),
+    /// On primaries of different timelines: a failover came between its parts, and the older
+    /// one's commit may be gone. It is not acknowledged, but applied again.
+    Apart,
+}
+
+impl Pending {
+    /// A lane committed a part of this chunk at `commit` (`None`: somewhere it could not tell,
+    /// which is never waited on as if known).
+    pub fn committed_at(&self, commit: Option<Commit>) {
+        let mut c = self.committed.lock().expect("never poisoned");
+        let Some(commit) = commit else {
+            *c = Committed::Apart;
+            return;
+        };
+        *c = match *c {
+            Committed::Nowhere => Committed::At(commit),
+            Committed::At(seen) if seen.timeline == commit.timeline => Committed::At(Commit {
+                timeline: seen.timeline,
+                lsn: seen.lsn.max(commit.lsn),
+            }),
+            _ => Committed::Apart,
+        };
+    }
+
+    pub fn committed(&self) -> Committed {
+        *self.committed.lock().expect("never poisoned")
+    }
 }
 
 /// Acknowledges a committed chunk: its dead letters are stored and its in-flight list deleted

@@ -15,6 +15,7 @@ pub const ENV_POP_SIZE: &str = "TALLY_POP_SIZE";
 pub const ENV_WRITERS: &str = "TALLY_WRITERS";
 pub const ENV_FINAL_GRACE_MS: &str = "TALLY_FINAL_GRACE_MS";
 pub const ENV_LEASE_MS: &str = "TALLY_LEASE_MS";
+pub const ENV_WAIT_REPLICAS: &str = "TALLY_WAIT_REPLICAS";
 
 /// A batch is written once it holds this many votes...
 pub const DEFAULT_MAX_EVENTS: usize = 50_000;
@@ -84,6 +85,10 @@ pub struct Config {
     /// How long this worker's hold on its in-flight lists outlives it: past that, a live worker
     /// of the region adopts them.
     pub lease: Duration,
+    /// Replicas that must have replayed a batch's commit before its votes leave Redis (see
+    /// `replay`); 0 acknowledges at the commit. With asynchronous replication, set 1 or more:
+    /// otherwise the primary's loss can take counted votes with it.
+    pub wait_replicas: usize,
     pub serve: web::ServeConfig,
 }
 
@@ -145,6 +150,7 @@ impl Config {
             final_grace: DEFAULT_FINAL_GRACE,
             certify_every: DEFAULT_CERTIFY_EVERY,
             lease: DEFAULT_LEASE,
+            wait_replicas: 0,
             serve: web::ServeConfig::default(),
         }
     }

@@ -48,6 +48,7 @@ impl Chunk {
             held: self.held,
             dead: self.dead,
             remaining: AtomicUsize::new(used),
+            committed: Default::default(),
             _claim: self._claim,
         });
         if used == 0 {

@@ -18,6 +18,7 @@ mod health;
 mod lanes;
 pub mod lease;
 mod pop;
+pub mod replay;
 pub mod write;
 
 use std::future::Future;
@@ -122,6 +123,7 @@ async fn pipeline(
     let queue = Arc::new(ArrayQueue::new(per_shard * config.redis_urls.len()));
     let wake = Arc::new(Notify::new());
     let mut acks: Vec<Arc<shard::Link>> = Vec::new();
+    let mut relook: Vec<Arc<AtomicBool>> = Vec::new();
     let mut readers = Vec::new();
     for (shard, url) in config.redis_urls.iter().enumerate() {
         let normal = ConnectionManagerConfig::new()
@@ -146,9 +148,11 @@ async fn pipeline(
             stop.clone(),
         ));
         acks.push(link.clone());
+        relook.push(Arc::default());
         let reader = Reader {
             shard,
             held,
+            relook: relook[shard].clone(),
             region: region.clone(),
             worker: config.worker_id.clone(),
             link,
@@ -200,6 +204,21 @@ async fn pipeline(
         stop.clone(),
     ));
 
+    let replay = (config.wait_replicas > 0).then(|| {
+        let replay = replay::Replay::new(config.wait_replicas);
+        tokio::spawn(replay::watch_replicas(
+            replay.clone(),
+            config.postgres_url.clone(),
+            stop.clone(),
+        ));
+        replay
+    });
+    let lane_acks = write::Acks {
+        links: acks.clone(),
+        relook,
+        replay,
+    };
+
     // One lane per writer, each with its own batcher and channel.
     let mut lanes_tx = Vec::with_capacity(config.writers);
     let mut writers = Vec::new();
@@ -220,7 +239,7 @@ async fn pipeline(
             w,
             catalog.clone(),
             rx,
-            acks.clone(),
+            lane_acks.clone(),
             region.clone(),
             stop.clone(),
             config.retry_max,

@@ -92,6 +92,8 @@ pub struct Reader {
     pub shard: usize,
     /// True once the worker holds its lease on the shard; nothing is moved before.
     pub held: watch::Receiver<bool>,
+    /// Set when a write gave up waiting on some list's commit: look for lists no chunk holds.
+    pub relook: Arc<std::sync::atomic::AtomicBool>,
     pub region: String,
     pub worker: String,
     pub link: Arc<shard::Link>,
@@ -144,7 +146,8 @@ impl Reader {
         let mut adopted_at = tokio::time::Instant::now();
         while !*stop.borrow() {
             let adopt = adopted_at.elapsed() >= self.adopt_every;
-            if unclaimed || adopt || looked.elapsed() >= self.recover_every {
+            let relook = self.relook.swap(false, Ordering::Relaxed);
+            if unclaimed || adopt || relook || looked.elapsed() >= self.recover_every {
                 match self.recover(epoch, &mut seq).await {
                     Ok((n, adopted)) => {
                         unclaimed = false;

@@ -12,10 +12,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
-use crate::ack::{self, Pending};
+use crate::ack::{self, Committed, Pending};
 use crate::batch::Batch;
 use crate::encode;
 use crate::lanes::Part;
+use crate::replay::{Commit, Outcome, Replay};
 
 /// The staging table, per connection, emptied by every commit; its columns are the order
 /// [`encode::encode`] writes them in.
@@ -81,6 +82,11 @@ WITH windows AS MATERIALIZED (
 )
 SELECT reason, count(*)::int8 FROM refused GROUP BY reason";
 
+/// Where the commit just made is: read after the `COMMIT`, so at or past its record. The WAL
+/// file's name starts with the timeline (see [`crate::replay::Commit`]).
+pub const POSITION: &str =
+    "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text";
+
 /// How many tally parts writers spread over. Writers of different aggregators may share a part;
 /// that only costs them a wait, never a wrong count.
 pub const TALLY_PARTS: u32 = 64;
@@ -136,6 +142,7 @@ struct Connection {
     client: Client,
     copy: Statement,
     upsert: Statement,
+    position: Statement,
 }
 
 pub struct Writer {
@@ -170,21 +177,23 @@ impl Writer {
         client.batch_execute(CREATE_STAGE).await?;
         let copy = client.prepare(COPY_STAGE).await?;
         let upsert = client.prepare(UPSERT).await?;
+        let position = client.prepare(POSITION).await?;
         self.conn = Some(Connection {
             client,
             copy,
             upsert,
+            position,
         });
         Ok(())
     }
 
     /// Commits `copy` (a whole binary COPY stream) or keeps trying while the failure is
-    /// retriable. Returns the votes it kept aside as late.
+    /// retriable. Returns the votes it kept aside as late, and where the commit is.
     pub async fn write(
         &mut self,
         copy: Bytes,
         stop_retrying: &tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Late, WriteOutcome> {
+    ) -> Result<(Late, Option<Commit>), WriteOutcome> {
         let mut backoff = self.retry_min;
         let mut attempts = 0;
         loop {
@@ -205,7 +214,10 @@ impl Writer {
         }
     }
 
-    async fn attempt(&mut self, copy: Bytes) -> Result<Late, tokio_postgres::Error> {
+    async fn attempt(
+        &mut self,
+        copy: Bytes,
+    ) -> Result<(Late, Option<Commit>), tokio_postgres::Error> {
         if !self.is_connected() {
             self.connect().await?;
         }
@@ -218,11 +230,11 @@ impl Writer {
     }
 
     /// One transaction in three round trips, which is what a writer far from the primary pays
-    /// for: `BEGIN` travels with the start of the `COPY`, the `COMMIT` with the upsert
-    /// (statements sent together are pipelined on one connection). Should the upsert fail, the
-    /// server answers the `COMMIT` of the aborted transaction with a rollback, and the upsert's
-    /// error is what this returns.
-    async fn transact(&self, copy: Bytes) -> Result<Late, tokio_postgres::Error> {
+    /// for: `BEGIN` travels with the start of the `COPY`, the `COMMIT` with the upsert and the
+    /// question of where the commit is (statements sent together are pipelined on one
+    /// connection). Should the upsert fail, the server answers the `COMMIT` of the aborted
+    /// transaction with a rollback, and the upsert's error is what this returns.
+    async fn transact(&self, copy: Bytes) -> Result<(Late, Option<Commit>), tokio_postgres::Error> {
         let c = self.conn.as_ref().expect("connected above");
         let (_, sink) = tokio::try_join!(
             c.client.batch_execute("BEGIN"),
@@ -232,11 +244,13 @@ impl Writer {
         sink.send(copy).await?;
         sink.finish().await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.part];
-        let (late, ()) = tokio::try_join!(
+        let (late, (), position) = tokio::try_join!(
             c.client.query(&c.upsert, &params),
-            c.client.batch_execute("COMMIT")
+            c.client.batch_execute("COMMIT"),
+            c.client.query_one(&c.position, &[]),
         )?;
-        Ok(late.iter().map(|r| (r.get(0), r.get(1))).collect())
+        let commit = Commit::parse(position.get(0), position.get(1));
+        Ok((late.iter().map(|r| (r.get(0), r.get(1))).collect(), commit))
     }
 }
 
@@ -278,7 +292,7 @@ pub async fn write_loop(
     mut writer: Writer,
     catalog: Arc<db::CatalogCache>,
     mut batches: mpsc::Receiver<Batch<Part>>,
-    acks: Vec<Arc<shard::Link>>,
+    acks: Acks,
     region: String,
     stop: watch::Receiver<bool>,
     retry_max: Duration,
@@ -291,12 +305,22 @@ pub async fn write_loop(
     let commit_lag =
         metrics::histogram!("tally_aggregator_commit_lag_seconds", "region" => region.clone());
     let mut copy = bytes::BytesMut::new();
+    // Acknowledgements waiting for their commit to be replayed; the lane writes on meanwhile.
+    let mut waiting = tokio::task::JoinSet::new();
     loop {
+        while waiting.try_join_next().is_some() {}
         let Some(batch) = batches.recv().await else {
+            // A clean stop waits a while for the last commits to be replayed; what is still
+            // waiting then stays in Redis, for this worker's next run or another's adoption.
+            let _ = tokio::time::timeout(REPLAY_GRACE, async {
+                while waiting.join_next().await.is_some() {}
+            })
+            .await;
             return Ok(());
         };
         metrics::counter!("tally_aggregator_flushes_total", "region" => region.clone(), "reason" => batch.reason.as_str()).increment(1);
         let count = batch.items.iter().map(|c| c.votes.len()).sum::<usize>();
+        let mut commit = None;
         if count > 0 {
             let rows = stage(&catalog, batch.items.iter().flat_map(|c| c.votes.iter()));
             let oldest = batch
@@ -310,7 +334,8 @@ pub async fn write_loop(
             encode::encode(rows, &mut copy);
             let started = Instant::now();
             match writer.write(copy.split().freeze(), &stop).await {
-                Ok(late) => {
+                Ok((late, at)) => {
+                    commit = at;
                     for (reason, n) in late {
                         metrics::counter!("tally_aggregator_late_votes_total", "region" => region.clone(), "reason" => reason)
                             .increment(n as u64);
@@ -336,18 +361,73 @@ pub async fn write_loop(
             committed.increment(count as u64);
         }
         batch_size.record(batch.events as f64);
-        // A chunk is acknowledged by the last lane to commit its votes.
-        let complete: Vec<&Arc<Pending>> = batch
+        // A chunk is acknowledged by the last lane to commit its votes, once the latest commit
+        // holding any of them is replayed where asked.
+        if count > 0 {
+            for part in &batch.items {
+                part.chunk.committed_at(commit);
+            }
+        }
+        let complete: Vec<Arc<Pending>> = batch
             .items
             .iter()
             .filter(|part| part.chunk.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
-            .map(|part| &part.chunk)
+            .map(|part| part.chunk.clone())
             .collect();
-        let acks_done = complete.into_iter().map(|chunk| {
-            let link = acks[chunk.shard].clone();
-            let region = region.clone();
-            async move { ack::ack(&link, chunk, &region, retry_max).await }
-        });
-        futures_util::future::join_all(acks_done).await;
+        match &acks.replay {
+            None => acknowledge(&complete, &acks, &region, retry_max).await,
+            Some(replay) => {
+                let (replay, acks, region) = (replay.clone(), acks.clone(), region.clone());
+                waiting.spawn(async move {
+                    for chunk in complete {
+                        let replayed = match chunk.committed() {
+                            Committed::At(commit) => {
+                                let started = Instant::now();
+                                let outcome = replay.wait(commit).await;
+                                metrics::histogram!("tally_aggregator_replay_wait_seconds", "region" => region.clone())
+                                    .record(started.elapsed().as_secs_f64());
+                                outcome == Outcome::Replayed
+                            }
+                            Committed::Nowhere => true,
+                            Committed::Apart => false,
+                        };
+                        if replayed {
+                            acknowledge(&[chunk], &acks, &region, retry_max).await;
+                        } else {
+                            tracing::warn!(key = %chunk.key, "a newer primary may lack this chunk's commit; it stays in Redis to be applied again");
+                            acks.relook_all();
+                        }
+                    }
+                });
+            }
+        }
     }
+}
+
+/// How long a clean stop waits for its last commits to be replayed.
+const REPLAY_GRACE: Duration = Duration::from_secs(10);
+
+/// What a lane needs to acknowledge chunks: each shard's link and the flag that makes its reader
+/// look for lists no chunk holds, and the replay wait, when asked for.
+#[derive(Clone)]
+pub struct Acks {
+    pub links: Vec<Arc<shard::Link>>,
+    pub relook: Vec<Arc<std::sync::atomic::AtomicBool>>,
+    pub replay: Option<Arc<Replay>>,
+}
+
+impl Acks {
+    /// Every reader looks again for lists no chunk holds (a wait gave up on some).
+    fn relook_all(&self) {
+        for flag in &self.relook {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn acknowledge(chunks: &[Arc<Pending>], acks: &Acks, region: &str, retry_max: Duration) {
+    let done = chunks
+        .iter()
+        .map(|chunk| ack::ack(&acks.links[chunk.shard], chunk, region, retry_max));
+    futures_util::future::join_all(done).await;
 }

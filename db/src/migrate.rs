@@ -1,4 +1,4 @@
-//! Versioned SQL migrations, applied at start-up by whichever role gets there first.
+//! Versioned SQL migrations, applied by the operator's `tally migrate` (the local stack's `up`).
 
 use tokio_postgres::Client;
 
@@ -9,6 +9,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("../migrations/0001_core.sql")),
     (2, "roles", include_str!("../migrations/0002_roles.sql")),
     (3, "windows", include_str!("../migrations/0003_windows.sql")),
+    (4, "replay", include_str!("../migrations/0004_replay.sql")),
 ];
 
 /// Any stable number: serializes concurrent migrators across every process and region.

@@ -256,18 +256,36 @@ struct Timings {
     new_primary: Option<String>,
 }
 
-/// Kills the region's roles (its Redis keeps what it holds, as ElastiCache would), waits for its
-/// voters to be served elsewhere, then brings the region back; its queued votes drain then.
+/// The whole region lost at once: its roles, its Redis shards and its PostgreSQL server, kill -9.
+/// Its voters are served elsewhere; if it held the primary, `tally replication` promotes the
+/// replica with the most WAL and the other regions' aggregators commit there. What its Redis
+/// held waits for it (append-only files, as a region's own storage would); brought back, its
+/// server rejoins as a replica and its queued votes drain.
 async fn region_down(
     stack: &Stack,
     dir: &std::path::Path,
     region: &str,
     live: &Arc<Live>,
 ) -> anyhow::Result<Timings> {
+    let r = stack.region(region)?;
+    let held_primary = stack.primary().name == region;
+    let postmaster = servers::read_pid(&dir.join("pg").join(region).join("postmaster.pid"));
     let cut = Instant::now();
-    for name in stack.region(region)?.processes() {
+    for name in r.processes() {
         if let Some(pid) = stack.role_pid(region, &name) {
             servers::signal(pid, "KILL");
+        }
+    }
+    if let Some(pid) = postmaster {
+        servers::signal(pid, "KILL");
+    }
+    // Replicas before primaries, so the sentinels find nothing to promote.
+    for shard in 0..r.redis.len() {
+        let primary = stack.shard_primary(r, shard);
+        let mut servers = stack.shard_servers(r, shard, servers::Fsync::Everysec);
+        servers.sort_by_key(|s| s.port == primary);
+        for server in &servers {
+            server.kill();
         }
     }
     wait_for(
@@ -284,6 +302,12 @@ async fn region_down(
         || live.acked_from(region) > before,
     )
     .await?;
+    let mut new_primary = None;
+    if held_primary {
+        let new = wait_new_primary(stack, region).await?;
+        wait_commit(stack, &new).await?;
+        new_primary = Some(new);
+    }
     let recover = cut.elapsed();
     tokio::time::sleep(HOLD_DOWN).await;
     let rejoin = heal(dir).await?;
@@ -295,8 +319,51 @@ async fn region_down(
         detect,
         recover,
         rejoin,
-        new_primary: None,
+        new_primary,
     })
+}
+
+/// Until `tally replication` names a primary other than `old`.
+async fn wait_new_primary(stack: &Stack, old: &str) -> anyhow::Result<String> {
+    let started = Instant::now();
+    while started.elapsed() < RECOVER_WITHIN {
+        let view = load::get_json(stack.replication, "/status").await.ok();
+        if let Some(p) = view.as_ref().and_then(|v| v["primary"].as_str()) {
+            if p != old {
+                return Ok(p.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("tally replication chose no new primary within {RECOVER_WITHIN:?}")
+}
+
+/// Until the aggregators commit on the new primary: votes are counted again.
+async fn wait_commit(stack: &Stack, new: &str) -> anyhow::Result<()> {
+    let writer = stack.primary_url();
+    let committed = || async {
+        let c = db::connect(&writer).await.ok()?;
+        let row = c
+            .query_one("SELECT COALESCE(sum(count), 0)::int8 FROM tallies", &[])
+            .await
+            .ok()?;
+        Some(row.get::<_, i64>(0))
+    };
+    let started = Instant::now();
+    let mut first = None;
+    loop {
+        if started.elapsed() > RECOVER_WITHIN {
+            bail!("no commit on the new primary {new} within {RECOVER_WITHIN:?}");
+        }
+        if let Some(n) = committed().await {
+            match first {
+                None => first = Some(n),
+                Some(f) if n > f => return Ok(()),
+                Some(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Kills the primary's postmaster; `tally replication` fences it and promotes a replica, the
@@ -312,49 +379,13 @@ async fn primary_failover(
     let pidfile = dir.join("pg").join(old).join("postmaster.pid");
     let pid = servers::read_pid(&pidfile)
         .with_context(|| format!("no pid in {}: is the primary running?", pidfile.display()))?;
-    let writer = stack.primary_url();
-    let committed = || async {
-        let c = db::connect(&writer).await.ok()?;
-        let row = c
-            .query_one("SELECT COALESCE(sum(count), 0)::int8 FROM tallies", &[])
-            .await
-            .ok()?;
-        Some(row.get::<_, i64>(0))
-    };
-
     let cut = Instant::now();
     servers::signal(pid, "KILL");
-    let status_port = stack.replication;
-    let mut new_primary = None;
-    while cut.elapsed() < RECOVER_WITHIN {
-        let view = load::get_json(status_port, "/status").await.ok();
-        if let Some(p) = view.as_ref().and_then(|v| v["primary"].as_str()) {
-            if p != old {
-                new_primary = Some(p.to_string());
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let Some(new) = new_primary else {
-        bail!("tally replication chose no new primary within {RECOVER_WITHIN:?}");
-    };
+    let new = wait_new_primary(stack, old).await?;
     let detect = cut.elapsed();
     // Votes flow again once the aggregators commit on the new primary.
-    let mut first = None;
-    let recover = loop {
-        if cut.elapsed() > RECOVER_WITHIN {
-            bail!("no commit on the new primary {new} within {RECOVER_WITHIN:?}");
-        }
-        if let Some(n) = committed().await {
-            match first {
-                None => first = Some(n),
-                Some(f) if n > f => break cut.elapsed(),
-                Some(_) => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    wait_commit(stack, &new).await?;
+    let recover = cut.elapsed();
     let rejoin = heal(dir).await?;
     Ok(Timings {
         detect,

@@ -549,6 +549,8 @@ impl Stack {
                 ));
                 env.push((ENV_WORKER_ID, format!("{}-{k}", r.name)));
                 env.push((ENV_LEASE_MS, LOCAL_LEASE.as_millis().to_string()));
+                // Replication is asynchronous: a batch leaves Redis once a replica replayed it.
+                env.push((aggregator::config::ENV_WAIT_REPLICAS, "1".into()));
             }
         }
         env
@@ -831,8 +833,12 @@ pub fn up(dir: &Path, options: &UpOptions) -> anyhow::Result<Stack> {
         replica.init_replica(&primary, via, &slot_name(&r.name))?;
         replica.start()?;
     }
-    rt.block_on(synchronous_commit(&stack, &primary_region))
-        .context("making commits wait for a replica")?;
+    rt.block_on(async {
+        let client = db::connect(&stack.server_url(&primary_region)).await?;
+        replication::asynchronous(&client).await?;
+        anyhow::Ok(())
+    })
+    .context("setting replication asynchronous")?;
     for r in &stack.regions {
         for redis in stack.redis(r, fsync) {
             redis.start()?;
@@ -880,15 +886,6 @@ pub const GLOBAL: &str = "global";
 pub const REPLICATION: &str = "replication";
 pub const WAN: &str = "wan";
 pub const IDP: &str = "idp";
-
-/// Every commit on the primary waits until one other server has flushed it, so a failover to
-/// the replica with the most WAL loses no acknowledged vote.
-async fn synchronous_commit(stack: &Stack, primary: &RegionPorts) -> anyhow::Result<()> {
-    let client = db::connect(&stack.server_url(primary)).await?;
-    let regions = stack.regions.iter().map(|r| r.name.as_str());
-    replication::require_one_standby(&client, &primary.name, regions).await?;
-    Ok(())
-}
 
 /// Starts a process of the region by its name (a role, or `aggregator-K`).
 pub fn start_role(stack: &Stack, r: &RegionPorts, role: &str) -> anyhow::Result<()> {

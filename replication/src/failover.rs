@@ -1,10 +1,11 @@
 //! The failover decision, without IO: fed what each server said on one probe round, it answers
 //! which actions to take. The driver (`watch`) does the probing and the actions.
 //!
-//! Every commit on the primary waits for one replica to flush it (`synchronous_standby_names =
-//! 'ANY 1 (...)'`), so the replica that has received the most WAL holds every acknowledged
-//! commit. That one is promoted, and only after the old primary is fenced, so that at no time
-//! can two servers take writes.
+//! Replication is asynchronous, as RDS's across regions is; the aggregators take a batch's votes
+//! out of Redis only once a replica has replayed its commit. So the replica that has received the
+//! most WAL holds every commit whose votes have left Redis, and whatever it lacks is still queued
+//! and is applied again. That one is promoted, and only after the old primary is fenced, so that
+//! at no time can two servers take writes.
 
 use serde::Serialize;
 
@@ -41,7 +42,7 @@ impl Observation {
 pub enum Action {
     /// Make sure it cannot take writes: stop it and have it come back as a replica.
     Fence { region: String },
-    /// Promote it (`pg_promote`) and have its commits wait for one of the others.
+    /// Promote it (`pg_promote`).
     Promote { region: String },
     /// Point a replica at the primary (a slot there, then its `primary_conninfo`).
     Follow { replica: String, primary: String },

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 pub use failover::{Action, Failover, Observation};
 pub use fence::{fence_dir, fence_marker};
-pub use watch::{require_one_standby, slot_name, Config, Route, Server, View};
+pub use watch::{asynchronous, slot_name, Config, Route, Server, View};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {

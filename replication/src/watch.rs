@@ -344,9 +344,7 @@ async fn act(config: &Config, probes: &[Probe], action: &Action) -> Result<(), R
             c.query_one("SELECT pg_promote(true, 60)", &[]).await?;
             c.batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
                 .await?;
-            // Its commits, like the old primary's, wait until one other server has them.
-            let others = config.servers.iter().map(|s| s.region.as_str());
-            require_one_standby(&c, region, others).await
+            asynchronous(&c).await
         }
         Action::Follow { replica, primary } => {
             let slot = slot_name(replica);
@@ -385,30 +383,15 @@ async fn act(config: &Config, probes: &[Probe], action: &Action) -> Result<(), R
     }
 }
 
-/// Makes every commit on `primary` (the server of region `primary_region`) wait until one of the
-/// other regions' servers has flushed it: then the replica with the most WAL holds every commit
-/// a client saw, and a failover to it loses none. Also reloads the configuration.
-pub async fn require_one_standby<'a>(
-    primary: &Client,
-    primary_region: &str,
-    regions: impl Iterator<Item = &'a str>,
-) -> Result<(), ReplicationError> {
-    let others: Vec<String> = regions
-        .filter(|r| *r != primary_region)
-        .map(slot_name)
-        .collect();
-    let names = if others.is_empty() {
-        String::new()
-    } else {
-        format!("ANY 1 ({})", others.join(", "))
-    };
+/// Makes commits on `primary` wait for no other server, as RDS's cross-region replicas do not;
+/// undoes the synchronous standby setting of stacks made before. What a failover can lose is
+/// then only commits whose votes are still in Redis: the aggregators acknowledge a batch only
+/// once a replica has replayed it (`aggregator::replay`).
+pub async fn asynchronous(primary: &Client) -> Result<(), ReplicationError> {
     each(
         primary,
         &[
-            format!(
-                "ALTER SYSTEM SET synchronous_standby_names = {}",
-                quote(&names)
-            ),
+            "ALTER SYSTEM RESET synchronous_standby_names".into(),
             "SELECT pg_reload_conf()".into(),
         ],
     )

@@ -233,7 +233,7 @@ impl Postgres {
     }
 
     /// Points this (stopped) replica at the primary on port `via` through `slot`, naming itself
-    /// after the slot: the primary's `synchronous_standby_names` lists its standbys by these names.
+    /// after the slot (the name the primary's `pg_stat_replication` shows).
     fn follow(&self, via: u16, slot: &str) -> Result<(), ServerError> {
         append(
             &self.data_dir.join("postgresql.auto.conf"),

@@ -1,6 +1,8 @@
-//! Both failover drills on a real local stack, under 5,000 votes/s: nothing acknowledged is lost
-//! or counted twice, each recovers in under 30 s, and the stack is whole again afterwards (the
-//! old primary streams as a replica, its lag visible in `tally local status`).
+//! The failover drills on a real local stack, under 5,000 votes/s, with replication asynchronous
+//! as RDS's across regions: a region lost, the primary lost, and the primary's whole region
+//! lost. Nothing acknowledged is lost or counted twice, each recovers in under 30 s, and the
+//! stack is whole again afterwards (the old primary streams as a replica, its lag visible in
+//! `tally local status`).
 
 mod common;
 
@@ -86,4 +88,18 @@ fn region_down_then_primary_failover_lose_nothing() {
         "{metrics}"
     );
     assert!(metrics.contains(&format!("tally_replication_primary{{region=\"{new}\"}} 1")));
+
+    // The primary's whole region at once: its PostgreSQL, Redis and roles.
+    let report = drill(dir, &["region-down", &new]);
+    let newer = report["new_primary"].as_str().unwrap().to_string();
+    assert_ne!(newer, new, "{report}");
+    let regions = status(dir)["regions"].as_array().unwrap().clone();
+    for r in &regions {
+        let want = if r["name"] == newer.as_str() {
+            "primary"
+        } else {
+            "replica"
+        };
+        assert_eq!(r["postgres_role"], want, "{r}");
+    }
 }

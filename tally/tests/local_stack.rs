@@ -295,6 +295,7 @@ fn failures_give_one_line_and_a_nonzero_exit_never_a_hang() {
         &["ingest", "--postgres-url", "x"][..],
         &with_voters(&[&no_voters[..], &["--group-linger-us", "2000000"]].concat())[..],
         &with_voters(&[&no_voters[..], &["--limit-keys", "1000000000"]].concat())[..],
+        &with_voters(&[&no_voters[..], &["--keep-alive-timeout-ms", "0"]].concat())[..],
         &[
             "poll",
             "create",

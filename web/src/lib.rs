@@ -11,8 +11,8 @@ pub use body::{error, full, json, read_body, text, Body, BodyError, ErrorBody};
 pub use histogram::LatencyHistogram;
 pub use metrics_endpoint::{metrics_handle, render_metrics, spawn_upkeep};
 pub use serve::{
-    serve, Connection, Enlisted, ServeConfig, Service, DEFAULT_MAX_HEAD_BYTES, ENV_LISTEN,
-    ENV_MAX_CONNECTIONS, ENV_REGION,
+    serve, Connection, Enlisted, ServeConfig, Service, DEFAULT_MAX_HEAD_BYTES,
+    ENV_KEEP_ALIVE_TIMEOUT_MS, ENV_LISTEN, ENV_MAX_CONNECTIONS, ENV_REGION,
 };
 
 /// A future that completes on SIGINT or SIGTERM, for `run(listener, config, shutdown)`.

@@ -23,6 +23,7 @@ use crate::Body;
 pub const ENV_LISTEN: &str = "TALLY_LISTEN";
 pub const ENV_REGION: &str = "TALLY_REGION";
 pub const ENV_MAX_CONNECTIONS: &str = "TALLY_MAX_CONNECTIONS";
+pub const ENV_KEEP_ALIVE_TIMEOUT_MS: &str = "TALLY_KEEP_ALIVE_TIMEOUT_MS";
 
 /// The accept loop's list of open connections is swept of closed ones whenever its length doubles
 /// past the last sweep, starting here: amortised, and bounded by twice the open connections.

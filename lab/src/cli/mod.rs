@@ -162,8 +162,9 @@ pub enum LocalCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum DrillCmd {
-    /// Cut a region off (kill its ingest, aggregator and reader): its voters go to the next
-    /// region in its failover order; then bring it back and drain what it had queued.
+    /// Lose a whole region (kill -9 its roles, Redis and PostgreSQL): its voters go to the next
+    /// region in its failover order, a new primary is promoted if it held the primary; then
+    /// bring it back and drain what its Redis had queued.
     RegionDown { region: String },
     /// Kill the PostgreSQL primary: `tally replication` promotes the replica with the most WAL,
     /// writers follow it, and the old primary rejoins as a replica.

@@ -42,6 +42,11 @@ pub struct AggregatorArgs {
     /// that, another aggregator of the region adopts them.
     #[arg(long, env = ENV_LEASE_MS, default_value_t = aggregator::config::DEFAULT_LEASE.as_millis() as u64)]
     pub lease_ms: u64,
+    /// Replicas that must have replayed a batch's commit before its votes leave Redis. With
+    /// asynchronous replication (RDS across regions, the local stack) set 1: otherwise losing
+    /// the primary can lose votes already counted.
+    #[arg(long, env = ENV_WAIT_REPLICAS, default_value_t = 0)]
+    pub wait_replicas: usize,
 }
 
 impl AggregatorArgs {
@@ -66,7 +71,8 @@ impl AggregatorArgs {
         c.writers = self.writers;
         c.final_grace = Duration::from_millis(self.final_grace_ms);
         c.lease = Duration::from_millis(self.lease_ms);
-        c.serve = self.common.serve_config();
+        c.wait_replicas = self.wait_replicas;
+        c.serve = self.common.serve_config()?;
         c.validate().map_err(bad)?;
         Ok(c)
     }

@@ -178,7 +178,7 @@ impl IngestArgs {
         c.ip_limit = rate(self.ip_rate, self.ip_burst);
         c.limit_keys = self.limit_keys;
         c.body_limit = self.body_limit;
-        c.serve = self.common.serve_config();
+        c.serve = self.common.serve_config()?;
         c.drill_clock_skew_ms = self.drill_clock_skew_ms;
         c.catalog_max_age = Duration::from_millis(self.catalog_max_age_ms);
         c.max_clock_offset = Duration::from_millis(self.max_clock_offset_ms);

@@ -6,10 +6,12 @@ mod ingest;
 mod reader;
 mod replication;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use model::RegionName;
-use web::{ENV_LISTEN, ENV_MAX_CONNECTIONS, ENV_REGION};
+use web::{ENV_KEEP_ALIVE_TIMEOUT_MS, ENV_LISTEN, ENV_MAX_CONNECTIONS, ENV_REGION};
 
 use crate::usage::bad;
 
@@ -87,6 +89,11 @@ pub struct Common {
     /// Most open connections.
     #[arg(long, env = ENV_MAX_CONNECTIONS, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// How long a connection may wait for a request's headers, from connecting or from its last
+    /// answer: idle keep-alive connections close after it. Behind a load balancer, set it above
+    /// the balancer's idle timeout, or the balancer reuses connections the role has closed (502s).
+    #[arg(long, env = ENV_KEEP_ALIVE_TIMEOUT_MS, default_value_t = 10_000)]
+    pub keep_alive_timeout_ms: u64,
 }
 
 impl Common {
@@ -94,11 +101,18 @@ impl Common {
         RegionName::new(&self.region).map_err(|e| bad(format!("--region: {e}")))
     }
 
-    pub(crate) fn serve_config(&self) -> web::ServeConfig {
-        web::ServeConfig {
-            max_connections: self.max_connections,
-            ..Default::default()
+    pub(crate) fn serve_config(&self) -> anyhow::Result<web::ServeConfig> {
+        if !(1_000..=3_600_000).contains(&self.keep_alive_timeout_ms) {
+            return Err(bad(format!(
+                "--keep-alive-timeout-ms {} is outside 1000..=3600000",
+                self.keep_alive_timeout_ms
+            )));
         }
+        Ok(web::ServeConfig {
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_millis(self.keep_alive_timeout_ms),
+            ..Default::default()
+        })
     }
 }
 
@@ -115,4 +129,28 @@ async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(keep_alive_timeout_ms: u64) -> Common {
+        Common {
+            listen: "127.0.0.1:0".into(),
+            region: "us-east-1".into(),
+            max_connections: 10,
+            keep_alive_timeout_ms,
+        }
+    }
+
+    #[test]
+    fn the_keep_alive_timeout_reaches_the_server_and_is_bounded() {
+        let config = common(75_000).serve_config().unwrap();
+        assert_eq!(config.header_read_timeout, Duration::from_secs(75));
+        for wrong in [0, 999, 3_600_001] {
+            let e = common(wrong).serve_config().unwrap_err().to_string();
+            assert!(e.contains("--keep-alive-timeout-ms"), "{e}");
+        }
+    }
 }

@@ -51,7 +51,7 @@ impl ReaderArgs {
             }
             c.operator_token = Some(token.to_string());
         }
-        c.serve = self.common.serve_config();
+        c.serve = self.common.serve_config()?;
         c.validate().map_err(bad)?;
         Ok(c)
     }

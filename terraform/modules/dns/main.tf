@@ -109,6 +109,8 @@ resource "aws_route53_query_log" "this" {
   cloudwatch_log_group_arn = aws_cloudwatch_log_group.queries.arn
 }
 
+# The health check asks the load balancer by its own name; the Ingress's rule without a host
+# sends /readyz to ingest, so a region is healthy when its ingest is ready.
 resource "aws_route53_health_check" "region" {
   for_each          = var.regions
   fqdn              = each.value.alb_dns_name
@@ -186,6 +188,60 @@ resource "aws_route53_record" "default" {
   }
   alias {
     name                   = aws_route53_record.primary[var.default_region].fqdn
+    zone_id                = aws_route53_zone.this.zone_id
+    evaluate_target_health = true
+  }
+}
+
+# results.<domain> goes where vote.<domain> goes: the same failover pairs, hence the same load
+# balancers; the Host header takes it to the reader.
+resource "aws_route53_record" "results_continent" {
+  for_each        = local.continent_region
+  zone_id         = aws_route53_zone.this.zone_id
+  name            = "results.${var.domain}"
+  type            = "A"
+  set_identifier  = "continent-${each.key}"
+  health_check_id = aws_route53_health_check.region[each.value].id
+  geolocation_routing_policy {
+    continent = each.key
+  }
+  alias {
+    name                   = aws_route53_record.primary[each.value].fqdn
+    zone_id                = aws_route53_zone.this.zone_id
+    evaluate_target_health = true
+  }
+}
+
+resource "aws_route53_record" "results_default" {
+  zone_id         = aws_route53_zone.this.zone_id
+  name            = "results.${var.domain}"
+  type            = "A"
+  set_identifier  = "default"
+  health_check_id = aws_route53_health_check.region[var.default_region].id
+  geolocation_routing_policy {
+    country = "*"
+  }
+  alias {
+    name                   = aws_route53_record.primary[var.default_region].fqdn
+    zone_id                = aws_route53_zone.this.zone_id
+    evaluate_target_health = true
+  }
+}
+
+# Each region's reader by name, for the control room and rehearsals (`tally load --target`); it
+# fails over as <region>.vote.<domain> does.
+resource "aws_route53_record" "results_region" {
+  for_each        = var.regions
+  zone_id         = aws_route53_zone.this.zone_id
+  name            = "${each.key}.results.${var.domain}"
+  type            = "A"
+  health_check_id = aws_route53_health_check.region[each.key].id
+  set_identifier  = "${each.key}-results"
+  weighted_routing_policy {
+    weight = 1
+  }
+  alias {
+    name                   = aws_route53_record.primary[each.key].fqdn
     zone_id                = aws_route53_zone.this.zone_id
     evaluate_target_health = true
   }

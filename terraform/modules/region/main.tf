@@ -44,7 +44,44 @@ variable "peer_cidrs" {
   type        = list(string)
 }
 
+variable "domain" {
+  description = "The zone terraform/global makes: the Ingress serves vote., *.vote., results. and *.results. of it."
+  type        = string
+  default     = "tally.vote"
+}
+
 data "aws_caller_identity" "this" {}
+
+# The ALB's certificate: every name Route53 may send to this region, its own and, on failover,
+# the others' (k8s/base/common/ingress.yaml lists the same hosts).
+resource "aws_acm_certificate" "public" {
+  domain_name               = "vote.${var.domain}"
+  subject_alternative_names = ["*.vote.${var.domain}", "results.${var.domain}", "*.results.${var.domain}"]
+  validation_method         = "DNS"
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+data "aws_route53_zone" "public" {
+  name = var.domain
+}
+
+resource "aws_route53_record" "certificate_validation" {
+  for_each = { for o in aws_acm_certificate.public.domain_validation_options : o.domain_name => o }
+  zone_id  = data.aws_route53_zone.public.zone_id
+  name     = each.value.resource_record_name
+  type     = each.value.resource_record_type
+  records  = [each.value.resource_record_value]
+  ttl      = 300
+  # The wildcard and its base name share one validation record.
+  allow_overwrite = true
+}
+
+resource "aws_acm_certificate_validation" "public" {
+  certificate_arn         = aws_acm_certificate.public.arn
+  validation_record_fqdns = [for r in aws_route53_record.certificate_validation : r.fqdn]
+}
 
 resource "aws_kms_key" "this" {
   description         = "Tally ${var.region}: data at rest, secrets, logs"
@@ -181,6 +218,11 @@ output "redis_endpoints" {
 
 output "cluster_name" {
   value = module.eks.cluster_name
+}
+
+output "certificate_arn" {
+  description = "The Ingress's alb.ingress.kubernetes.io/certificate-arn."
+  value       = aws_acm_certificate_validation.public.certificate_arn
 }
 
 output "waf_acl_arn" {
