@@ -366,6 +366,63 @@ def routing_problems(docs, layout):
     return problems
 
 
+ROLE_DB_KEY = {"ingest": ("TALLY_POSTGRES_URL", "ingest-postgres-url"), "aggregator": ("TALLY_POSTGRES_URL", "aggregator-postgres-url"), "reader": ("TALLY_POSTGRES_SOURCES", "reader-postgres-sources")}
+MIGRATE_ENV = {"TALLY_POSTGRES_URL": "owner-postgres-url", "TALLY_INGEST_DB_PASSWORD": "ingest-db-password", "TALLY_AGGREGATOR_DB_PASSWORD": "aggregator-db-password", "TALLY_READER_DB_PASSWORD": "reader-db-password"}
+
+
+def secret_refs(workload):
+    """{variable: (secret, key)} of a workload's first container."""
+    containers = workload.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"]) for e in containers[0].get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def database_login_problems(docs, secrets_tf):
+    """What would let a role log in as the owner, or leave the schema unmigrated or a role
+    without its password: [] when nothing. `secrets_tf` is modules/secrets/main.tf's text."""
+    problems = []
+    for role, (variable, key) in ROLE_DB_KEY.items():
+        refs = secret_refs(find(docs, "Deployment", f"tally-{role}") or {})
+        if refs.get(variable) != ("tally-credentials", key):
+            problems.append(f"{role}'s {variable} comes from {refs.get(variable)}, not its own login ({key})")
+        if any(secret == "tally-migrate" for secret, _ in refs.values()):
+            problems.append(f"{role} reads the owner's secret")
+        if not re.search(rf'"{key}"\s*=\s*local\.url\["{role}"\]', secrets_tf):
+            problems.append(f"terraform writes {key} from another login than {role}'s")
+    if 'role == "owner" ? var.logins["owner-user"] : "tally_${role}"' not in secrets_tf:
+        problems.append("terraform's role URLs do not log in as tally_<role>")
+    credentials = find(docs, "ExternalSecret", "tally-credentials") or {}
+    if any(str(d.get("extract", {}).get("key", "")).endswith("/migrate") for d in credentials.get("spec", {}).get("dataFrom", [])):
+        problems.append("the roles' secret holds the owner's credentials")
+    job = find(docs, "Job", "tally-migrate")
+    if job is None:
+        problems.append("no migration Job")
+    else:
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        if c.get("args") != ["migrate"]:
+            problems.append(f"the migration Job runs {c.get('args')}")
+        refs = secret_refs(job)
+        for variable, key in MIGRATE_ENV.items():
+            if refs.get(variable) != ("tally-migrate", key):
+                problems.append(f"the migration Job's {variable} is {refs.get(variable)}, not tally-migrate's {key}")
+    return problems
+
+
+def database_login_assertions(region, docs):
+    with open("terraform/modules/secrets/main.tf") as f:
+        secrets_tf = f.read()
+    problems = database_login_problems(docs, secrets_tf)
+    check(f"{region}: a Job migrates as the owner and sets each role's password; every role logs in as itself", not problems, "; ".join(problems))
+    as_owner = json.loads(json.dumps(docs))
+    for d in as_owner:
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "tally-ingest":
+            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]:
+                if e["name"] == "TALLY_POSTGRES_URL":
+                    e["valueFrom"]["secretKeyRef"] = {"name": "tally-migrate", "key": "owner-postgres-url"}
+    no_job = [d for d in docs if d["kind"] != "Job"]
+    check(f"{region}: self-test: a role logging in as the owner, and no migration Job, are each caught",
+          bool(database_login_problems(as_owner, secrets_tf)) and bool(database_login_problems(no_job, secrets_tf)))
+
+
 def routing_assertions(region, docs, layout):
     problems = routing_problems(docs, layout)
     check(f"{region}: every name Route53 answers reaches its role through the Ingress, the health check reaches ingest's /readyz, TLS covers every host, idle connections close at the load balancer first", not problems, "; ".join(problems))
@@ -562,6 +619,7 @@ def main():
                 identity_assertions(region, rendered[region])
                 queue_assertions(region, rendered[region])
                 routing_assertions(region, rendered[region], layout)
+                database_login_assertions(region, rendered[region])
         if all(rendered.values()):
             overlays_differ_only_by_region(rendered)
         image_checks()

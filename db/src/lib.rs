@@ -15,7 +15,7 @@ pub use catalog::{
     schedule_poll, PollRow,
 };
 pub use freshness::{current_lsn, freshness, has_replayed, replica_lags, Freshness, ReplicaLag};
-pub use migrate::{migrate, MIGRATIONS};
+pub use migrate::{migrate, set_password, LOGIN_ROLES, MIGRATIONS};
 
 pub use tokio_postgres::Client;
 
@@ -44,6 +44,8 @@ pub enum DbError {
     },
     #[error("writing the export: {0}")]
     Export(String),
+    #[error("{0} is not one of Tally's login roles")]
+    UnknownRole(String),
 }
 
 /// Connects and drives the connection on the current runtime. `url` may list several hosts

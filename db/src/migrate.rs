@@ -54,3 +54,27 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, DbError> {
     }
     Ok(now_applied)
 }
+
+/// The roles a deployment gives a password: each client's own login.
+pub const LOGIN_ROLES: &[&str] = &[
+    crate::INGEST_ROLE,
+    crate::AGGREGATOR_ROLE,
+    crate::READER_ROLE,
+];
+
+/// Sets `role`'s password (one of [`LOGIN_ROLES`]) as a SCRAM-SHA-256 verifier computed here, so
+/// the password itself never reaches the server or its logs.
+pub async fn set_password(client: &Client, role: &str, password: &str) -> Result<(), DbError> {
+    if !LOGIN_ROLES.contains(&role) {
+        return Err(DbError::UnknownRole(role.to_string()));
+    }
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    // A role cannot be a bound parameter; `role` is one of ours and the verifier is base64 and `$`.
+    client
+        .batch_execute(&format!(
+            "ALTER ROLE {role} WITH LOGIN PASSWORD '{}'",
+            verifier.replace('\'', "")
+        ))
+        .await?;
+    Ok(())
+}

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod capacity;
+mod migrate;
 mod poll;
 mod roles;
 mod stack;
@@ -37,6 +38,8 @@ enum Cmd {
         #[command(subcommand)]
         command: topology::RegionsCmd,
     },
+    /// Apply the schema's migrations on the primary as its owner, and set the roles' passwords.
+    Migrate(migrate::MigrateArgs),
     /// Create, close and list polls.
     Poll {
         #[command(subcommand)]
@@ -98,6 +101,7 @@ fn execute(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Role(role) => role.run(),
         Cmd::Regions { command } => command.run(),
         Cmd::Poll { command } => command.run(),
+        Cmd::Migrate(args) => args.run(),
         Cmd::Capacity(args) => args.run(),
         #[cfg(feature = "lab")]
         Cmd::Lab(command) => lab::cli::run(command),

@@ -46,6 +46,47 @@ variable "monitoring_role_arn" {
   type = string
 }
 
+variable "replica_regions" {
+  description = "Where the primary's credentials secret is replicated: every region that runs `tally migrate` or composes URLs."
+  type        = list(string)
+  default     = ["eu-west-1", "ap-southeast-1"]
+}
+
+# The owner's and each role's passwords, made once with the primary. Roles are cluster-wide, so
+# every replica has the same ones. `tally migrate` (k8s/base/migrate) sets the roles' passwords
+# as SCRAM verifiers; the roles never log in as the owner.
+locals {
+  logins = var.role == "primary" ? toset(["owner", "ingest", "aggregator", "reader"]) : toset([])
+}
+
+resource "random_password" "login" {
+  for_each = local.logins
+  length   = 48
+  special  = false
+}
+
+resource "aws_secretsmanager_secret" "logins" {
+  # checkov:skip=CKV2_AWS_57:Rotated by tainting random_password.login and applying, then running the migration Job, which sets the roles' new passwords.
+  count      = var.role == "primary" ? 1 : 0
+  name       = "tally/postgres"
+  kms_key_id = var.kms_key_arn
+  dynamic "replica" {
+    for_each = var.replica_regions
+    content {
+      region = replica.value
+    }
+  }
+}
+
+resource "aws_secretsmanager_secret_version" "logins" {
+  count     = var.role == "primary" ? 1 : 0
+  secret_id = aws_secretsmanager_secret.logins[0].id
+  secret_string = jsonencode(merge(
+    { "owner-user" = "tally_admin" },
+    { for login, p in random_password.login : "${login}-password" => p.result },
+  ))
+}
+
 resource "aws_db_subnet_group" "this" {
   name       = "tally-${var.region}"
   subnet_ids = var.subnet_ids
@@ -79,7 +120,7 @@ resource "aws_db_instance" "this" {
   kms_key_id                          = var.kms_key_arn
   replicate_source_db                 = var.role == "replica" ? var.replicate_source_db : null
   username                            = var.role == "primary" ? "tally_admin" : null
-  manage_master_user_password         = var.role == "primary" ? true : null
+  password                            = var.role == "primary" ? random_password.login["owner"].result : null
   db_subnet_group_name                = aws_db_subnet_group.this.name
   vpc_security_group_ids              = var.security_group_ids
   parameter_group_name                = aws_db_parameter_group.this.name
@@ -105,4 +146,10 @@ output "arn" {
 
 output "endpoint" {
   value = aws_db_instance.this.address
+}
+
+output "logins" {
+  description = "owner-user and each login's password (the primary only; tally/postgres elsewhere)."
+  value       = var.role == "primary" ? merge({ "owner-user" = "tally_admin" }, { for login, p in random_password.login : "${login}-password" => p.result }) : {}
+  sensitive   = true
 }

@@ -39,6 +39,12 @@ variable "node_max" {
   type        = number
 }
 
+variable "other_postgres_endpoints" {
+  description = "The other regions' PostgreSQL endpoints (their roots' postgres_endpoint outputs)."
+  type        = list(string)
+  default     = []
+}
+
 variable "peer_cidrs" {
   description = "The other regions' VPCs: aggregators write to the primary across regions, replicas stream from it."
   type        = list(string)
@@ -193,11 +199,20 @@ module "postgres" {
   monitoring_role_arn = aws_iam_role.rds_monitoring.arn
 }
 
+# The primary's logins: made by its module in the primary's region, read from the replicated
+# tally/postgres everywhere else.
+data "aws_secretsmanager_secret_version" "logins" {
+  count     = var.postgres_role == "primary" ? 0 : 1
+  secret_id = "tally/postgres"
+}
+
 module "secrets" {
-  source           = "../secrets"
-  region           = var.region
-  kms_key_arn      = aws_kms_key.this.arn
-  reader_role_arns = values(module.eks.irsa_role_arns)
+  source             = "../secrets"
+  region             = var.region
+  kms_key_arn        = aws_kms_key.this.arn
+  reader_role_arns   = values(module.eks.irsa_role_arns)
+  postgres_endpoints = concat([module.postgres.endpoint], var.other_postgres_endpoints)
+  logins             = var.postgres_role == "primary" ? module.postgres.logins : jsondecode(data.aws_secretsmanager_secret_version.logins[0].secret_string)
 }
 
 output "vpc_id" {

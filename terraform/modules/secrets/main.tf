@@ -1,6 +1,8 @@
-# The region's Tally secret (tally/<region>): each role's PostgreSQL URL with its own
-# least-privilege user, and the CAs (the Redis URLs are in tally/<region>/redis, modules/redis).
-# External Secrets copies it into the cluster; only that region's three IRSA roles may read it.
+# The region's Tally secrets. tally/<region>: the CAs (tls-ca.pem). tally/<region>/postgres: each
+# role's PostgreSQL URL with its own least-privilege user and password. tally/<region>/migrate:
+# the owner's URL and the roles' passwords, for the migration Job only. (The Redis URLs are in
+# tally/<region>/redis, modules/redis.) External Secrets copies them into the cluster; only that
+# region's IRSA roles may read them.
 
 variable "region" {
   type = string
@@ -19,8 +21,78 @@ variable "reader_role_arns" {
   }
 }
 
+variable "postgres_endpoints" {
+  description = "Every region's PostgreSQL endpoint, this region's first: writers find the primary among them (target_session_attrs=read-write), readers prefer their own."
+  type        = list(string)
+  validation {
+    condition     = length(var.postgres_endpoints) > 0
+    error_message = "Name at least this region's endpoint."
+  }
+}
+
+variable "logins" {
+  description = "tally/postgres's JSON: owner-user and each login's password."
+  type        = map(string)
+  sensitive   = true
+}
+
+locals {
+  hosts = join(",", var.postgres_endpoints)
+  # Tally's rustls verifies the chain and the name, so `require` is what libpq calls verify-full.
+  url = { for role in ["ingest", "aggregator", "reader", "owner"] : role => format(
+    "host=%s user=%s password=%s dbname=tally sslmode=require target_session_attrs=%s",
+    local.hosts, role == "owner" ? var.logins["owner-user"] : "tally_${role}", var.logins["${role}-password"],
+    role == "reader" ? "any" : "read-write",
+  ) }
+}
+
+resource "aws_secretsmanager_secret" "postgres" {
+  # checkov:skip=CKV2_AWS_57:Its passwords rotate with tally/postgres (modules/postgres); this version is rewritten then.
+  name       = "tally/${var.region}/postgres"
+  kms_key_id = var.kms_key_arn
+}
+
+resource "aws_secretsmanager_secret_version" "postgres" {
+  secret_id = aws_secretsmanager_secret.postgres.id
+  secret_string = jsonencode({
+    "ingest-postgres-url"     = local.url["ingest"]
+    "aggregator-postgres-url" = local.url["aggregator"]
+    "reader-postgres-sources" = local.url["reader"]
+  })
+}
+
+resource "aws_secretsmanager_secret" "migrate" {
+  # checkov:skip=CKV2_AWS_57:Its passwords rotate with tally/postgres (modules/postgres); this version is rewritten then.
+  name       = "tally/${var.region}/migrate"
+  kms_key_id = var.kms_key_arn
+}
+
+resource "aws_secretsmanager_secret_version" "migrate" {
+  secret_id = aws_secretsmanager_secret.migrate.id
+  secret_string = jsonencode({
+    "owner-postgres-url"     = local.url["owner"]
+    "ingest-db-password"     = var.logins["ingest-password"]
+    "aggregator-db-password" = var.logins["aggregator-password"]
+    "reader-db-password"     = var.logins["reader-password"]
+  })
+}
+
+resource "aws_secretsmanager_secret_policy" "postgres" {
+  for_each   = { postgres = aws_secretsmanager_secret.postgres.arn, migrate = aws_secretsmanager_secret.migrate.arn }
+  secret_arn = each.value
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect    = "Allow"
+      Principal = { AWS = var.reader_role_arns }
+      Action    = ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"]
+      Resource  = "*"
+    }]
+  })
+}
+
 resource "aws_secretsmanager_secret" "this" {
-  # checkov:skip=CKV2_AWS_57:Its parts rotate at their source (RDS's managed master password by RDS); this secret is rewritten then.
+  # checkov:skip=CKV2_AWS_57:It holds only the CAs, which change with their issuers, not on a schedule.
   name       = "tally/${var.region}"
   kms_key_id = var.kms_key_arn
 }

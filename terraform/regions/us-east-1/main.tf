@@ -31,16 +31,32 @@ provider "aws" {
   }
 }
 
+# The other regions' PostgreSQL endpoints, for the URLs that find the primary among all of them.
+# A region not yet applied is left out; apply it, then this root again.
+data "terraform_remote_state" "peers" {
+  for_each = toset(["eu-west-1", "ap-southeast-1"])
+  backend  = "s3"
+  config = {
+    bucket = "tally-terraform-state"
+    key    = "regions/${each.key}.tfstate"
+    region = "us-east-1"
+  }
+  defaults = {
+    postgres_endpoint = null
+  }
+}
+
 module "region" {
-  source                  = "../../modules/region"
-  region                  = "us-east-1"
-  cidr                    = "10.1.0.0/16"
-  zones                   = ["us-east-1a", "us-east-1b", "us-east-1c"]
-  peer_cidrs              = ["10.2.0.0/16", "10.3.0.0/16"]
-  postgres_role           = "primary"
-  postgres_instance_class = "db.r6g.2xlarge"
-  redis_shards            = 3
-  node_max                = 10
+  source                   = "../../modules/region"
+  region                   = "us-east-1"
+  cidr                     = "10.1.0.0/16"
+  zones                    = ["us-east-1a", "us-east-1b", "us-east-1c"]
+  peer_cidrs               = ["10.2.0.0/16", "10.3.0.0/16"]
+  postgres_role            = "primary"
+  postgres_instance_class  = "db.r6g.2xlarge"
+  redis_shards             = 3
+  node_max                 = 10
+  other_postgres_endpoints = compact([for peer in data.terraform_remote_state.peers : peer.outputs.postgres_endpoint])
 }
 
 output "postgres_arn" {
@@ -58,4 +74,8 @@ output "kms_key_arn" {
 output "waf_acl_arn" {
   description = "Set it as the Ingress's alb.ingress.kubernetes.io/wafv2-acl-arn in k8s/overlays/us-east-1."
   value       = module.region.waf_acl_arn
+}
+
+output "postgres_endpoint" {
+  value = module.region.postgres_endpoint
 }
