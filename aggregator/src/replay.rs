@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use db::parse_lsn;
 use tokio::sync::{watch, Notify};
 
 /// Where a commit is: the primary's timeline when it committed, and a WAL position at or after
@@ -34,12 +35,6 @@ impl Commit {
             lsn: parse_lsn(lsn)?,
         })
     }
-}
-
-/// `16/B374D848` as a number.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (high, low) = text.split_once('/')?;
-    Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
 }
 
 /// One replica's replay position on the timeline it receives.

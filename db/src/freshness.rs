@@ -109,3 +109,9 @@ pub async fn replica_lags(primary: &Client) -> Result<Vec<ReplicaLag>, DbError> 
         })
         .collect())
 }
+
+/// A WAL position as PostgreSQL prints it (`16/B374D848`), as a number.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.split_once('/')?;
+    Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
+}

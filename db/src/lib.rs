@@ -14,7 +14,9 @@ pub use catalog::{
     close_poll, create_poll, load_polls, poll_row, reopen_poll, rescheduled, reveal_poll,
     schedule_poll, PollRow,
 };
-pub use freshness::{current_lsn, freshness, has_replayed, replica_lags, Freshness, ReplicaLag};
+pub use freshness::{
+    current_lsn, freshness, has_replayed, parse_lsn, replica_lags, Freshness, ReplicaLag,
+};
 pub use migrate::{migrate, set_password, LOGIN_ROLES, MIGRATIONS};
 
 pub use tokio_postgres::Client;

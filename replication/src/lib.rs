@@ -3,9 +3,12 @@
 //! watches them all and fails over when the primary is gone. Only this crate promotes.
 #![forbid(unsafe_code)]
 
+pub mod choose;
 pub mod failover;
 mod fence;
 mod http;
+#[cfg(feature = "rds")]
+pub mod rds;
 pub mod watch;
 
 use std::future::Future;
@@ -26,6 +29,8 @@ pub enum ReplicationError {
     Io(String),
     #[error(transparent)]
     Db(#[from] db::DbError),
+    #[error("rds: {0}")]
+    Platform(String),
 }
 
 /// Watches the servers (and fails over when configured to) and serves its view on `listener`

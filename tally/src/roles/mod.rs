@@ -28,7 +28,9 @@ pub enum Role {
     Aggregator(AggregatorArgs),
     /// Serve results from the local read replica.
     Reader(ReaderArgs),
-    /// Watch every PostgreSQL server (role, lag) and fail over when the primary is gone.
+    /// Watch every PostgreSQL server (role, lag) and fail over when the primary is gone; or,
+    /// on a managed platform, `promote` its best read replica.
+    #[command(args_conflicts_with_subcommands = true)]
     Replication(ReplicationArgs),
 }
 
@@ -57,6 +59,9 @@ impl Role {
                 })
             }
             Role::Replication(args) => {
+                if let Some(self::replication::ReplicationCmd::Promote(promote)) = args.action {
+                    return promote.run();
+                }
                 let config = args.config()?;
                 serve(&args.listen, |l| ::replication::run(l, config, shutdown()))
             }
