@@ -349,6 +349,12 @@ def routing_problems(docs, layout):
         got = routed_service(ingress, name, "/v1/polls/p/votes")
         if got != want:
             problems.append(f"{name} goes to {got}, not {want}")
+    for rule in ingress["spec"].get("rules", []):
+        for p in rule.get("http", {}).get("paths", []):
+            backend = p["backend"]["service"]
+            service = find(docs, "Service", backend["name"])
+            if service is None or backend["port"].get("name") not in [q.get("name") for q in service["spec"].get("ports", [])]:
+                problems.append(f"the Ingress sends {rule.get('host', 'any host')}{p['path']} to {backend['name']}:{backend['port']}, which no Service offers")
     # Route53's checker sends the load balancer's own name as the host.
     got = routed_service(ingress, "k8s-tally-0123456789.elb.amazonaws.com", check_path)
     if got != "tally-ingest":
@@ -434,9 +440,9 @@ def routing_assertions(region, docs, layout):
     for r in ingress["spec"]["rules"]:
         r["host"] = r["host"].replace(".", f".{region}.", 1) if "*" not in r["host"] else r["host"]
     ingress["metadata"]["annotations"]["alb.ingress.kubernetes.io/load-balancer-attributes"] = "idle_timeout.timeout_seconds=3600"
-    caught = routing_problems(old, layout)
-    check(f"{region}: self-test: unmatched hosts, a health check with no rule, an uncovered host and a longer idle timeout are each caught",
-          any("goes to None" in p for p in caught) and any("health check" in p for p in caught) and any("certificate" in p for p in caught) and any("502" in p for p in caught), "; ".join(caught))
+    caught = routing_problems(old, layout) + routing_problems([d for d in docs if not (d["kind"] == "Service" and d["metadata"]["name"] == "tally-reader")], layout)
+    check(f"{region}: self-test: unmatched hosts, a health check with no rule, an uncovered host, a longer idle timeout and a missing Service are each caught",
+          any("goes to None" in p for p in caught) and any("health check" in p for p in caught) and any("certificate" in p for p in caught) and any("502" in p for p in caught) and any("no Service offers" in p for p in caught), "; ".join(caught))
 
 
 def overlays_differ_only_by_region(rendered):

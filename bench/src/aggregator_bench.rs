@@ -23,6 +23,9 @@ pub struct Options {
     /// Also drain the same backlog again through a WAN link with this one-way delay (as an
     /// aggregator in another region than the primary writes), and compare the two rates.
     pub wan_ms: Option<u64>,
+    /// Run PostgreSQL with a streaming replica, and drain the backlog again acknowledging each
+    /// batch only once the replica replayed it (`wait_replicas = 1`): the replay wait's cost.
+    pub replay: bool,
 }
 
 impl Default for Options {
@@ -35,6 +38,7 @@ impl Default for Options {
             writers: aggregator::config::DEFAULT_WRITERS,
             max_events: aggregator::config::DEFAULT_MAX_EVENTS,
             wan_ms: None,
+            replay: false,
         }
     }
 }
@@ -45,7 +49,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
     let server_rt = crate::server_runtime(2)?;
     let rt = crate::client_runtime(1)?;
     crate::until_interrupted(&rt, async {
-        let pg = harness::PgCluster::start().await?;
+        let pg = if opts.replay {
+            harness::PgCluster::start_with_replica().await?
+        } else {
+            harness::PgCluster::start().await?
+        };
         let mut client = pg.client().await?;
         for p in POLLS {
             db::create_poll(&mut client, &Poll::new(p, &["a", "b", "c"])?).await?;
@@ -54,21 +62,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
         let all = votes::generate(opts.votes, opts.voters, POLLS, 42);
         let reference = Reference::of(&all);
         let direct = pg.primary.url(db::AGGREGATOR_ROLE, db::DATABASE);
-        let elapsed = drain(&server_rt, &shards, &all, direct, opts).await?;
+        let elapsed = drain(&server_rt, &shards, &all, direct, 0, opts).await?;
         let rate = all.len() as f64 / elapsed.as_secs_f64();
         let exact = votes::tallies(&client).await? == reference.tallies();
         anyhow::ensure!(exact, "the drained tallies differ from the reference");
 
         let mut wan = serde_json::Value::Null;
         if let Some(ms) = opts.wan_ms {
-            // One statement per call: VACUUM refuses the implicit transaction of a batch.
-            for sql in [
-                "TRUNCATE ballots",
-                "UPDATE tally_parts SET count = 0",
-                "VACUUM ANALYZE",
-            ] {
-                client.batch_execute(sql).await?;
-            }
+            reset(&client).await?;
             let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
             let link = wan::Link {
                 from: "eu-west-1".into(),
@@ -86,7 +87,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 db::AGGREGATOR_ROLE,
                 db::DATABASE
             );
-            let far_elapsed = drain(&server_rt, &shards, &all, far, opts).await?;
+            let far_elapsed = drain(&server_rt, &shards, &all, far, 0, opts).await?;
             links.close();
             anyhow::ensure!(
                 votes::tallies(&client).await? == reference.tallies(),
@@ -102,6 +103,33 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "rate": far_rate,
                 "ratio_to_direct": far_rate / rate,
                 "drain_seconds": far_elapsed.as_secs_f64(),
+            });
+        }
+
+        let mut replay = serde_json::Value::Null;
+        if opts.replay {
+            reset(&client).await?;
+            let both = format!(
+                "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname={} target_session_attrs=read-write",
+                pg.primary.port,
+                pg.replica().port,
+                db::AGGREGATOR_ROLE,
+                db::DATABASE
+            );
+            let waited = drain(&server_rt, &shards, &all, both, 1, opts).await?;
+            anyhow::ensure!(
+                votes::tallies(&client).await? == reference.tallies(),
+                "the tallies drained with the replay wait differ from the reference"
+            );
+            let waited_rate = all.len() as f64 / waited.as_secs_f64();
+            eprintln!(
+                "bench aggregator: {waited_rate:.0} votes/s acknowledging only what the replica replayed, {:.3}x the rate without",
+                waited_rate / rate
+            );
+            replay = serde_json::json!({
+                "rate": waited_rate,
+                "ratio_to_without": waited_rate / rate,
+                "drain_seconds": waited.as_secs_f64(),
             });
         }
 
@@ -130,9 +158,23 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 "writers": opts.writers,
                 "batch_max_events": opts.max_events,
                 "wan": wan,
+                "replay": replay,
             }),
         ))
     })
+}
+
+/// Empties what a drain wrote, so the next drain starts where the first did.
+async fn reset(client: &db::Client) -> anyhow::Result<()> {
+    // One statement per call: VACUUM refuses the implicit transaction of a batch.
+    for sql in [
+        "TRUNCATE ballots",
+        "UPDATE tally_parts SET count = 0",
+        "VACUUM ANALYZE",
+    ] {
+        client.batch_execute(sql).await?;
+    }
+    Ok(())
 }
 
 /// Copies the ballots `votes` leave (each voter's latest in each poll) into a logged table keyed
@@ -197,6 +239,7 @@ async fn drain(
     shards: &[harness::RedisServer],
     votes: &[model::Vote],
     postgres_url: String,
+    wait_replicas: usize,
     opts: &Options,
 ) -> anyhow::Result<Duration> {
     eprintln!(
@@ -218,6 +261,7 @@ async fn drain(
         postgres_url,
     );
     config.writers = opts.writers;
+    config.wait_replicas = wait_replicas;
     config.batch.max_events = opts.max_events;
     config.pop_size = config.pop_size.min(opts.max_events);
     let (listener, _) = crate::loopback_listener()?;

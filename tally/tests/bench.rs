@@ -1,4 +1,4 @@
-//! `tally bench ingest` and `tally bench reader` keep their contract on a short run: one JSON
+//! `tally bench ingest`, `reader` and `aggregator --replay` keep their contract on a short run: one JSON
 //! object whose ratio is the median of as many alternating round pairs as were asked for, every
 //! answer a success, and (ingest) every acknowledged vote really in Redis.
 
@@ -186,6 +186,29 @@ fn reader_reports_the_median_pair() {
     assert_eq!(result["role"], "reader");
     let details = check_rounds(&result, 2);
     assert_eq!(statuses(&details["statuses"]), ["200"], "{result}");
+}
+
+#[test]
+fn aggregator_measures_the_replay_wait_against_the_same_drain_without_it() {
+    let result = bench(&[
+        "bench",
+        "aggregator",
+        "--votes",
+        "20000",
+        "--voters",
+        "5000",
+        "--baseline-votes",
+        "200",
+        "--replay",
+        "--json",
+    ]);
+    assert_eq!(result["role"], "aggregator", "{result}");
+    let details = &result["details"];
+    assert_eq!(details["tallies_exact"], true, "{result}");
+    let replay = &details["replay"];
+    assert!(number(&replay["rate"], "rate") > 0.0, "{result}");
+    let ratio = number(&replay["ratio_to_without"], "ratio_to_without");
+    assert!(ratio > 0.0 && ratio.is_finite(), "{result}");
 }
 
 #[test]

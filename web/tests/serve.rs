@@ -320,6 +320,26 @@ async fn headers_not_sent_in_time_close_the_connection() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A load balancer reuses a connection only while it has been idle for less than its own idle
+/// timeout; the deployment sets the roles' keep-alive timeout above it (75 s against the ALB's
+/// 60), scaled down here. A connection idle for almost the balancer's timeout still takes its
+/// next request: the balancer never sends on a connection the role has closed (its 502s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_takes_a_request_until_the_balancers_idle_timeout() -> anyhow::Result<()> {
+    let balancer_idle = HEADERS_DUE * 60 / 75;
+    let (addr, _stop) = serve_timed(Arc::new(Timed::default())).await?;
+    let mut reused = TcpStream::connect(addr).await?;
+    send(&mut reused, "/fast").await?;
+    read_until(&mut reused, "fast done").await?;
+    for _ in 0..3 {
+        tokio::time::sleep(balancer_idle * 9 / 10).await;
+        send(&mut reused, "/fast").await?;
+        let answer = read_until(&mut reused, "fast done").await?;
+        assert!(answer.contains("HTTP/1.1 200 OK"), "{answer}");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_or_a_stream_being_answered_outlasts_the_header_timeout() -> anyhow::Result<()> {
     let service = Arc::new(Timed::default());

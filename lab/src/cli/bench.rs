@@ -71,6 +71,10 @@ pub enum BenchCmd {
         /// in another region than the primary) and report that rate against the direct one.
         #[arg(long)]
         wan_ms: Option<u64>,
+        /// Run PostgreSQL with a replica and drain again, acknowledging each batch only once the
+        /// replica replayed it (the deployment's `TALLY_WAIT_REPLICAS=1`): the wait's cost.
+        #[arg(long)]
+        replay: bool,
     },
     /// The regression gate: the latest `cargo bench -p bench` run against a saved criterion
     /// baseline; fails when a hot path got slower than the threshold.
@@ -178,6 +182,7 @@ pub fn run(role: BenchCmd, json: bool) -> anyhow::Result<()> {
             writers,
             max_events,
             wan_ms,
+            replay,
         } => vec![bench::aggregator_bench::run(
             &bench::aggregator_bench::Options {
                 votes,
@@ -186,6 +191,7 @@ pub fn run(role: BenchCmd, json: bool) -> anyhow::Result<()> {
                 writers,
                 max_events,
                 wan_ms,
+                replay,
                 ..Default::default()
             },
         )?],
