@@ -322,10 +322,16 @@ def dns_layout():
     for entry in parsed.get("resource", []):
         for kind, named in entry.items():
             resources.setdefault(kind, {}).update(named)
+    front = next(l["front_names"] for l in parsed.get("locals", []) if "front_names" in l)
     names = set()
     for body in resources["aws_route53_record"].values():
         name = body["name"].replace("${var.domain}", domain)
-        names.update(name.replace("${each.key}", r) for r in REGIONS) if "${each.key}" in name else names.add(name)
+        for key, values in (("${each.key}", REGIONS if "region" in str(body.get("for_each")) else front), ("${each.value.name}", front)):
+            if key in name:
+                names.update(name.replace(key, v) for v in values)
+                break
+        else:
+            names.add(name)
     check_path = resources["aws_route53_health_check"]["region"]["resource_path"]
     with open("terraform/modules/region/main.tf") as f:
         region_parsed = scalars(hcl2.load(f))

@@ -156,65 +156,39 @@ resource "aws_route53_record" "secondary" {
   }
 }
 
+# vote.<domain> and results.<domain> answer alike: the same failover pairs, hence the same load
+# balancers; the Host header takes a request to ingest or the reader.
 locals {
   continent_region = merge([for k, r in var.regions : { for c in r.continents : c => k }]...)
+  front_names      = ["vote", "results"]
+  geo_records = { for pair in setproduct(local.front_names, keys(local.continent_region)) : "${pair[0]}-${pair[1]}" => {
+    name      = pair[0]
+    continent = pair[1]
+    region    = local.continent_region[pair[1]]
+  } }
 }
 
 resource "aws_route53_record" "continent" {
-  for_each        = local.continent_region
+  for_each        = local.geo_records
   zone_id         = aws_route53_zone.this.zone_id
-  name            = "vote.${var.domain}"
+  name            = "${each.value.name}.${var.domain}"
   type            = "A"
-  set_identifier  = "continent-${each.key}"
-  health_check_id = aws_route53_health_check.region[each.value].id
+  set_identifier  = "continent-${each.value.continent}"
+  health_check_id = aws_route53_health_check.region[each.value.region].id
   geolocation_routing_policy {
-    continent = each.key
+    continent = each.value.continent
   }
   alias {
-    name                   = aws_route53_record.primary[each.value].fqdn
+    name                   = aws_route53_record.primary[each.value.region].fqdn
     zone_id                = aws_route53_zone.this.zone_id
     evaluate_target_health = true
   }
 }
 
 resource "aws_route53_record" "default" {
+  for_each        = toset(local.front_names)
   zone_id         = aws_route53_zone.this.zone_id
-  name            = "vote.${var.domain}"
-  type            = "A"
-  set_identifier  = "default"
-  health_check_id = aws_route53_health_check.region[var.default_region].id
-  geolocation_routing_policy {
-    country = "*"
-  }
-  alias {
-    name                   = aws_route53_record.primary[var.default_region].fqdn
-    zone_id                = aws_route53_zone.this.zone_id
-    evaluate_target_health = true
-  }
-}
-
-# results.<domain> goes where vote.<domain> goes: the same failover pairs, hence the same load
-# balancers; the Host header takes it to the reader.
-resource "aws_route53_record" "results_continent" {
-  for_each        = local.continent_region
-  zone_id         = aws_route53_zone.this.zone_id
-  name            = "results.${var.domain}"
-  type            = "A"
-  set_identifier  = "continent-${each.key}"
-  health_check_id = aws_route53_health_check.region[each.value].id
-  geolocation_routing_policy {
-    continent = each.key
-  }
-  alias {
-    name                   = aws_route53_record.primary[each.value].fqdn
-    zone_id                = aws_route53_zone.this.zone_id
-    evaluate_target_health = true
-  }
-}
-
-resource "aws_route53_record" "results_default" {
-  zone_id         = aws_route53_zone.this.zone_id
-  name            = "results.${var.domain}"
+  name            = "${each.key}.${var.domain}"
   type            = "A"
   set_identifier  = "default"
   health_check_id = aws_route53_health_check.region[var.default_region].id

@@ -77,28 +77,20 @@ resource "aws_secretsmanager_secret_version" "migrate" {
   })
 }
 
-resource "aws_secretsmanager_secret_policy" "postgres" {
-  for_each   = { postgres = aws_secretsmanager_secret.postgres.arn, migrate = aws_secretsmanager_secret.migrate.arn }
-  secret_arn = each.value
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [{
-      Effect    = "Allow"
-      Principal = { AWS = var.reader_role_arns }
-      Action    = ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"]
-      Resource  = "*"
-    }]
-  })
-}
-
 resource "aws_secretsmanager_secret" "this" {
   # checkov:skip=CKV2_AWS_57:It holds only the CAs, which change with their issuers, not on a schedule.
   name       = "tally/${var.region}"
   kms_key_id = var.kms_key_arn
 }
 
+# The roles may read the CAs and their own logins. tally/<region>/migrate gets no such grant:
+# only the migration Job's copy, made by External Secrets, holds the owner's credentials.
 resource "aws_secretsmanager_secret_policy" "this" {
-  secret_arn = aws_secretsmanager_secret.this.arn
+  for_each = {
+    cas      = aws_secretsmanager_secret.this.arn
+    postgres = aws_secretsmanager_secret.postgres.arn
+  }
+  secret_arn = each.value
   policy = jsonencode({
     Version = "2012-10-17"
     Statement = [{
