@@ -395,6 +395,8 @@ pub async fn write_loop(
                             acknowledge(&[chunk], &acks, &region, retry_max).await;
                         } else {
                             tracing::warn!(key = %chunk.key, "a newer primary may lack this chunk's commit; it stays in Redis to be applied again");
+                            // Unclaimed first, so the readers' next look finds its list.
+                            drop(chunk);
                             acks.relook_all();
                         }
                     }
