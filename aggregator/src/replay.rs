@@ -31,10 +31,15 @@ impl Commit {
     /// timeline) and `pg_current_wal_lsn()`, as text.
     pub fn parse(walfile: &str, lsn: &str) -> Option<Self> {
         Some(Commit {
-            timeline: u32::from_str_radix(walfile.get(..8)?, 16).ok()?,
+            timeline: timeline(walfile)?,
             lsn: parse_lsn(lsn)?,
         })
     }
+}
+
+/// The timeline a WAL file's name starts with (`00000003000000000000000A`: 3).
+fn timeline(walfile: &str) -> Option<u32> {
+    u32::from_str_radix(walfile.get(..8)?, 16).ok()
 }
 
 /// One replica's replay position on the timeline it receives.
@@ -255,9 +260,7 @@ impl Server {
         let row = client.query_one(POSITION, &[]).await?;
         if !row.get::<_, bool>(0) {
             let walfile: String = client.query_one(TIMELINE, &[]).await?.get(0);
-            return Ok(Commit::parse(&walfile, "0/0").map(|c| Seen::Primary {
-                timeline: c.timeline,
-            }));
+            return Ok(timeline(&walfile).map(|timeline| Seen::Primary { timeline }));
         }
         let (timeline, lsn): (Option<i64>, Option<String>) = (row.get(1), row.get(2));
         let position = (|| {

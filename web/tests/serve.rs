@@ -325,7 +325,8 @@ async fn headers_not_sent_in_time_close_the_connection() -> anyhow::Result<()> {
 /// 60), scaled down here. A connection idle for almost the balancer's timeout still takes its
 /// next request: the balancer never sends on a connection the role has closed (its 502s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_connection_takes_a_request_until_the_balancers_idle_timeout() -> anyhow::Result<()> {
+async fn an_idle_connection_takes_a_request_until_the_balancers_idle_timeout() -> anyhow::Result<()>
+{
     let balancer_idle = HEADERS_DUE * 60 / 75;
     let (addr, _stop) = serve_timed(Arc::new(Timed::default())).await?;
     let mut reused = TcpStream::connect(addr).await?;
