@@ -19,6 +19,8 @@ const WARM_VOTES: u64 = 2_000;
 const RECOVER_WITHIN: Duration = Duration::from_secs(30);
 /// How long a region stays down once its voters are served elsewhere.
 const HOLD_DOWN: Duration = Duration::from_secs(3);
+/// How long the edge of a running load takes at most to see a ready region.
+const EDGE_NOTICES: Duration = Duration::from_secs(5);
 
 /// How long a part stays broken in the faults that hold one down.
 const HOLD_BROKEN: Duration = Duration::from_secs(2);
@@ -190,6 +192,7 @@ pub async fn run(
             Fault::KillRole { role, .. } => role.clone(),
             _ => String::new(),
         });
+    live.settled.send_replace(false);
     let struck = match &fault {
         Fault::RegionDown(region) => region_down(&stack, &dir, region, &live).await,
         Fault::PrimaryFailover => primary_failover(&stack, &dir, &target).await,
@@ -211,6 +214,7 @@ pub async fn run(
             close_kill_aggregator(&stack, &dir, region, *times, &live).await
         }
     };
+    live.settled.send_replace(true);
     let timings = match struck {
         Ok(t) => t,
         Err(e) => {
@@ -311,10 +315,22 @@ async fn region_down(
     let recover = cut.elapsed();
     tokio::time::sleep(HOLD_DOWN).await;
     let rejoin = heal(dir).await?;
-    wait_for("the edge to see the region again", RECOVER_WITHIN, || {
-        live.edge.healthy(region)
-    })
+    // Its own readiness, not the edge's view: a server's crash recovery can outlast a short
+    // load, and the edge stops probing with the load.
+    let ingest = format!("127.0.0.1:{}", r.ingest);
+    wait_for(
+        "the region's ingest to be ready again",
+        RECOVER_WITHIN,
+        || servers::http_status(&ingest, "/readyz") == Some(200),
+    )
     .await?;
+    // While the load runs, its edge routes the region's voters home again: give it a moment.
+    let _ = tokio::time::timeout(EDGE_NOTICES, async {
+        while !live.edge.healthy(region) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     Ok(Timings {
         detect,
         recover,

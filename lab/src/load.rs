@@ -121,6 +121,9 @@ pub struct Live {
     pub by_home: Vec<(String, AtomicU64)>,
     /// When the load's poll of the night closes, once it is created.
     pub show_closes_at: std::sync::OnceLock<model::Stamp>,
+    /// False while a drill's fault is under way: the load's checks, which need every part,
+    /// wait for it (a region's servers may take longer to come back than the load to end).
+    pub settled: tokio::sync::watch::Sender<bool>,
 }
 
 impl Live {
@@ -135,6 +138,7 @@ impl Live {
                 .map(|r| (r.name.clone(), AtomicU64::new(0)))
                 .collect(),
             show_closes_at: std::sync::OnceLock::new(),
+            settled: tokio::sync::watch::channel(true).0,
         }))
     }
 
@@ -323,6 +327,7 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
     let outcome = outcome.context("no region serves any voter")?;
     let summary = outcome.summary();
 
+    let _ = live.settled.subscribe().wait_for(|settled| *settled).await;
     let drain_started = Instant::now();
     wait_drained(stack, Duration::from_secs(120)).await?;
     let drained_in = drain_started.elapsed();
