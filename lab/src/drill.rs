@@ -325,10 +325,8 @@ async fn region_down(
     )
     .await?;
     // While the load runs, its edge routes the region's voters home again: give it a moment.
-    let _ = tokio::time::timeout(EDGE_NOTICES, async {
-        while !live.edge.healthy(region) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let _ = wait_for("the edge to see the region again", EDGE_NOTICES, || {
+        live.edge.healthy(region)
     })
     .await;
     Ok(Timings {
