@@ -231,7 +231,8 @@ async fn pipeline(
             first_part + i as u32,
             config.retry_min,
             config.retry_max,
-        );
+        )
+        .locating_commits(config.wait_replicas > 0);
         let (tx, rx) = mpsc::channel::<Batch<Part>>(1);
         lanes_tx.push(tx);
         let fatal_tx = fatal_tx.clone();

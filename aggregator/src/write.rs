@@ -142,7 +142,8 @@ struct Connection {
     client: Client,
     copy: Statement,
     upsert: Statement,
-    position: Statement,
+    /// Asked after each commit only when acknowledgements wait for replicas.
+    position: Option<Statement>,
 }
 
 pub struct Writer {
@@ -151,6 +152,7 @@ pub struct Writer {
     conn: Option<Connection>,
     retry_min: Duration,
     retry_max: Duration,
+    locate_commits: bool,
 }
 
 impl Writer {
@@ -162,7 +164,15 @@ impl Writer {
             conn: None,
             retry_min,
             retry_max,
+            locate_commits: false,
         }
+    }
+
+    /// Also learn where each commit is, for acknowledgements that wait until replicas replayed
+    /// it (`Config::wait_replicas`); otherwise the writer does not ask.
+    pub fn locating_commits(mut self, yes: bool) -> Self {
+        self.locate_commits = yes;
+        self
     }
 
     pub fn is_connected(&self) -> bool {
@@ -177,7 +187,11 @@ impl Writer {
         client.batch_execute(CREATE_STAGE).await?;
         let copy = client.prepare(COPY_STAGE).await?;
         let upsert = client.prepare(UPSERT).await?;
-        let position = client.prepare(POSITION).await?;
+        let position = if self.locate_commits {
+            Some(client.prepare(POSITION).await?)
+        } else {
+            None
+        };
         self.conn = Some(Connection {
             client,
             copy,
@@ -244,12 +258,18 @@ impl Writer {
         sink.send(copy).await?;
         sink.finish().await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.part];
+        let locate = async {
+            match &c.position {
+                Some(position) => c.client.query_one(position, &[]).await.map(Some),
+                None => Ok(None),
+            }
+        };
         let (late, (), position) = tokio::try_join!(
             c.client.query(&c.upsert, &params),
             c.client.batch_execute("COMMIT"),
-            c.client.query_one(&c.position, &[]),
+            locate,
         )?;
-        let commit = Commit::parse(position.get(0), position.get(1));
+        let commit = position.and_then(|p| Commit::parse(p.get(0), p.get(1)));
         Ok((late.iter().map(|r| (r.get(0), r.get(1))).collect(), commit))
     }
 }
