@@ -46,35 +46,35 @@ locals {
   ) }
 }
 
-resource "aws_secretsmanager_secret" "postgres" {
+# tally/<region>/postgres (the roles' logins) and tally/<region>/migrate (the Job's).
+locals {
+  login_secrets = {
+    postgres = {
+      "ingest-postgres-url"     = local.url["ingest"]
+      "aggregator-postgres-url" = local.url["aggregator"]
+      "reader-postgres-sources" = local.url["reader"]
+    }
+    migrate = {
+      "owner-postgres-url"     = local.url["owner"]
+      "ingest-db-password"     = var.logins["ingest-password"]
+      "aggregator-db-password" = var.logins["aggregator-password"]
+      "reader-db-password"     = var.logins["reader-password"]
+    }
+  }
+}
+
+resource "aws_secretsmanager_secret" "logins" {
   # checkov:skip=CKV2_AWS_57:Its passwords rotate with tally/postgres (modules/postgres); this version is rewritten then.
-  name       = "tally/${var.region}/postgres"
+  # Named literally: keys drawn from a map of sensitive values would be refused by for_each.
+  for_each   = toset(["postgres", "migrate"])
+  name       = "tally/${var.region}/${each.key}"
   kms_key_id = var.kms_key_arn
 }
 
-resource "aws_secretsmanager_secret_version" "postgres" {
-  secret_id = aws_secretsmanager_secret.postgres.id
-  secret_string = jsonencode({
-    "ingest-postgres-url"     = local.url["ingest"]
-    "aggregator-postgres-url" = local.url["aggregator"]
-    "reader-postgres-sources" = local.url["reader"]
-  })
-}
-
-resource "aws_secretsmanager_secret" "migrate" {
-  # checkov:skip=CKV2_AWS_57:Its passwords rotate with tally/postgres (modules/postgres); this version is rewritten then.
-  name       = "tally/${var.region}/migrate"
-  kms_key_id = var.kms_key_arn
-}
-
-resource "aws_secretsmanager_secret_version" "migrate" {
-  secret_id = aws_secretsmanager_secret.migrate.id
-  secret_string = jsonencode({
-    "owner-postgres-url"     = local.url["owner"]
-    "ingest-db-password"     = var.logins["ingest-password"]
-    "aggregator-db-password" = var.logins["aggregator-password"]
-    "reader-db-password"     = var.logins["reader-password"]
-  })
+resource "aws_secretsmanager_secret_version" "logins" {
+  for_each      = aws_secretsmanager_secret.logins
+  secret_id     = each.value.id
+  secret_string = jsonencode(local.login_secrets[each.key])
 }
 
 resource "aws_secretsmanager_secret" "this" {
@@ -88,7 +88,7 @@ resource "aws_secretsmanager_secret" "this" {
 resource "aws_secretsmanager_secret_policy" "this" {
   for_each = {
     cas      = aws_secretsmanager_secret.this.arn
-    postgres = aws_secretsmanager_secret.postgres.arn
+    postgres = aws_secretsmanager_secret.logins["postgres"].arn
   }
   secret_arn = each.value
   policy = jsonencode({
