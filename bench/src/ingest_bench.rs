@@ -256,8 +256,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Comparison> {
                 let before = meter.read();
                 let (outcome, samples) = open_loop(
                     crate::load::fixed(addr),
-                    target,
-                    opts.round,
+                    crate::load::Schedule::steady(target, opts.round),
                     opts.connections,
                     make,
                     Arc::new(|_, _, _| {}),

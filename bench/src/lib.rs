@@ -11,6 +11,7 @@ pub mod ingest_bench;
 pub mod load;
 pub mod original;
 pub mod reader_bench;
+pub mod schedule;
 
 use serde::Serialize;
 

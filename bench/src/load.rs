@@ -16,17 +16,33 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::cpu::{CpuMeter, CpuTime, PerAnswer};
+pub use crate::schedule::{Schedule, Shape};
 
 /// Builds the `n`th request.
 pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
 
-/// Where the next request goes: fixed for a benchmark; for `tally load`, wherever Route53's
-/// answer sends the voters now (a connection is replaced when the answer changes).
-pub type Route = Arc<dyn Fn() -> SocketAddr + Send + Sync>;
+/// Where requests go: an address, and the server name to check over TLS (HTTPS) or none (HTTP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<str>>,
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, tls: None }
+    }
+}
+
+/// Where the next request goes: fixed for a benchmark or a remote target; for `tally load` on
+/// the local stack, wherever Route53's answer sends the voters now (a connection is replaced
+/// when the answer changes).
+pub type Route = Arc<dyn Fn() -> Endpoint + Send + Sync>;
 
 /// A route that never changes.
-pub fn fixed(addr: SocketAddr) -> Route {
-    Arc::new(move || addr)
+pub fn fixed(endpoint: impl Into<Endpoint>) -> Route {
+    let endpoint = endpoint.into();
+    Arc::new(move || endpoint.clone())
 }
 
 /// Sees the `n`th request's answer: its sample and body.
@@ -117,11 +133,24 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds")
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
-    let stream = TcpStream::connect(addr).await?;
+/// An HTTP/1.1 keep-alive connection to `endpoint`, over TLS under the process's trust if it
+/// names a server.
+pub async fn connect(endpoint: impl Into<Endpoint>) -> anyhow::Result<Sender> {
+    let endpoint = endpoint.into();
+    let stream = TcpStream::connect(endpoint.addr).await?;
     stream.set_nodelay(true)?;
+    match &endpoint.tls {
+        None => handshake(stream).await,
+        Some(name) => handshake(tls::connect(stream, name).await?).await,
+    }
+}
+
+async fn handshake<S>(stream: S) -> anyhow::Result<Sender>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(async move {
@@ -355,21 +384,21 @@ pub fn window_p99_ms(samples: &[Sample], window: Duration) -> Vec<Option<f64>> {
         .collect()
 }
 
-/// Requests at `rate` per second for `duration` over up to `connections` keep-alive connections.
+/// Requests due by `schedule` over up to `connections` keep-alive connections.
 /// Each connection, when free, claims the next request and sends it when it is due, so a slow
 /// answer holds up only its own connection and no dispatcher sits between the clock and the
 /// connections. `on_answer` sees each answered request (the load's own bookkeeping: acknowledged
 /// vote ids).
 pub async fn open_loop(
     route: Route,
-    rate: f64,
-    duration: Duration,
+    schedule: Schedule,
     connections: usize,
     make: MakeRequest,
     on_answer: OnAnswer,
 ) -> (Outcome, Vec<Sample>) {
     let start = Instant::now();
-    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let total = schedule.total;
+    let schedule = Arc::new(schedule);
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let workers: Vec<_> = (0..connections)
         .map(|_| {
@@ -377,20 +406,21 @@ pub async fn open_loop(
             let make = make.clone();
             let on_answer = on_answer.clone();
             let route = route.clone();
+            let schedule = schedule.clone();
             tokio::spawn(async move {
                 let mut out = Outcome::new();
                 let mut samples = Vec::new();
-                let mut sender: Option<(SocketAddr, Sender)> = None;
+                let mut sender: Option<(Endpoint, Sender)> = None;
                 loop {
                     let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if n >= total {
                         break;
                     }
-                    let due = start + due_after(n, rate);
+                    let due = start + schedule.due(n);
                     tokio::time::sleep_until(due.into()).await;
-                    let addr = route();
-                    if sender.as_ref().is_none_or(|(a, _)| *a != addr) {
-                        sender = connect(addr).await.ok().map(|s| (addr, s));
+                    let endpoint = route();
+                    if sender.as_ref().is_none_or(|(e, _)| *e != endpoint) {
+                        sender = connect(endpoint.clone()).await.ok().map(|s| (endpoint, s));
                     }
                     let mut status = None;
                     let mut body = Bytes::new();
@@ -443,31 +473,9 @@ pub async fn open_loop(
     (outcome, samples)
 }
 
-/// When the `n`th request of an open loop at `rate` a second is due, from its start: counted
-/// from the start each time, not as `n` intervals, whose nanosecond rounding adds up (46 µs over
-/// a second at 91,603/s) and pushed a 1 s loop's last requests past its end.
-fn due_after(n: u64, rate: f64) -> Duration {
-    Duration::from_secs_f64(n as f64 / rate)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_request_of_a_loop_is_due_within_it() {
-        for rate in [1.0f64, 3.0, 7_919.0, 91_603.444_354_063_55, 250_000.0] {
-            for seconds in [1.0f64, 3.0] {
-                let total = (rate * seconds).round() as u64;
-                let last = due_after(total - 1, rate);
-                assert!(
-                    last < Duration::from_secs_f64(seconds),
-                    "{rate}/s: {last:?}"
-                );
-                assert!(due_after(total / 2, rate) <= Duration::from_secs_f64(seconds / 2.0));
-            }
-        }
-    }
 
     fn rounds(baseline: &[f64], tally: &[f64]) -> Alternation {
         Alternation {

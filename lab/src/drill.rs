@@ -295,7 +295,7 @@ async fn region_down(
     wait_for(
         "the edge to mark the region unhealthy",
         RECOVER_WITHIN,
-        || !live.edge.healthy(region),
+        || !live.routes_to(region),
     )
     .await?;
     let detect = cut.elapsed();
@@ -326,7 +326,7 @@ async fn region_down(
     .await?;
     // While the load runs, its edge routes the region's voters home again: give it a moment.
     let _ = wait_for("the edge to see the region again", EDGE_NOTICES, || {
-        live.edge.healthy(region)
+        live.routes_to(region)
     })
     .await;
     Ok(Timings {

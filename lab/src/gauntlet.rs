@@ -152,6 +152,7 @@ pub async fn run(dir: PathBuf, opts: Options) -> anyhow::Result<Scoreboard> {
             duration: Duration::from_secs(seconds + extra),
             voters: opts.voters,
             connections_per_region: opts.connections_per_region,
+            shape: bench::load::Shape::Steady,
             progress: opts.progress,
             show: None,
         };

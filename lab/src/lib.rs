@@ -9,10 +9,13 @@ pub mod bad_input;
 pub mod cli;
 pub mod drill;
 pub mod edge;
+pub mod freshness;
 pub mod gauntlet;
 pub mod idp;
 pub mod load;
 pub mod local;
+pub mod rehearsal;
 pub mod report;
+pub mod target;
 
 pub use cli::{BadArgs, Command, DirArg};

@@ -9,17 +9,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bench::load::{open_loop, MakeRequest, Sample};
+use bench::load::{open_loop, MakeRequest, Sample, Schedule};
 use bytes::Bytes;
 use http_body_util::Full;
+use std::net::SocketAddr;
 
 use crate::edge::Edge;
+use crate::freshness;
 use crate::local::{slot_name, Stack, POLLS};
 use crate::report::{RegionRecorder, RegionReport, Report, Series, ShowReport, Timeline};
 use regions::VOTER_MIX;
 
 /// The polls a load votes in: (id, options, share of the votes).
-type Polls = [(&'static str, Vec<&'static str>, f64)];
+pub type Polls = [(&'static str, Vec<&'static str>, f64)];
 
 /// The `h`-th pick of a poll and an option, by popularity (`h` is a uniform hash).
 fn pick_vote(polls: &'static Polls, h: u64) -> (&'static str, &'static str) {
@@ -50,6 +52,8 @@ pub struct Options {
     /// Distinct voters; with fewer voters than votes, some vote again (and may change their mind).
     pub voters: u64,
     pub connections_per_region: usize,
+    /// How the offered rate moves over the run; `rate` is its mean.
+    pub shape: bench::load::Shape,
     pub progress: bool,
     /// A poll of the night voted in alongside the stack's: created with its close, closed while
     /// votes still come, then waited for until it is certified final.
@@ -83,15 +87,16 @@ impl Show {
     }
 }
 
-/// Latest acknowledged vote per voter (its id and option), and how many votes were acknowledged.
+/// Latest acknowledged vote per voter (`poll/voter`: its id and option), and how many votes
+/// were acknowledged.
 #[derive(Default)]
-struct Acks {
-    latest: HashMap<String, (u128, &'static str)>,
-    count: u64,
+pub struct Acks {
+    pub latest: HashMap<String, (u128, &'static str)>,
+    pub count: u64,
 }
 
 /// The polls voted in: the stack's, and the show's, sharing the votes.
-fn polls(show: Option<&Show>) -> &'static Polls {
+pub fn polls(show: Option<&Show>) -> &'static Polls {
     let mut all: Vec<(&'static str, Vec<&'static str>, f64)> = POLLS
         .iter()
         .map(|(id, options, share)| (*id, options.to_vec(), *share))
@@ -114,7 +119,8 @@ fn polls(show: Option<&Show>) -> &'static Polls {
 
 /// What a load has done so far, for whoever watches it run (progress, drills).
 pub struct Live {
-    pub edge: Arc<Edge>,
+    /// The local edge the voters go through; none against a target, whose DNS routes them.
+    pub edge: Option<Arc<Edge>>,
     pub acked: AtomicU64,
     pub failed: AtomicU64,
     /// Acknowledged votes per home region (the region voters go to while all are healthy).
@@ -128,18 +134,26 @@ pub struct Live {
 
 impl Live {
     pub fn new(stack: &Stack, topology: regions::Topology) -> anyhow::Result<Arc<Self>> {
-        Ok(Arc::new(Live {
-            edge: Edge::new(stack, topology)?,
+        let mut live = Self::regions(stack.regions.iter().map(|r| r.name.clone()));
+        live.edge = Some(Edge::new(stack, topology)?);
+        Ok(Arc::new(live))
+    }
+
+    /// For voters of these regions, reached without the local edge.
+    pub fn regions(names: impl IntoIterator<Item = String>) -> Self {
+        Live {
+            edge: None,
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            by_home: stack
-                .regions
-                .iter()
-                .map(|r| (r.name.clone(), AtomicU64::new(0)))
-                .collect(),
+            by_home: names.into_iter().map(|r| (r, AtomicU64::new(0))).collect(),
             show_closes_at: std::sync::OnceLock::new(),
             settled: tokio::sync::watch::channel(true).0,
-        }))
+        }
+    }
+
+    /// Does the edge send voters to `region` (always, without an edge)?
+    pub fn routes_to(&self, region: &str) -> bool {
+        self.edge.as_ref().is_none_or(|e| e.healthy(region))
     }
 
     pub fn acked_from(&self, home: &str) -> u64 {
@@ -161,11 +175,13 @@ pub async fn run(stack: &Stack, opts: &Options) -> anyhow::Result<Report> {
 
 pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow::Result<Report> {
     let run_tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let acks = Arc::new(Mutex::new(Acks::default()));
-    let window = Arc::new(Mutex::new(bench::load::histogram()));
     let started = Instant::now();
+    let edge = live
+        .edge
+        .clone()
+        .context("a load on the local stack routes through its edge")?;
     let (stop_edge, edge_stopped) = tokio::sync::watch::channel(false);
-    let edge = tokio::spawn(live.edge.clone().watch(edge_stopped));
+    let edge_task = tokio::spawn(edge.clone().watch(edge_stopped));
     let (stop_sampling, sampling_stopped) = tokio::sync::oneshot::channel();
     let sampler = tokio::spawn(sample_every_second(
         stack.clone(),
@@ -175,40 +191,180 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
 
     // Every simulated voter votes as a real one does: with a token of the identity provider.
     let tokens = Arc::new(stack.tokens()?);
+    let bearer: Bearer = Arc::new(move |voter| tokens.bearer(voter));
     let polls = polls(opts.show.as_ref());
+    let mut admin = db::connect(&stack.primary_url()).await?;
+    if let Some(s) = &opts.show {
+        open_show(&mut admin, s).await?;
+    }
+    let links = |port: fn(&crate::local::RegionPorts) -> u16| -> Vec<freshness::RegionLink> {
+        stack
+            .regions
+            .iter()
+            .map(|r| freshness::RegionLink {
+                name: r.name.clone(),
+                endpoint: SocketAddr::from(([127, 0, 0, 1], port(r))).into(),
+                authority: "localhost".into(),
+            })
+            .collect()
+    };
+    let (ingests, readers) = (links(|r| r.ingest), links(|r| r.reader));
+    if let Some(s) = &opts.show {
+        wait_known(&ingests, &s.poll, &bearer).await?;
+    }
+    let canary_poll = format!("canary-{run_tag}");
+    create_canary_poll(&mut admin, &canary_poll).await?;
+    wait_known(&ingests, &canary_poll, &bearer).await?;
+    let probe = freshness::Probe::start(
+        readers,
+        ingests.clone(),
+        canary_poll,
+        format!("{run_tag}-canary"),
+        bearer.clone(),
+    )
+    .await?;
     let show = match &opts.show {
         Some(s) => {
-            let closes_at = open_show(stack, s, &tokens).await?;
+            let closes_at = start_show_clock(&mut admin, s).await?;
             let _ = live.show_closes_at.set(closes_at);
             Some(closes_at)
         }
         None => None,
     };
-    // The show's votes acknowledged with a stamp at or after its close (a vote id's high bits are
-    // its stamp): there must be none.
+    let lanes = stack
+        .regions
+        .iter()
+        .filter_map(|r| {
+            // The continents whose voters this region serves while every region is healthy.
+            // They share one failover chain, so one route serves them all.
+            let continents: Vec<(&'static str, f64)> = VOTER_MIX
+                .iter()
+                .filter(|(c, _)| edge.home_region(c) == r.name)
+                .map(|(c, share)| (*c, *share))
+                .collect();
+            let share: f64 = continents.iter().map(|(_, s)| s).sum();
+            let route: bench::load::Route = {
+                let (edge, continent) = (edge.clone(), continents.first()?.0);
+                Arc::new(move || edge.route(continent).into())
+            };
+            Some(Lane {
+                region: r.name.clone(),
+                route,
+                share,
+                continents,
+                authority: "localhost".into(),
+            })
+        })
+        .collect();
+    let show_close = show.map(|c| (polls[0].0, c.0 as u128));
+    let sent = send_votes(lanes, polls, bearer, opts, &live, &run_tag, show_close).await;
+    let _ = stop_edge.send(true);
+    let _ = edge_task.await;
+    let sent = sent?;
+    let freshness_ms = probe.finish(Duration::from_secs(5)).await;
+    let summary = sent.outcome.summary();
+
+    let _ = live.settled.subscribe().wait_for(|settled| *settled).await;
+    let drain_started = Instant::now();
+    wait_drained(stack, Duration::from_secs(120)).await?;
+    let drained_in = drain_started.elapsed();
+    let _ = stop_sampling.send(());
+    let mut timeline = sampler.await?;
+    let mut pushback = Vec::new();
+    for recorder in sent.recorders {
+        recorder.finish(&mut timeline, &mut pushback);
+    }
+    let acks = sent.acks;
+    let show = match (show, &opts.show) {
+        (Some(closes_at), Some(s)) => {
+            let mut report = certified(stack, s, closes_at, &acks, &summary.statuses).await?;
+            report.acknowledged_after_close = sent.after_close;
+            Some(report)
+        }
+        _ => None,
+    };
+    let (lost, doubled) = verify(stack, &run_tag, &acks).await?;
+    let regions = compare_readers(stack, &live, polls).await?;
+    let route_changes = edge.changes.lock().expect("changes").clone();
+    Ok(Report {
+        acknowledged: acks.count,
+        counted: acks.count - lost.min(acks.count),
+        lost,
+        doubled,
+        rate_target: opts.rate,
+        // Over the window the votes were due in: an open loop's rate is what it sent on schedule.
+        rate_achieved: acks.count as f64 / opts.duration.as_secs_f64(),
+        shape: opts.shape,
+        seconds: sent.outcome.elapsed.as_secs_f64(),
+        statuses: summary.statuses,
+        transport_errors: summary.transport_errors,
+        p50_ms: summary.p50_ms,
+        p99_ms: summary.p99_ms,
+        p999_ms: summary.p999_ms,
+        voters: acks.latest.len(),
+        freshness_ms,
+        pushback,
+        regions,
+        drained_in_seconds: drained_in.as_secs_f64(),
+        route_changes,
+        timeline,
+        final_seconds: show.as_ref().map(|s| s.final_seconds),
+        show,
+    })
+}
+
+pub use crate::freshness::Bearer;
+
+/// One share of the voters and where it sends its votes.
+pub struct Lane {
+    /// The region these voters are served by while every region is healthy.
+    pub region: String,
+    pub route: bench::load::Route,
+    /// Of all votes.
+    pub share: f64,
+    /// Where its voters are, for their ids: (label, share of all votes).
+    pub continents: Vec<(&'static str, f64)>,
+    /// The `Host` header (a load balancer routes by it).
+    pub authority: String,
+}
+
+/// What the voters sent and were answered.
+pub struct Sent {
+    pub outcome: bench::load::Outcome,
+    pub acks: Acks,
+    pub recorders: Vec<RegionRecorder>,
+    /// The show's votes acknowledged with a stamp at or after its close: there must be none.
+    pub after_close: u64,
+}
+
+/// Every lane's voters, open loop on `opts`' schedule, with live progress. `show_close`, the
+/// show's poll and its close: a vote id's high bits are its stamp, and a vote acknowledged at
+/// or after the close is counted in [`Sent::after_close`].
+pub async fn send_votes(
+    lanes: Vec<Lane>,
+    polls: &'static Polls,
+    bearer: Bearer,
+    opts: &Options,
+    live: &Arc<Live>,
+    run_tag: &str,
+    show_close: Option<(&'static str, u128)>,
+) -> anyhow::Result<Sent> {
+    let started = Instant::now();
+    let acks = Arc::new(Mutex::new(Acks::default()));
+    let window = Arc::new(Mutex::new(bench::load::histogram()));
     let after_close = Arc::new(AtomicU64::new(0));
-    let show_close: Option<(&'static str, u128)> = show.map(|c| (polls[0].0, c.0 as u128));
     let mut tasks = Vec::new();
     let mut recorders = Vec::new();
-    for (home_index, r) in stack.regions.iter().enumerate() {
-        // The continents whose voters this region serves while every region is healthy. They
-        // share one failover chain, so one route serves them all.
-        let continents: Vec<(&'static str, f64)> = VOTER_MIX
+    for lane in lanes.into_iter().filter(|l| l.share > 0.0) {
+        let home_index = live
+            .by_home
             .iter()
-            .filter(|(c, _)| live.edge.home_region(c) == r.name)
-            .map(|(c, share)| (*c, *share))
-            .collect();
-        let share: f64 = continents.iter().map(|(_, s)| s).sum();
-        if share == 0.0 {
-            continue;
-        }
-        let route: bench::load::Route = {
-            let (edge, continent) = (live.edge.clone(), continents[0].0);
-            Arc::new(move || edge.route(continent))
-        };
+            .position(|(r, _)| *r == lane.region)
+            .context("a lane of no region")?;
+        let (continents, share) = (lane.continents, lane.share);
         let voters_here = ((opts.voters as f64 * share) as u64).max(1);
-        let tag = run_tag.clone();
-        // The `n`th vote of this region: continent by share, voter within it, poll and option by
+        let tag = run_tag.to_string();
+        // The `n`th vote of this lane: continent by share, voter within it, poll and option by
         // popularity. A voter who votes again in the same poll may change their mind.
         let vote_n = Arc::new(move |n: u64| -> (String, &'static str, &'static str) {
             let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (n >> 7);
@@ -228,19 +384,20 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
             )
         });
         let make: MakeRequest = {
-            let (vote_n, tokens) = (vote_n.clone(), tokens.clone());
+            let (vote_n, bearer, authority) = (vote_n.clone(), bearer.clone(), lane.authority);
             Arc::new(move |n| {
                 let (voter, poll, option) = vote_n(n);
                 hyper::Request::post(format!("/v1/polls/{poll}/votes"))
+                    .header("host", &authority)
                     .header("content-type", "application/json")
-                    .header("authorization", &*tokens.bearer(&voter))
+                    .header("authorization", &*bearer(&voter))
                     .body(Full::new(Bytes::from(format!(
                         r#"{{"option":"{option}"}}"#
                     ))))
                     .expect("a valid request")
             })
         };
-        let recorder = Arc::new(Mutex::new(RegionRecorder::new(&r.name)));
+        let recorder = Arc::new(Mutex::new(RegionRecorder::new(&lane.region)));
         recorders.push(recorder.clone());
         let (acks, live, window) = (acks.clone(), live.clone(), window.clone());
         let after_close = after_close.clone();
@@ -256,7 +413,7 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
             recorder
                 .lock()
                 .expect("recorder")
-                .record(s.due, s.latency_us, id.is_some());
+                .record(s.due, s.latency_us, s.status, id.is_some());
             let Some(id) = id else {
                 live.failed.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -277,10 +434,10 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
                 *latest = (id, option);
             }
         });
-        let rate = opts.rate * share;
-        let (duration, connections) = (opts.duration, opts.connections_per_region);
+        let schedule = Schedule::new(opts.shape, opts.rate * share, opts.duration);
+        let (route, connections) = (lane.route, opts.connections_per_region);
         tasks.push(tokio::spawn(async move {
-            open_loop(route, rate, duration, connections, make, on_answer).await
+            open_loop(route, schedule, connections, make, on_answer).await
         }));
     }
 
@@ -320,105 +477,95 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
     for t in tasks {
         outcomes.push(t.await?.0);
     }
-    let outcome = bench::load::side_by_side(outcomes);
     progress.abort();
-    let _ = stop_edge.send(true);
-    let _ = edge.await;
-    let outcome = outcome.context("no region serves any voter")?;
-    let summary = outcome.summary();
-
-    let _ = live.settled.subscribe().wait_for(|settled| *settled).await;
-    let drain_started = Instant::now();
-    wait_drained(stack, Duration::from_secs(120)).await?;
-    let drained_in = drain_started.elapsed();
-    let _ = stop_sampling.send(());
-    let mut timeline = sampler.await?;
-    for recorder in recorders {
-        let recorder = Arc::try_unwrap(recorder)
-            .ok()
-            .context("a load task outlived the load")?
-            .into_inner()
-            .expect("recorder");
-        recorder.finish(&mut timeline);
-    }
+    let outcome = bench::load::side_by_side(outcomes).context("no region serves any voter")?;
+    let recorders = recorders
+        .into_iter()
+        .map(|r| {
+            Arc::try_unwrap(r)
+                .ok()
+                .map(|r| r.into_inner().expect("recorder"))
+                .context("a load task outlived the load")
+        })
+        .collect::<anyhow::Result<_>>()?;
     let acks = std::mem::take(&mut *acks.lock().expect("acks"));
-    let show = match (show, &opts.show) {
-        (Some(closes_at), Some(s)) => {
-            let mut report = certified(stack, s, closes_at, &acks, &summary.statuses).await?;
-            report.acknowledged_after_close = after_close.load(Ordering::Relaxed);
-            Some(report)
-        }
-        _ => None,
-    };
-    let (lost, doubled) = verify(stack, &run_tag, &acks).await?;
-    let regions = compare_readers(stack, &live, polls).await?;
-    Ok(Report {
-        acknowledged: acks.count,
-        counted: acks.count - lost.min(acks.count),
-        lost,
-        doubled,
-        rate_target: opts.rate,
-        // Over the window the votes were due in: an open loop's rate is what it sent on schedule.
-        rate_achieved: acks.count as f64 / opts.duration.as_secs_f64(),
-        seconds: outcome.elapsed.as_secs_f64(),
-        statuses: summary.statuses,
-        transport_errors: summary.transport_errors,
-        p50_ms: summary.p50_ms,
-        p99_ms: summary.p99_ms,
-        p999_ms: summary.p999_ms,
-        voters: acks.latest.len(),
-        regions,
-        drained_in_seconds: drained_in.as_secs_f64(),
-        route_changes: live.edge.changes.lock().expect("changes").clone(),
-        timeline,
-        show,
+    Ok(Sent {
+        outcome,
+        acks,
+        recorders,
+        after_close: after_close.load(Ordering::Relaxed),
     })
 }
 
-/// Creates the show's poll, closing `closes_after` from now by the primary's clock, and waits
-/// until every region's ingest knows it; returns the close.
-async fn open_show(
-    stack: &Stack,
-    show: &Show,
-    tokens: &crate::idp::Tokens,
-) -> anyhow::Result<model::Stamp> {
-    let mut client = db::connect(&stack.primary_url()).await?;
-    let now = db::poll_row(&client, model::DEFAULT_POLL).await?.now;
-    let closes_at = model::Stamp(now.0 + show.closes_after.as_micros() as u64);
-    let options: Vec<&str> = show.options.iter().map(String::as_str).collect();
-    let mut poll = model::Poll::new(&show.poll, &options)?;
-    poll.window.closes_at = Some(closes_at);
-    db::create_poll(&mut client, &poll).await?;
-    // An option no poll has: 422 once ingest knows the poll, 404 until then; never stored.
-    let probe = format!("/v1/polls/{}/votes", show.poll);
-    let bearer = tokens.bearer("show-probe");
+/// The canary poll: [`freshness::OPTIONS`] options, no window.
+pub async fn create_canary_poll(admin: &mut db::Client, id: &str) -> anyhow::Result<()> {
+    let options = freshness::option_names();
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    db::create_poll(admin, &model::Poll::new(id, &options)?).await?;
+    Ok(())
+}
+
+/// Until every region's ingest knows `poll`: an option no poll has gets 422 once it does,
+/// 404 until then, and is never stored.
+pub async fn wait_known(
+    ingests: &[freshness::RegionLink],
+    poll: &str,
+    bearer: &Bearer,
+) -> anyhow::Result<()> {
+    let probe = format!("/v1/polls/{poll}/votes");
+    let bearer = bearer("known-probe");
     let started = Instant::now();
-    for r in &stack.regions {
+    for r in ingests {
         loop {
-            let answer = post(r.ingest, &probe, &bearer, r#"{"option":"no-such-option"}"#).await;
+            let answer = post(r, &probe, &bearer, r#"{"option":"no-such-option"}"#).await;
             if answer.is_ok_and(|status| status == 422) {
                 break;
             }
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(15),
-                "{}'s ingest did not learn of poll {} within 15 s",
+                "{}'s ingest did not learn of poll {poll} within 15 s",
                 r.name,
-                show.poll
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    Ok(())
+}
+
+/// Creates the show's poll, its close an hour away until [`start_show_clock`] sets it.
+pub async fn open_show(admin: &mut db::Client, show: &Show) -> anyhow::Result<()> {
+    let now = db::poll_row(admin, model::DEFAULT_POLL).await?.now;
+    let options: Vec<&str> = show.options.iter().map(String::as_str).collect();
+    let mut poll = model::Poll::new(&show.poll, &options)?;
+    poll.window.closes_at = Some(model::Stamp(now.0 + 3_600_000_000));
+    db::create_poll(admin, &poll).await?;
+    Ok(())
+}
+
+/// Moves the show's close to `closes_after` from now by the primary's clock, as its votes are
+/// about to start (setting up a run takes seconds that would otherwise come off the window);
+/// returns the close. Ingest learns of it within its catalog refresh, seconds before it comes.
+pub async fn start_show_clock(admin: &mut db::Client, show: &Show) -> anyhow::Result<model::Stamp> {
+    let now = db::poll_row(admin, &show.poll).await?.now;
+    let closes_at = model::Stamp(now.0 + show.closes_after.as_micros() as u64);
+    db::schedule_poll(admin, &show.poll, None, Some(closes_at)).await?;
     Ok(closes_at)
 }
 
-/// `POST path` with a bearer and a JSON body; the status.
-async fn post(port: u16, path: &str, bearer: &str, body: &'static str) -> anyhow::Result<u16> {
-    let client = harness::http::Client::new(format!("http://127.0.0.1:{port}"));
-    Ok(client
-        .post_json(path, &[("authorization", bearer)], body)
-        .await?
-        .status
-        .as_u16())
+/// `POST path` with a bearer and a JSON body to a region's ingest; the status.
+async fn post(
+    region: &freshness::RegionLink,
+    path: &str,
+    bearer: &str,
+    body: &'static str,
+) -> anyhow::Result<u16> {
+    let mut sender = bench::load::connect(region.endpoint.clone()).await?;
+    let req = hyper::Request::post(path)
+        .header("host", &region.authority)
+        .header("content-type", "application/json")
+        .header("authorization", bearer)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))?;
+    Ok(sender.send_request(req).await?.status().as_u16())
 }
 
 /// Waits for the show's poll to be certified final, and sets its certified result against what

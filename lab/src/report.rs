@@ -10,6 +10,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::edge::RouteChange;
+use crate::freshness::Freshness;
+use std::collections::BTreeMap;
 
 /// The percentiles plotted and reported for the whole run.
 pub const PERCENTILES: &[(f64, &str)] = &[
@@ -30,6 +32,8 @@ pub struct Report {
     pub doubled: u64,
     pub rate_target: f64,
     pub rate_achieved: f64,
+    /// How the offered rate moved over the run (`rate_target` is its mean).
+    pub shape: bench::load::Shape,
     pub seconds: f64,
     pub statuses: std::collections::BTreeMap<u16, u64>,
     pub transport_errors: u64,
@@ -37,6 +41,10 @@ pub struct Report {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub voters: usize,
+    /// Per region: how long after its `202` a vote showed in that region's results (ms).
+    pub freshness_ms: BTreeMap<String, Freshness>,
+    /// Where the plane pushed back (429, 503) and for how long.
+    pub pushback: Vec<Pushback>,
     /// Per region: acknowledged votes, and whether its reader shows the primary's counts in every poll.
     pub regions: Vec<RegionReport>,
     pub drained_in_seconds: f64,
@@ -45,6 +53,9 @@ pub struct Report {
     pub timeline: Timeline,
     /// The poll of the night, when the load voted in one: its close, its certified result.
     pub show: Option<ShowReport>,
+    /// From the show's close to its certified result (as in `show`), for a rehearsal's summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_seconds: Option<f64>,
 }
 
 /// A poll closed during the load, once certified final.
@@ -71,10 +82,26 @@ pub struct ShowReport {
     pub acknowledged_after_close: u64,
 }
 
+/// One kind of pushback over a run: answers with `status`, in how many seconds of the run (in
+/// the region that saw it longest), from the first such second to the end of the last.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Pushback {
+    pub status: u16,
+    pub answers: u64,
+    pub seconds: u64,
+    pub first_s: f64,
+    pub last_s: f64,
+}
+
+/// The answers by which the plane asks voters to come back later.
+const PUSHBACK: [u16; 2] = [429, 503];
+
 #[derive(Debug, Serialize)]
 pub struct RegionReport {
     pub name: String,
     pub acknowledged: u64,
+    /// Its reader shows the primary's counts in every poll (against a target without a
+    /// database: the counts acknowledged).
     pub results_match_primary: bool,
     pub reader_total: i64,
 }
@@ -88,6 +115,8 @@ pub struct Series {
 /// Everything plotted. Times are seconds since the load started.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timeline {
+    /// Votes due (offered) per second, per region: the open loop's schedule as it ran.
+    pub offered_per_second: Vec<Series>,
     /// Acknowledged votes per second, per region.
     pub acknowledged_per_second: Vec<Series>,
     /// Answers other than 202, and failed connections, per second, per region.
@@ -112,6 +141,8 @@ pub struct RegionRecorder {
 struct Second {
     acknowledged: u64,
     errors: u64,
+    /// Answers with each [`PUSHBACK`] status.
+    pushback: [u64; PUSHBACK.len()],
     latency: Histogram<u64>,
 }
 
@@ -128,12 +159,13 @@ impl RegionRecorder {
         }
     }
 
-    pub fn record(&mut self, due_s: f64, latency_us: u64, acknowledged: bool) {
+    pub fn record(&mut self, due_s: f64, latency_us: u64, status: Option<u16>, acknowledged: bool) {
         let i = due_s.max(0.0) as usize;
         while self.seconds.len() <= i {
             self.seconds.push(Second {
                 acknowledged: 0,
                 errors: 0,
+                pushback: [0; PUSHBACK.len()],
                 latency: histogram(2),
             });
         }
@@ -143,12 +175,39 @@ impl RegionRecorder {
         } else {
             s.errors += 1;
         }
+        if let Some(k) = PUSHBACK.iter().position(|p| Some(*p) == status) {
+            s.pushback[k] += 1;
+        }
         let _ = s.latency.record(latency_us);
         let _ = self.whole.record(latency_us);
     }
 
-    /// Adds this region's lines to the timeline.
-    pub fn finish(self, timeline: &mut Timeline) {
+    /// Adds this region's lines to the timeline, and its pushback to `pushback`.
+    pub fn finish(self, timeline: &mut Timeline, pushback: &mut Vec<Pushback>) {
+        for (k, status) in PUSHBACK.iter().enumerate() {
+            let busy: Vec<usize> = (0..self.seconds.len())
+                .filter(|i| self.seconds[*i].pushback[k] > 0)
+                .collect();
+            let (Some(first), Some(last)) = (busy.first(), busy.last()) else {
+                continue;
+            };
+            let answers = busy.iter().map(|i| self.seconds[*i].pushback[k]).sum();
+            match pushback.iter_mut().find(|p| p.status == *status) {
+                Some(p) => {
+                    p.answers += answers;
+                    p.seconds = p.seconds.max(busy.len() as u64);
+                    p.first_s = p.first_s.min(*first as f64);
+                    p.last_s = p.last_s.max(*last as f64 + 1.0);
+                }
+                None => pushback.push(Pushback {
+                    status: *status,
+                    answers,
+                    seconds: busy.len() as u64,
+                    first_s: *first as f64,
+                    last_s: *last as f64 + 1.0,
+                }),
+            }
+        }
         let at = |f: &dyn Fn(&Second) -> f64| Series {
             name: self.name.clone(),
             points: self
@@ -158,6 +217,9 @@ impl RegionRecorder {
                 .map(|(i, s)| [i as f64, f(s)])
                 .collect(),
         };
+        timeline
+            .offered_per_second
+            .push(at(&|s| (s.acknowledged + s.errors) as f64));
         timeline
             .acknowledged_per_second
             .push(at(&|s| s.acknowledged as f64));
@@ -258,7 +320,46 @@ pub fn html(r: &Report) -> String {
         );
     }
     out.push_str("</table>");
+    out.push_str("<h2>Freshness</h2><p>How long after its <code>202</code> a vote showed in each region's results, from canary votes.</p><table id=\"freshness\"><tr><th>region</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th><th>canaries</th><th>never seen</th></tr>");
+    for (name, f) in &r.freshness_ms {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td></tr>",
+            escape(name),
+            f.p50,
+            f.p99,
+            f.max,
+            f.samples,
+            f.unseen
+        );
+    }
+    out.push_str("</table>");
+    if r.pushback.is_empty() {
+        out.push_str("<p id=\"pushback\">The plane never pushed back (no 429, no 503).</p>");
+    } else {
+        out.push_str("<h2>Pushback</h2><table id=\"pushback\"><tr><th>status</th><th>answers</th><th>seconds with any</th><th>from</th><th>to</th></tr>");
+        for p in &r.pushback {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.0} s</td><td>{:.0} s</td></tr>",
+                p.status, p.answers, p.seconds, p.first_s, p.last_s
+            );
+        }
+        out.push_str("</table>");
+    }
     let seconds = Axis::Seconds;
+    out += &plot(
+        "offered",
+        &format!(
+            "Votes per second offered ({:?} shape) and acknowledged, all regions",
+            r.shape
+        ),
+        &[
+            total("offered", &t.offered_per_second),
+            total("acknowledged", &t.acknowledged_per_second),
+        ],
+        seconds,
+    );
     out += &plot(
         "throughput",
         "Acknowledged votes per second, by region",
@@ -408,6 +509,23 @@ fn plot(id: &str, caption: &str, series: &[Series], axis: Axis) -> String {
     )
 }
 
+/// The regions' lines added up, second by second.
+fn total(name: &str, lines: &[Series]) -> Series {
+    let mut points: Vec<[f64; 2]> = Vec::new();
+    for line in lines {
+        for (i, p) in line.points.iter().enumerate() {
+            if points.len() <= i {
+                points.push([p[0], 0.0]);
+            }
+            points[i][1] += p[1];
+        }
+    }
+    Series {
+        name: name.into(),
+        points,
+    }
+}
+
 /// The smallest 1, 2 or 5 times a power of ten at or above `v` (1 for nothing to show).
 fn nice_ceiling(v: f64) -> f64 {
     if v <= 0.0 || !v.is_finite() {
@@ -453,18 +571,41 @@ mod tests {
     #[test]
     fn answers_are_bucketed_by_the_second_they_were_due() {
         let mut r = RegionRecorder::new("eu-west-1");
-        r.record(0.2, 1_000, true);
-        r.record(0.9, 3_000, false);
-        r.record(2.5, 2_000, true);
+        r.record(0.2, 1_000, Some(202), true);
+        r.record(0.9, 3_000, Some(503), false);
+        r.record(2.5, 2_000, Some(202), true);
+        r.record(4.1, 2_000, Some(503), false);
+        r.record(4.2, 2_000, Some(429), false);
         let mut t = Timeline::default();
-        r.finish(&mut t);
+        let mut pushback = Vec::new();
+        r.finish(&mut t, &mut pushback);
         assert_eq!(
-            t.acknowledged_per_second[0].points,
-            vec![[0.0, 1.0], [1.0, 0.0], [2.0, 1.0]]
+            pushback,
+            vec![
+                Pushback {
+                    status: 429,
+                    answers: 1,
+                    seconds: 1,
+                    first_s: 4.0,
+                    last_s: 5.0
+                },
+                Pushback {
+                    status: 503,
+                    answers: 2,
+                    seconds: 2,
+                    first_s: 0.0,
+                    last_s: 5.0
+                },
+            ]
+        );
+        assert_eq!(t.offered_per_second[0].points[4], [4.0, 2.0]);
+        assert_eq!(
+            t.acknowledged_per_second[0].points[..3],
+            [[0.0, 1.0], [1.0, 0.0], [2.0, 1.0]]
         );
         assert_eq!(
-            t.errors_per_second[0].points,
-            vec![[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]]
+            t.errors_per_second[0].points[..3],
+            [[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]]
         );
         assert_eq!(t.percentiles_ms[0].points.len(), PERCENTILES.len());
         assert!((t.percentiles_ms[0].points.last().unwrap()[1] - 3.0).abs() < 0.01);

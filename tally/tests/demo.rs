@@ -59,6 +59,17 @@ fn a_short_demo_counts_every_acknowledged_vote_exactly_once_and_cleans_up() {
     assert_eq!(report["counted"], acknowledged);
     let regions = report["regions"].as_array().unwrap();
     assert_eq!(regions.len(), 3);
+    // Every region's freshness, from canaries seen on its results stream.
+    let freshness = report["freshness_ms"].as_object().unwrap();
+    assert_eq!(freshness.len(), 3, "{report}");
+    for (region, f) in freshness {
+        assert!(f["samples"].as_u64().unwrap() >= 20, "{region}: {f}");
+        assert_eq!(f["unseen"], 0, "{region}: {f}");
+        assert!(
+            f["p99"].as_f64().unwrap() >= f["p50"].as_f64().unwrap(),
+            "{region}: {f}"
+        );
+    }
     for r in regions {
         assert!(
             r["acknowledged"].as_u64().unwrap() > 0,

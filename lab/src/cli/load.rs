@@ -1,7 +1,7 @@
 //! `tally local`, `tally load` and `tally demo`: the local stack, a load against it, and both
 //! together with the report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{DirArg, LocalCmd};
 use crate::{load, local, report};
@@ -14,6 +14,11 @@ pub struct LoadArgs {
     /// How long to send votes.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// How the offered rate moves: `steady`; `ramp` (nothing to twice the mean); `surge` (the
+    /// first tenth at 4x the mean, as when lines open); `show` (a 3.5x surge, a steady middle, a
+    /// rush building to the close). `--rate` is the mean. Default: steady (`show` to rehearse).
+    #[arg(long, value_enum)]
+    shape: Option<::bench::load::Shape>,
     /// Distinct voters; fewer voters than votes means some vote again and may change their vote.
     #[arg(long, default_value_t = 20_000)]
     voters: u64,
@@ -40,26 +45,26 @@ impl LoadArgs {
             duration,
             voters: self.voters,
             connections_per_region: self.connections,
+            shape: self.shape.unwrap_or_default(),
             progress: true,
             show: self.show.then(|| load::Show::for_load(duration)),
         }
     }
 }
 
-/// Saves the JSON and HTML reports, then prints the summary (or the whole report as JSON).
+/// Saves the JSON and HTML reports (under `reports`, unless `--report` says where), then prints
+/// the summary (or the whole report as JSON).
 fn print_report(
     report: &report::Report,
     args: &LoadArgs,
-    stack: &local::Stack,
+    reports: &Path,
+    remote: bool,
 ) -> anyhow::Result<()> {
     let dir = args.report.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        stack
-            .dir
-            .join("reports")
-            .join(format!("load-{}", now.as_secs()))
+        reports.join(format!("load-{}", now.as_secs()))
     });
     let page = report::save(report, &dir)?;
     if args.json {
@@ -81,17 +86,42 @@ fn print_report(
             r.name,
             r.acknowledged,
             r.reader_total,
-            if r.results_match_primary {
-                "same as the primary"
-            } else {
-                "DIFFERENT from the primary"
+            match (r.results_match_primary, remote) {
+                (true, false) => "same as the primary",
+                (false, false) => "DIFFERENT from the primary",
+                (true, true) => "as acknowledged",
+                (false, true) => "NOT as acknowledged",
             }
         );
     }
     println!(
-        "queues drained {:.1}s after the last vote",
+        "{} {:.1}s after the last vote",
+        if remote {
+            "readers settled"
+        } else {
+            "queues drained"
+        },
         report.drained_in_seconds
     );
+    for (region, f) in &report.freshness_ms {
+        println!(
+            "  {region:<15} votes showed in its results {:.0} ms after their 202 (p50), {:.0} ms (p99), {:.0} ms (max){}",
+            f.p50,
+            f.p99,
+            f.max,
+            if f.unseen > 0 {
+                format!("; {} canaries never showed", f.unseen)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for p in &report.pushback {
+        println!(
+            "  pushback: {} answers {} in {} seconds, from {:.0} s to {:.0} s",
+            p.answers, p.status, p.seconds, p.first_s, p.last_s
+        );
+    }
     if let Some(s) = &report.show {
         println!(
             "poll {} closed and was certified final {:.1} s later: {} (digest {}){}",
@@ -173,8 +203,17 @@ pub fn local(command: LocalCmd) -> anyhow::Result<()> {
             let stack = local::up(&args.dir.path(), &args.options())?;
             local::print_status(&local::status(&stack.dir)?);
         }
-        LocalCmd::Status { dir, json } => {
+        LocalCmd::Status {
+            dir,
+            json,
+            target_file,
+        } => {
             let status = local::status(&dir.path())?;
+            if let Some(path) = target_file {
+                let stack = local::Stack::require(&dir.path())?;
+                crate::target::for_stack(&stack)?.save(&path)?;
+                eprintln!("target file: {}", path.display());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -200,7 +239,32 @@ pub fn local(command: LocalCmd) -> anyhow::Result<()> {
 pub fn load(dir: &DirArg, args: &LoadArgs) -> anyhow::Result<()> {
     let stack = local::Stack::require(&dir.path())?;
     let report = super::runtime()?.block_on(load::run(&stack, &args.options()))?;
-    print_report(&report, args, &stack)?;
+    print_report(&report, args, &stack.dir.join("reports"), false)?;
+    check(&report)
+}
+
+/// `tally load --target` and `tally rehearse`: against whatever the file names. A rehearsal
+/// votes in a poll of its own, closing as the load ends, in the `show` shape unless told.
+pub fn load_target(file: &Path, args: &LoadArgs, rehearse: bool) -> anyhow::Result<()> {
+    let target =
+        crate::target::TargetFile::load(file).map_err(|e| super::BadArgs(e.to_string()))?;
+    let mut options = args.options();
+    if (rehearse || args.show) && target.polls.admin_url.is_none() {
+        return Err(super::BadArgs(format!(
+            "{}: a poll that closes needs [polls] admin_url to be made and closed",
+            file.display()
+        ))
+        .into());
+    }
+    if rehearse {
+        options.show = Some(crate::rehearsal::show_for(options.duration));
+        if args.shape.is_none() {
+            options.shape = ::bench::load::Shape::Show;
+        }
+    }
+    let report = super::runtime()?.block_on(crate::rehearsal::run(&target, &options))?;
+    let reports = std::env::current_dir()?.join("reports");
+    print_report(&report, args, &reports, true)?;
     check(&report)
 }
 
@@ -221,7 +285,7 @@ pub fn demo(up: &UpArgs, args: &LoadArgs, keep: bool) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    print_report(&report, args, &stack)?;
+    print_report(&report, args, &stack.dir.join("reports"), false)?;
     if keep {
         if !args.json {
             println!("live results pages:");

@@ -105,11 +105,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Votes from simulated voters around the world against the local stack, then a check that
-    /// every acknowledged vote was counted exactly once.
+    /// Votes from simulated voters around the world against the local stack, or any
+    /// deployment a target file names, then a check that every acknowledged vote was counted
+    /// exactly once.
     Load {
         #[command(flatten)]
         dir: DirArg,
+        /// A target file (see `tally local status --target-file`): load that deployment instead
+        /// of the local stack, and check it through its readers.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// The night, rehearsed against a target file's deployment: a poll of its own closing as
+    /// the load ends, the `show` shape (surge, calm, rush), the wait for the certified result,
+    /// and one report: acknowledged, counted, lost, doubled, freshness per region, time to
+    /// final, pushback.
+    Rehearse {
+        /// The target file (see `tally local status --target-file`).
+        #[arg(long)]
+        target: PathBuf,
         #[command(flatten)]
         load: LoadArgs,
     },
@@ -144,6 +160,9 @@ pub enum LocalCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also write the stack as a target file for `tally load --target` and `tally rehearse`.
+        #[arg(long)]
+        target_file: Option<PathBuf>,
     },
     /// Stop everything; queued votes stay in Redis for the next `up`.
     Down(DirArg),
@@ -344,7 +363,17 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Local { command } => load::local(command),
-        Command::Load { dir, load: args } => load::load(&dir, &args),
+        Command::Load {
+            dir,
+            target: None,
+            load: args,
+        } => load::load(&dir, &args),
+        Command::Load {
+            target: Some(target),
+            load: args,
+            ..
+        } => load::load_target(&target, &args, false),
+        Command::Rehearse { target, load: args } => load::load_target(&target, &args, true),
         Command::Demo {
             up,
             load: args,
@@ -360,6 +389,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 duration: std::time::Duration::from_secs(load.seconds),
                 voters: load.voters,
                 connections_per_region: load.connections,
+                shape: ::bench::load::Shape::Steady,
                 progress: !load.json,
                 show: None,
             };
