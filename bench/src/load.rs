@@ -21,11 +21,12 @@ pub use crate::schedule::{Schedule, Shape};
 /// Builds the `n`th request.
 pub type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
 
-/// Where requests go: an address, and the server name to check over TLS (HTTPS) or none (HTTP).
+/// Where requests go: an address, and over HTTPS the server name to check and the trust to
+/// check it under (none: HTTP).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
-    pub tls: Option<Arc<str>>,
+    pub tls: Option<(Arc<str>, tls::ClientTrust)>,
 }
 
 impl From<SocketAddr> for Endpoint {
@@ -135,15 +136,14 @@ pub fn histogram() -> Histogram<u64> {
 
 pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-/// An HTTP/1.1 keep-alive connection to `endpoint`, over TLS under the process's trust if it
-/// names a server.
+/// An HTTP/1.1 keep-alive connection to `endpoint`, over TLS if it names a server.
 pub async fn connect(endpoint: impl Into<Endpoint>) -> anyhow::Result<Sender> {
     let endpoint = endpoint.into();
     let stream = TcpStream::connect(endpoint.addr).await?;
     stream.set_nodelay(true)?;
     match &endpoint.tls {
         None => handshake(stream).await,
-        Some(name) => handshake(tls::connect(stream, name).await?).await,
+        Some((name, trust)) => handshake(trust.connect(stream, name).await?).await,
     }
 }
 

@@ -168,15 +168,16 @@ impl TargetFile {
         Ok(())
     }
 
-    /// Trusts the file's CA, resolves every region's names and checks every ingest and reader
+    /// Loads the file's CA (for HTTPS to the regions only), resolves every region's names and checks every ingest and reader
     /// answers `/readyz` with 200. The first that does not fails the whole target, so no vote
     /// goes anywhere when any region could not be verified.
     pub async fn check(&self) -> anyhow::Result<Target> {
-        tls::trust(self.ca_file.as_deref()).map_err(|e| anyhow::anyhow!("ca_file: {e}"))?;
+        let trust = tls::ClientTrust::load(self.ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("ca_file: {e}"))?;
         let mut regions = Vec::new();
         for r in &self.regions {
-            let ingest = link(&r.name, &r.ingest).await?;
-            let reader = link(&r.name, &r.reader).await?;
+            let ingest = link(&r.name, &r.ingest, &trust).await?;
+            let reader = link(&r.name, &r.reader, &trust).await?;
             for (role, l, url) in [
                 ("ingest", &ingest, &r.ingest),
                 ("reader", &reader, &r.reader),
@@ -275,7 +276,7 @@ fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host, port))
 }
 
-async fn link(region: &str, url: &str) -> anyhow::Result<RegionLink> {
+async fn link(region: &str, url: &str, trust: &tls::ClientTrust) -> anyhow::Result<RegionLink> {
     let (tls, host, port) = parse_url(url).map_err(|e| anyhow::anyhow!("{region} {url}: {e}"))?;
     let addr: SocketAddr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
         .await
@@ -287,7 +288,7 @@ async fn link(region: &str, url: &str) -> anyhow::Result<RegionLink> {
         name: region.to_string(),
         endpoint: bench::load::Endpoint {
             addr,
-            tls: tls.then(|| Arc::from(host.trim_matches(['[', ']']))),
+            tls: tls.then(|| (Arc::from(host.trim_matches(['[', ']'])), trust.clone())),
         },
         authority: if port == default_port {
             host

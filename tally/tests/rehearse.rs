@@ -22,6 +22,43 @@ fn polls_of_runs(dir: &str) -> Vec<String> {
         .collect()
 }
 
+/// socat terminating TLS in front of a region's server, as the deployment's load balancer does.
+struct Terminator {
+    at: String,
+    child: std::process::Child,
+}
+
+impl Terminator {
+    fn start(ca: &servers::TestCa, backend: &str) -> Self {
+        let at = common::listen();
+        let port = at.rsplit(':').next().unwrap();
+        let child = std::process::Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+                ca.cert_file().display(),
+                ca.key_file().display()
+            ))
+            .arg(format!("TCP:{backend}"))
+            // Quiet: the readiness probe's bare connects end without a handshake.
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat runs (scripts/setup installs it)");
+        common::wait_until(
+            std::time::Duration::from_secs(10),
+            || std::net::TcpStream::connect(&at).is_ok(),
+            || format!("socat listening on {at}"),
+        );
+        Self { at, child }
+    }
+}
+
+impl Drop for Terminator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn a_target_file_is_all_a_load_and_a_rehearsal_need() {
     let _one = common::one_stack_at_a_time();
@@ -123,12 +160,29 @@ fn a_target_file_is_all_a_load_and_a_rehearsal_need() {
         "the page shows freshness"
     );
 
-    // The night rehearsed: the show shape opens with its surge, few voters vote too often and
-    // are pushed back, the poll closes as the load ends and is certified as acknowledged.
+    // The night rehearsed over HTTPS, as through a load balancer, under the file's CA: the show
+    // shape opens with its surge, few voters vote too often and are pushed back, the poll
+    // closes as the load ends and is certified as acknowledged.
+    let (_ca_dir, ca) = harness::test_ca().unwrap();
+    let mut https = file.clone();
+    let mut terminators = Vec::new();
+    for line in file
+        .lines()
+        .filter(|l| l.starts_with("ingest") || l.starts_with("reader"))
+    {
+        let backend = line.split("http://").nth(1).unwrap().trim_end_matches('"');
+        let t = Terminator::start(&ca, backend);
+        let secure = line.replace(&format!("http://{backend}"), &format!("https://{}", t.at));
+        https = https.replace(line, &secure);
+        terminators.push(t);
+    }
+    let https_target = stack.path().join("https.toml");
+    let ca_line = format!("ca_file = {:?}\n", ca.ca_file().to_str().unwrap());
+    std::fs::write(&https_target, ca_line + &https).unwrap();
     let args = [
         "rehearse",
         "--target",
-        target_arg,
+        https_target.to_str().unwrap(),
         "--rate",
         "600",
         "--seconds",
@@ -145,6 +199,11 @@ fn a_target_file_is_all_a_load_and_a_rehearsal_need() {
         .unwrap();
     let report = json(&common::succeeded(&args, out));
     assert_eq!(report["shape"], "show");
+    assert_eq!(
+        report["regions"].as_array().unwrap().len(),
+        3,
+        "every region over HTTPS: {report}"
+    );
     assert_eq!(report["lost"], 0, "{report}");
     assert_eq!(report["doubled"], 0, "{report}");
     let show = &report["show"];

@@ -145,15 +145,56 @@ pub async fn connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let name =
-        ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.into()))?;
-    tokio_rustls::TlsConnector::from(current().config.clone())
-        .connect(name, stream)
-        .await
-        .map_err(|source| TlsError::Handshake {
-            server: host.into(),
-            source,
-        })
+    ClientTrust::process().connect(stream, host).await
+}
+
+/// A trust for HTTPS clients: the process's, or one of its own beside it (a rehearsal trusts
+/// the target's CA for its load balancers, while its database connections keep the process's).
+#[derive(Clone)]
+pub struct ClientTrust(Arc<rustls::ClientConfig>);
+
+impl ClientTrust {
+    pub fn process() -> Self {
+        Self(current().config.clone())
+    }
+
+    /// The CA in `ca_file`, or the system's roots.
+    pub fn load(ca_file: Option<&Path>) -> Result<Self, TlsError> {
+        Ok(Self(load(ca_file)?.config))
+    }
+
+    pub async fn connect<S>(
+        &self,
+        stream: S,
+        host: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| TlsError::ServerName(host.into()))?;
+        tokio_rustls::TlsConnector::from(self.0.clone())
+            .connect(name, stream)
+            .await
+            .map_err(|source| TlsError::Handshake {
+                server: host.into(),
+                source,
+            })
+    }
+}
+
+impl PartialEq for ClientTrust {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ClientTrust {}
+
+impl std::fmt::Debug for ClientTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTrust")
+    }
 }
 
 /// A Redis client for `url` under the process's trust (used when the URL is `rediss://`).
