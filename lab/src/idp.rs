@@ -16,22 +16,32 @@ pub const TOKEN_TTL_SECS: u64 = 6 * 3600;
 /// The environment variable naming the key directory `tally idp` serves.
 pub const ENV_IDP_KEYS: &str = "TALLY_IDP_KEYS";
 
-/// Every key in `dir`, oldest first (by name: `key-<unix seconds>.json`).
-pub fn keys(dir: &Path) -> anyhow::Result<Vec<Issuer>> {
+/// Every key file in `dir`, oldest first (by name: `key-<unix seconds>.json`).
+fn key_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    files.iter().map(|f| Issuer::load(f)).collect()
+    Ok(files)
+}
+
+/// Every key in `dir`, oldest first.
+pub fn keys(dir: &Path) -> anyhow::Result<Vec<Issuer>> {
+    key_files(dir)?.iter().map(|f| Issuer::load(f)).collect()
+}
+
+/// The file of the key that signs: the newest.
+pub fn signing_key_file(dir: &Path) -> anyhow::Result<PathBuf> {
+    key_files(dir)?
+        .pop()
+        .with_context(|| format!("no signing key in {}", dir.display()))
 }
 
 /// The key that signs: the newest.
 pub fn signing_key(dir: &Path) -> anyhow::Result<Issuer> {
-    keys(dir)?
-        .pop()
-        .with_context(|| format!("no signing key in {}", dir.display()))
+    Issuer::load(&signing_key_file(dir)?)
 }
 
 /// Makes sure `dir` holds a signing key, and returns the one that signs.

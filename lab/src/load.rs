@@ -269,48 +269,83 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
     wait_drained(stack, Duration::from_secs(120)).await?;
     let drained_in = drain_started.elapsed();
     let _ = stop_sampling.send(());
-    let mut timeline = sampler.await?;
-    let mut pushback = Vec::new();
-    for recorder in sent.recorders {
-        recorder.finish(&mut timeline, &mut pushback);
-    }
-    let acks = sent.acks;
+    let timeline = sampler.await?;
+    let acks = &sent.acks;
     let show = match (show, &opts.show) {
         (Some(closes_at), Some(s)) => {
-            let mut report = certified(stack, s, closes_at, &acks, &summary.statuses).await?;
+            let mut report = certified(stack, s, closes_at, acks, &summary.statuses).await?;
             report.acknowledged_after_close = sent.after_close;
             Some(report)
         }
         _ => None,
     };
-    let (lost, doubled) = verify(stack, &run_tag, &acks).await?;
+    let (lost, doubled) = verify(stack, &run_tag, acks).await?;
     let regions = compare_readers(stack, &live, polls).await?;
     let route_changes = edge.changes.lock().expect("changes").clone();
-    Ok(Report {
-        acknowledged: acks.count,
-        counted: acks.count - lost.min(acks.count),
-        lost,
-        doubled,
-        rate_target: opts.rate,
-        // Over the window the votes were due in: an open loop's rate is what it sent on schedule.
-        rate_achieved: acks.count as f64 / opts.duration.as_secs_f64(),
-        shape: opts.shape,
-        seconds: sent.outcome.elapsed.as_secs_f64(),
-        statuses: summary.statuses,
-        transport_errors: summary.transport_errors,
-        p50_ms: summary.p50_ms,
-        p99_ms: summary.p99_ms,
-        p999_ms: summary.p999_ms,
-        voters: acks.latest.len(),
-        freshness_ms,
-        pushback,
-        regions,
-        drained_in_seconds: drained_in.as_secs_f64(),
-        route_changes,
+    Ok(sent.report(
+        opts,
         timeline,
-        final_seconds: show.as_ref().map(|s| s.final_seconds),
-        show,
-    })
+        Checked {
+            lost,
+            doubled,
+            regions,
+            drained_in_seconds: drained_in.as_secs_f64(),
+            route_changes,
+            freshness_ms,
+            show,
+        },
+    ))
+}
+
+/// What a load's checks found.
+pub struct Checked {
+    pub lost: u64,
+    pub doubled: u64,
+    pub regions: Vec<RegionReport>,
+    /// From the last vote until the queues drained (the local stack) or the readers settled.
+    pub drained_in_seconds: f64,
+    pub route_changes: Vec<crate::edge::RouteChange>,
+    pub freshness_ms: std::collections::BTreeMap<String, freshness::Freshness>,
+    pub show: Option<ShowReport>,
+}
+
+impl Sent {
+    /// The report: what was sent and answered, each region's lines added to `timeline`, and
+    /// what the checks found.
+    pub fn report(self, opts: &Options, mut timeline: Timeline, checked: Checked) -> Report {
+        let mut pushback = Vec::new();
+        for recorder in self.recorders {
+            recorder.finish(&mut timeline, &mut pushback);
+        }
+        let summary = self.outcome.summary();
+        let acks = self.acks;
+        Report {
+            acknowledged: acks.count,
+            counted: acks.count.saturating_sub(checked.lost),
+            lost: checked.lost,
+            doubled: checked.doubled,
+            rate_target: opts.rate,
+            // Over the window the votes were due in: an open loop's rate is what it sent on
+            // schedule.
+            rate_achieved: acks.count as f64 / opts.duration.as_secs_f64(),
+            shape: opts.shape,
+            seconds: self.outcome.elapsed.as_secs_f64(),
+            statuses: summary.statuses,
+            transport_errors: summary.transport_errors,
+            p50_ms: summary.p50_ms,
+            p99_ms: summary.p99_ms,
+            p999_ms: summary.p999_ms,
+            voters: acks.latest.len(),
+            freshness_ms: checked.freshness_ms,
+            pushback,
+            regions: checked.regions,
+            drained_in_seconds: checked.drained_in_seconds,
+            route_changes: checked.route_changes,
+            timeline,
+            final_seconds: checked.show.as_ref().map(|s| s.final_seconds),
+            show: checked.show,
+        }
+    }
 }
 
 pub use crate::freshness::Bearer;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::freshness::{self, Probe, RegionLink};
-use crate::load::{self, Acks, Lane, Live, Options, Show};
+use crate::load::{self, Acks, Checked, Lane, Live, Options, Show};
 use crate::report::{RegionReport, Report, ShowReport, Timeline};
 use crate::target::{self, Target, TargetFile};
 
@@ -142,11 +142,6 @@ pub async fn run(file: &TargetFile, opts: &Options) -> anyhow::Result<Report> {
             reader_total: shown.values().sum(),
         });
     }
-    let mut timeline = Timeline::default();
-    let mut pushback = Vec::new();
-    for recorder in sent.recorders {
-        recorder.finish(&mut timeline, &mut pushback);
-    }
     let show = match (closes_at, finals.first()) {
         (Some(closes_at), Some(first)) => Some(certified(
             vote_poll,
@@ -164,31 +159,20 @@ pub async fn run(file: &TargetFile, opts: &Options) -> anyhow::Result<Report> {
         )?),
         _ => None,
     };
-    let acks = sent.acks;
-    Ok(Report {
-        acknowledged: acks.count,
-        counted: acks.count.saturating_sub(lost),
-        lost,
-        doubled,
-        rate_target: opts.rate,
-        rate_achieved: acks.count as f64 / opts.duration.as_secs_f64(),
-        shape: opts.shape,
-        seconds: sent.outcome.elapsed.as_secs_f64(),
-        statuses: summary.statuses,
-        transport_errors: summary.transport_errors,
-        p50_ms: summary.p50_ms,
-        p99_ms: summary.p99_ms,
-        p999_ms: summary.p999_ms,
-        voters: acks.latest.len(),
-        freshness_ms,
-        pushback,
-        regions,
-        drained_in_seconds: settle_started.elapsed().as_secs_f64(),
-        route_changes: Vec::new(),
-        timeline,
-        final_seconds: show.as_ref().map(|s| s.final_seconds),
-        show,
-    })
+    let drained_in_seconds = settle_started.elapsed().as_secs_f64();
+    Ok(sent.report(
+        opts,
+        Timeline::default(),
+        Checked {
+            lost,
+            doubled,
+            regions,
+            drained_in_seconds,
+            route_changes: Vec::new(),
+            freshness_ms,
+            show,
+        },
+    ))
 }
 
 /// The polls of one run.

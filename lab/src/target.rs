@@ -321,7 +321,7 @@ pub fn one_line(e: &dyn std::fmt::Display) -> String {
 
 /// The local stack as a target: its regions, its identity provider's key, its primary.
 pub fn for_stack(stack: &crate::local::Stack) -> anyhow::Result<TargetFile> {
-    let newest = newest_key_file(&stack.idp_dir())?;
+    let newest = crate::idp::signing_key_file(&stack.idp_dir())?;
     Ok(TargetFile {
         ca_file: None,
         voters: Voters {
@@ -343,18 +343,6 @@ pub fn for_stack(stack: &crate::local::Stack) -> anyhow::Result<TargetFile> {
             })
             .collect(),
     })
-}
-
-fn newest_key_file(dir: &Path) -> anyhow::Result<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    files
-        .pop()
-        .with_context(|| format!("no signing key in {}", dir.display()))
 }
 
 #[cfg(test)]
