@@ -215,6 +215,8 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
     let canary_poll = format!("canary-{run_tag}");
     create_canary_poll(&mut admin, &canary_poll).await?;
     wait_known(&ingests, &canary_poll, &bearer).await?;
+    // Freshness is measured, not checked: a reader still coming back from an earlier drill
+    // costs this load its figure, not its exactly-once check.
     let probe = freshness::Probe::start(
         readers,
         ingests.clone(),
@@ -222,7 +224,9 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
         format!("{run_tag}-canary"),
         bearer.clone(),
     )
-    .await?;
+    .await
+    .inspect_err(|e| tracing::warn!(error = %e, "freshness not measured"))
+    .ok();
     let show = match &opts.show {
         Some(s) => {
             let closes_at = start_show_clock(&mut admin, s).await?;
@@ -261,7 +265,10 @@ pub async fn run_with(stack: &Stack, opts: &Options, live: Arc<Live>) -> anyhow:
     let _ = stop_edge.send(true);
     let _ = edge_task.await;
     let sent = sent?;
-    let freshness_ms = probe.finish(Duration::from_secs(5)).await;
+    let freshness_ms = match probe {
+        Some(p) => p.finish(Duration::from_secs(5)).await,
+        None => Default::default(),
+    };
     let summary = sent.outcome.summary();
 
     let _ = live.settled.subscribe().wait_for(|settled| *settled).await;
