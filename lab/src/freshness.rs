@@ -34,36 +34,69 @@ pub struct Freshness {
     pub samples: u64,
     /// Canaries acknowledged but never seen here before the load gave up waiting.
     pub unseen: u64,
+    /// The same by the region whose ingest took the canary: a far region's slow aggregator
+    /// shows as its own row in every region's results.
+    pub from: BTreeMap<String, Spread>,
+}
+
+/// p50, p99 and max of some waits, in milliseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Spread {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(waits_us: &mut [u64]) -> Self {
+        waits_us.sort_unstable();
+        let at = |q: f64| {
+            waits_us
+                .get(((waits_us.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .map_or(0.0, |us| *us as f64 / 1000.0)
+        };
+        Self {
+            p50: at(0.5),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Region {
     /// Per option, the count its results last showed.
     seen: [u64; OPTIONS],
-    waits_us: Vec<u64>,
+    /// Each canary's wait, and the region it was sent to.
+    waits_us: Vec<(u64, usize)>,
 }
 
 /// Canaries acknowledged, and when each region's results showed them.
 pub struct Canaries {
     /// Per option: when each canary sent to it was acknowledged, in order; `None` for a canary
     /// whose answer was not a `202` (it may yet be counted), after which the option is retired.
-    acked: [Vec<Instant>; OPTIONS],
+    acked: [Vec<(Instant, usize)>; OPTIONS],
     retired: [bool; OPTIONS],
     regions: BTreeMap<String, Region>,
+    /// The regions canaries are sent to, by index.
+    origins: Vec<String>,
     /// Counts each region's results showed before the load began (a poll named by a target
     /// file may hold earlier canaries).
     baseline: BTreeMap<String, [u64; OPTIONS]>,
 }
 
 impl Canaries {
+    /// Canaries sent to `regions`' ingests (in this order) and watched in their results.
     pub fn new(regions: impl IntoIterator<Item = String>) -> Self {
+        let origins: Vec<String> = regions.into_iter().collect();
         Self {
             acked: Default::default(),
             retired: [false; OPTIONS],
-            regions: regions
-                .into_iter()
-                .map(|r| (r, Region::default()))
+            regions: origins
+                .iter()
+                .map(|r| (r.clone(), Region::default()))
                 .collect(),
+            origins,
             baseline: BTreeMap::new(),
         }
     }
@@ -75,9 +108,9 @@ impl Canaries {
             .find(|o| !self.retired[*o])
     }
 
-    /// A canary for `option` was answered: acknowledged at `at`, or not (then the option's
-    /// count can no longer be read as canaries acknowledged).
-    pub fn answered(&mut self, option: usize, acknowledged: Option<Instant>) {
+    /// A canary for `option`, sent to the `origin`th region, was answered: acknowledged at
+    /// `at`, or not (then the option's count can no longer be read as canaries acknowledged).
+    pub fn answered(&mut self, option: usize, origin: usize, acknowledged: Option<Instant>) {
         let Some(at) = acknowledged else {
             self.retired[option] = true;
             return;
@@ -86,12 +119,12 @@ impl Canaries {
             return;
         }
         let k = self.acked[option].len() as u64;
-        self.acked[option].push(at);
+        self.acked[option].push((at, origin));
         // Results that showed it before its answer came back: as fresh as can be.
         for (name, r) in &mut self.regions {
             let base = self.baseline.get(name).map_or(0, |b| b[option]);
             if r.seen[option] > base + k {
-                r.waits_us.push(0);
+                r.waits_us.push((0, origin));
             }
         }
     }
@@ -109,9 +142,9 @@ impl Canaries {
                 continue;
             }
             for k in (from - base[o])..(to - base[o]) {
-                if let Some(at) = self.acked[o].get(k as usize) {
-                    r.waits_us
-                        .push(now.saturating_duration_since(*at).as_micros() as u64);
+                if let Some((at, origin)) = self.acked[o].get(k as usize) {
+                    let wait = now.saturating_duration_since(*at).as_micros() as u64;
+                    r.waits_us.push((wait, *origin));
                 }
             }
             r.seen[o] = to;
@@ -145,18 +178,29 @@ impl Canaries {
         self.regions
             .iter()
             .map(|(name, r)| {
-                let mut w = r.waits_us.clone();
-                w.sort_unstable();
-                let at = |q: f64| {
-                    w.get(((w.len() as f64 * q).ceil() as usize).saturating_sub(1))
-                        .map_or(0.0, |us| *us as f64 / 1000.0)
-                };
+                let mut all: Vec<u64> = r.waits_us.iter().map(|(w, _)| *w).collect();
+                let spread = Spread::of(&mut all);
+                let from = self
+                    .origins
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, origin)| {
+                        let mut w: Vec<u64> = r
+                            .waits_us
+                            .iter()
+                            .filter(|(_, o)| *o == i)
+                            .map(|(w, _)| *w)
+                            .collect();
+                        (!w.is_empty()).then(|| (origin.clone(), Spread::of(&mut w)))
+                    })
+                    .collect();
                 let f = Freshness {
-                    p50: at(0.5),
-                    p99: at(0.99),
-                    max: w.last().map_or(0.0, |us| *us as f64 / 1000.0),
-                    samples: w.len() as u64,
+                    p50: spread.p50,
+                    p99: spread.p99,
+                    max: spread.max,
+                    samples: all.len() as u64,
                     unseen: self.unseen(name),
+                    from,
                 };
                 (name.clone(), f)
             })
@@ -206,6 +250,13 @@ impl Probe {
         voter_prefix: String,
         bearer: Bearer,
     ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            readers
+                .iter()
+                .map(|r| &r.name)
+                .eq(ingests.iter().map(|r| &r.name)),
+            "canaries need each region's reader and ingest, in one order"
+        );
         let canaries = Arc::new(Mutex::new(Canaries::new(
             readers.iter().map(|r| r.name.clone()),
         )));
@@ -387,7 +438,10 @@ pub async fn send(
             }
         };
         let acked = (status == Some(202)).then(Instant::now);
-        canaries.lock().expect("canaries").answered(option, acked);
+        canaries
+            .lock()
+            .expect("canaries")
+            .answered(option, r, acked);
     }
 }
 
@@ -410,8 +464,8 @@ mod tests {
         let mut c = Canaries::new(["eu".to_string(), "us".to_string()]);
         c.shown("eu", counts_of(&[(0, 5)]), ms(0)); // earlier canaries: the baseline
         c.shown("us", counts_of(&[(0, 5)]), ms(0));
-        c.answered(0, Some(ms(100)));
-        c.answered(1, Some(ms(200)));
+        c.answered(0, 0, Some(ms(100)));
+        c.answered(1, 1, Some(ms(200)));
         c.shown("eu", counts_of(&[(0, 6), (1, 1)]), ms(350));
         c.shown("us", counts_of(&[(0, 6)]), ms(400));
         assert_eq!(c.unseen("us"), 1);
@@ -424,6 +478,10 @@ mod tests {
         assert_eq!(r["eu"].p50, 150.0);
         assert_eq!(r["us"].max, 700.0);
         assert_eq!(r["us"].p50, 300.0);
+        // By where each canary was sent: eu's to eu's ingest, us's to us's.
+        assert_eq!(r["us"].from["eu"].max, 300.0);
+        assert_eq!(r["us"].from["us"].max, 700.0);
+        assert_eq!(r["eu"].from["us"].p99, 150.0);
     }
 
     #[test]
@@ -432,7 +490,7 @@ mod tests {
         let mut c = Canaries::new(["eu".to_string()]);
         c.shown("eu", [0; OPTIONS], t0);
         c.shown("eu", counts_of(&[(3, 1)]), t0 + Duration::from_millis(5));
-        c.answered(3, Some(t0 + Duration::from_millis(9)));
+        c.answered(3, 0, Some(t0 + Duration::from_millis(9)));
         assert_eq!(c.report()["eu"].samples, 1);
         assert_eq!(c.report()["eu"].max, 0.0);
         assert!(c.all_seen());
@@ -442,10 +500,10 @@ mod tests {
     fn an_unacknowledged_canary_retires_its_option() {
         let mut c = Canaries::new(["eu".to_string()]);
         assert_eq!(c.option_for(2), Some(2));
-        c.answered(2, None);
+        c.answered(2, 0, None);
         assert_eq!(c.option_for(2), Some(3));
         for o in 0..OPTIONS {
-            c.answered(o, None);
+            c.answered(o, 0, None);
         }
         assert_eq!(c.option_for(0), None);
     }

@@ -320,17 +320,24 @@ pub fn html(r: &Report) -> String {
         );
     }
     out.push_str("</table>");
-    out.push_str("<h2>Freshness</h2><p>How long after its <code>202</code> a vote showed in each region's results, from canary votes.</p><table id=\"freshness\"><tr><th>region</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th><th>canaries</th><th>never seen</th></tr>");
+    out.push_str("<h2>Freshness</h2><p>How long after its <code>202</code> a vote showed in each region's results, from canary votes.</p><table id=\"freshness\"><tr><th>region</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th><th>canaries</th><th>never seen</th><th>p99 by the region that took the vote</th></tr>");
     for (name, f) in &r.freshness_ms {
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(name),
             f.p50,
             f.p99,
             f.max,
             f.samples,
-            f.unseen
+            f.unseen,
+            escape(
+                &f.from
+                    .iter()
+                    .map(|(origin, s)| format!("{origin} {:.0}", s.p99))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         );
     }
     out.push_str("</table>");

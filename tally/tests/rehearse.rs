@@ -153,6 +153,13 @@ fn a_target_file_is_all_a_load_and_a_rehearsal_need() {
             f["max"].as_f64().unwrap(),
         );
         assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{region}: {f}");
+        // By the region whose ingest took each canary: every region took some.
+        let from = f["from"].as_object().unwrap();
+        assert_eq!(from.len(), 3, "{region}: {f}");
+        assert!(
+            from.values().all(|s| s["max"].as_f64().unwrap() <= max),
+            "{region}: {f}"
+        );
     }
     let html = std::fs::read_to_string(reports.join("report.html")).unwrap();
     assert!(
