@@ -93,6 +93,9 @@ impl Show {
 pub struct Acks {
     pub latest: HashMap<String, (u128, &'static str)>,
     pub count: u64,
+    /// Voters (`poll/voter`) one of whose votes has an unknown outcome (no answer, or a 5xx):
+    /// each may be counted one vote other than their latest acknowledged one says.
+    pub uncertain: std::collections::HashSet<String>,
 }
 
 /// The polls voted in: the stack's, and the show's, sharing the votes.
@@ -458,6 +461,12 @@ pub async fn send_votes(
                 .record(s.due, s.latency_us, s.status, id.is_some());
             let Some(id) = id else {
                 live.failed.fetch_add(1, Ordering::Relaxed);
+                // No answer, or a 5xx: the vote may have been stored all the same.
+                if s.status.is_none_or(|status| status >= 500) {
+                    let (voter, poll, _) = vote_n(n);
+                    let mut a = acks.lock().expect("acks");
+                    a.uncertain.insert(format!("{poll}/{voter}"));
+                }
                 return;
             };
             live.acked.fetch_add(1, Ordering::Relaxed);

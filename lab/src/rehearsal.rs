@@ -103,14 +103,15 @@ pub async fn run(file: &TargetFile, opts: &Options) -> anyhow::Result<Report> {
     let settle_started = Instant::now();
     let mut regions = Vec::new();
     let (mut lost, mut doubled) = (0u64, 0u64);
-    // Answers that leave a vote's fate unknown: it may have been stored, and then counted.
-    let unknown: u64 = summary
-        .statuses
+    // Each voter with a vote of unknown outcome may move one count from the option their
+    // latest acknowledged vote says to another, or add one: a difference that many explain.
+    let prefix = format!("{vote_poll}/");
+    let uncertain = sent
+        .acks
+        .uncertain
         .iter()
-        .filter(|(s, _)| **s >= 500)
-        .map(|(_, n)| n)
-        .sum::<u64>()
-        + summary.transport_errors;
+        .filter(|k| k.starts_with(&prefix))
+        .count() as u64;
     let mut finals = Vec::new();
     for r in &target.regions {
         let base = &baseline[&r.name];
@@ -133,8 +134,8 @@ pub async fn run(file: &TargetFile, opts: &Options) -> anyhow::Result<Report> {
             _ => settle(&r.reader, vote_poll, &expected).await?,
         };
         let (short, over) = difference(&expected, &shown);
-        lost = lost.max(short);
-        doubled = doubled.max(over.saturating_sub(unknown));
+        lost = lost.max(short.saturating_sub(uncertain));
+        doubled = doubled.max(over.saturating_sub(uncertain));
         regions.push(RegionReport {
             name: r.name.clone(),
             acknowledged: live.acked_from(&r.name),
@@ -150,7 +151,7 @@ pub async fn run(file: &TargetFile, opts: &Options) -> anyhow::Result<Report> {
             &finals,
             acknowledged.clone(),
             // 409 and 429 are refusals before anything is stored.
-            unknown == 0
+            uncertain == 0
                 && summary
                     .statuses
                     .keys()
