@@ -196,7 +196,11 @@ mod tests {
             };
             let width = Duration::from_millis(200);
             let measured = (due_by(t + width) - due_by(t)) / width.as_secs_f64();
-            let expected = (s.rate_at(t) + s.rate_at(t + width)) / 2.0;
+            // The shape's mean rate over the window, integrated: a window may straddle a step.
+            let expected = (0..200)
+                .map(|i| s.rate_at(t + width.mul_f64((i as f64 + 0.5) / 200.0)))
+                .sum::<f64>()
+                / 200.0;
             prop_assert!((measured - expected).abs() <= expected * 0.05 + 20.0,
                 "{shape:?} at {at}: {measured}/s due, the shape says {expected}/s");
         }
